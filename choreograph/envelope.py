@@ -1,0 +1,148 @@
+"""The message on the wire: a CloudEvents 1.0 structured-mode JSON event.
+
+Every event choreograph publishes is one JSON object with the CloudEvents attributes ``specversion``,
+``id``, ``source``, ``type``, ``time``, ``datacontenttype``, optional ``subject``, the event's
+``data`` object, and the extensions ``correlationid`` (the business transaction), ``causationid``
+(the id of the event that caused this one), ``traceparent`` and ``tracestate`` (W3C trace context).
+Unknown extension attributes are kept as they are. See ``docs/wire-format.md``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from choreograph.errors import MalformedEnvelope, PayloadTooLarge
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = "application/json"
+#: The largest encoded event accepted, published or received (bytes). NATS' default limit is 1 MiB.
+MAX_EVENT_BYTES = 512 * 1024
+
+_EVENT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,199}$")
+_REQUIRED = ("id", "source", "type", "specversion")
+_KNOWN = frozenset(
+    (*_REQUIRED, "time", "datacontenttype", "subject", "data", "correlationid", "causationid",
+     "traceparent", "tracestate")
+)  # fmt: skip
+
+
+def new_id() -> str:
+    """A fresh, globally unique event id."""
+    return str(uuid.uuid4())
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def check_event_type(name: str) -> str:
+    """Return ``name`` if it is usable as an event type (and so as a broker subject), else raise."""
+    if not _EVENT_TYPE.match(name):
+        raise ValueError(
+            f"invalid event type {name!r}: use letters, digits, '.', '_' or '-', "
+            "starting with a letter, at most 200 characters"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One event as it travels on the bus. Immutable; use :meth:`evolve` to derive a copy."""
+
+    id: str
+    type: str
+    source: str
+    correlationid: str
+    data: dict[str, Any]
+    time: str = field(default_factory=utc_now_iso)
+    subject: str | None = None
+    causationid: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> Envelope:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": CONTENT_TYPE,
+            "correlationid": self.correlationid,
+        }
+        if self.subject is not None:
+            doc["subject"] = self.subject
+        if self.causationid is not None:
+            doc["causationid"] = self.causationid
+        if self.traceparent is not None:
+            doc["traceparent"] = self.traceparent
+        if self.tracestate is not None:
+            doc["tracestate"] = self.tracestate
+        doc.update(self.extensions)
+        doc["data"] = self.data
+        return doc
+
+
+def encode(envelope: Envelope, *, limit: int = MAX_EVENT_BYTES) -> bytes:
+    """Encode as CloudEvents structured JSON. Raises :class:`PayloadTooLarge` over ``limit``."""
+    body = orjson.dumps(envelope.to_dict())
+    if len(body) > limit:
+        raise PayloadTooLarge(f"event {envelope.type} is {len(body)} bytes; the limit is {limit}")
+    return body
+
+
+def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:
+    """Parse one structured CloudEvent. Raises a :class:`MalformedEnvelope` saying what is wrong."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"message is {len(body)} bytes; the limit is {limit}")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEnvelope(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise MalformedEnvelope(f"expected a JSON object, got {type(doc).__name__}")
+    missing = [name for name in _REQUIRED if not isinstance(doc.get(name), str) or not doc[name]]
+    if missing:
+        raise MalformedEnvelope(f"missing or empty CloudEvents attribute(s): {', '.join(missing)}")
+    if doc["specversion"] != SPECVERSION:
+        raise MalformedEnvelope(f"unsupported specversion {doc['specversion']!r}")
+    content_type = doc.get("datacontenttype", CONTENT_TYPE)
+    if content_type != CONTENT_TYPE:
+        raise MalformedEnvelope(f"unsupported datacontenttype {content_type!r}")
+    data = doc.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MalformedEnvelope(f"'data' must be a JSON object, got {type(data).__name__}")
+    for name in ("time", "subject", "correlationid", "causationid", "traceparent", "tracestate"):
+        value = doc.get(name)
+        if value is not None and not isinstance(value, str):
+            raise MalformedEnvelope(f"attribute {name!r} must be a string")
+    try:
+        check_event_type(doc["type"])
+    except ValueError as exc:
+        raise MalformedEnvelope(str(exc)) from None
+    return Envelope(
+        id=doc["id"],
+        type=doc["type"],
+        source=doc["source"],
+        # An event from outside choreograph starts its own transaction.
+        correlationid=doc.get("correlationid") or doc["id"],
+        data=data,
+        time=doc.get("time") or utc_now_iso(),
+        subject=doc.get("subject"),
+        causationid=doc.get("causationid"),
+        traceparent=doc.get("traceparent"),
+        tracestate=doc.get("tracestate"),
+        extensions={k: v for k, v in doc.items() if k not in _KNOWN},
+    )

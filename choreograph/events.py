@@ -1,0 +1,120 @@
+"""Typed events: users declare each event type as a subclass of :class:`Event`.
+
+An event class is a pydantic model. Its *event type* (the CloudEvents ``type`` and the routing key
+on every broker) is the class name, or the ``event_type`` class variable when set::
+
+    class PackageReady(Event):
+        delivery_id: str
+        weight_kg: float
+
+    class DroneScheduled(Event):
+        event_type: ClassVar[str] = "drones.DroneScheduled"
+        delivery_id: str
+        drone_id: str
+
+Payloads are validated when received; unknown fields are ignored so that producers may add fields
+without breaking older consumers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from choreograph.envelope import check_event_type
+from choreograph.errors import SchemaViolation
+
+
+class Event(BaseModel):
+    """Base class of every event type."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_type: ClassVar[str]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "event_type" not in cls.__dict__:
+            cls.event_type = cls.__name__
+        check_event_type(cls.event_type)
+
+    @classmethod
+    def parse_data(cls, data: dict[str, Any]) -> Event:
+        """Validate a received payload; raise :class:`SchemaViolation` with readable reasons."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+                for err in exc.errors()[:5]
+            )
+            raise SchemaViolation(f"{cls.event_type}: {problems}") from None
+
+    def to_data(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Events the runtime itself publishes. Services react to them like to any other event.
+
+
+class HandlerFailed(Event):
+    """A handler gave up on an event (attempts exhausted or a permanent failure).
+
+    Published with the failed event's correlation id, so compensations can react to it.
+    """
+
+    event_type: ClassVar[str] = "choreograph.HandlerFailed"
+    service: str
+    handler: str
+    failed_event_type: str
+    failed_event_id: str
+    reason: str
+    error_type: str
+    attempts: int
+    data: dict[str, Any] = {}
+
+
+class DeadlineExpired(Event):
+    """An awaited event did not arrive in time (see :meth:`Context.set_deadline`)."""
+
+    event_type: ClassVar[str] = "choreograph.DeadlineExpired"
+    service: str
+    name: str
+    key: str
+    expected: list[str]
+    data: dict[str, Any] = {}
+
+
+class JoinTimedOut(Event):
+    """A join's deadline passed before all of its parts arrived."""
+
+    event_type: ClassVar[str] = "choreograph.JoinTimedOut"
+    service: str
+    join: str
+    key: str
+    present: list[str]
+    missing: list[str]
+    parts: dict[str, dict[str, Any]] = {}
+
+
+class CompensationFailed(Event):
+    """A compensating action finally failed; it has been dead-lettered and needs a person."""
+
+    event_type: ClassVar[str] = "choreograph.CompensationFailed"
+    service: str
+    compensation: str
+    failed_event_type: str
+    failed_event_id: str
+    reason: str
+    error_type: str
+    attempts: int
+
+
+BUILTIN_EVENTS: tuple[type[Event], ...] = (
+    HandlerFailed,
+    DeadlineExpired,
+    JoinTimedOut,
+    CompensationFailed,
+)

@@ -1,0 +1,291 @@
+"""The bus contract every transport honours, and the choice of a transport by URL.
+
+Vocabulary
+    A **message** is one encoded event (an opaque ``body``) published under a **topic** (the event
+    type). A **group** is a named consumer group, one per service: every group receives every
+    message of the topics it declared, and the **members** of one group (replicas, worker tasks)
+    compete for them.
+
+Guarantees (checked by ``tests/conformance`` on every transport)
+    * **Durable publish.** When :meth:`Transport.publish` returns, every message is stored by the bus
+      and will reach every group that had declared its topic when it was published, even groups with
+      no member running at that moment. Groups declared later do not see older messages.
+    * **At-least-once.** A delivered message stays leased to its member until that member
+      :meth:`~Subscription.ack`\\ s, :meth:`~Subscription.retry`\\ s or
+      :meth:`~Subscription.dead_letter`\\ s it. If the member dies or its lease (``lease`` seconds)
+      runs out, the message is delivered again to some member of the group, with ``attempt`` + 1.
+    * **Durable delayed retry.** :meth:`Subscription.retry` redelivers to the same group, never
+      before ``delay`` seconds have passed, and survives a restart of every process and the bus.
+    * **Dead letters** keep the message, the group, the reason, the error and the attempts. They can
+      be listed, and replayed to their group only.
+    * **No head-of-line blocking.** A message being retried or dead-lettered never stops the others.
+    * **Ordering.** None is promised between the members of a group, nor after a retry; each
+      transport documents what it gives in ``docs/transports.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Self, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from choreograph.envelope import MAX_EVENT_BYTES
+from choreograph.errors import ConfigurationError
+
+_GROUP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def check_group(name: str) -> str:
+    """Return ``name`` if it is a valid group name (letters, digits, '_' and '-'), else raise."""
+    if not name or len(name) > 100 or not set(name) <= _GROUP_CHARS:
+        raise ConfigurationError(
+            f"invalid group/service name {name!r}: use 1-100 letters, digits, '_' or '-'"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What is published: one encoded event."""
+
+    id: str
+    """The event id. Two messages with the same id are the same event (consumers dedupe on it)."""
+    topic: str
+    """The event type; groups subscribe to topics."""
+    body: bytes
+    """The encoded event, opaque to the transport."""
+    group: str | None = None
+    """When set, the message goes to this group only (used by replay); otherwise to every group
+    that declared ``topic``."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A message handed to one member of a group, leased to it until settled."""
+
+    message: Message
+    attempt: int
+    """1 on the first delivery to this group; one more on every redelivery (retry, expired lease)."""
+    handle: Any = field(default=None, repr=False)
+    """Transport-private bookkeeping (stream sequence, delivery tag, row id...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a message is dead-lettered."""
+
+    reason: str
+    """Short category, e.g. ``schema violation`` or ``attempts exhausted``."""
+    error_type: str
+    """The exception class name."""
+    error: str
+    """The exception's message."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered message and why it died."""
+
+    id: str
+    """Transport-assigned id of this dead-letter record (used by replay)."""
+    group: str
+    message: Message
+    failure: Failure
+    attempts: int
+    failed_at: float
+    """Epoch seconds."""
+
+
+class Subscription(ABC):
+    """One member of a consumer group, receiving the group's messages."""
+
+    group: str
+    topics: frozenset[str]
+
+    @abstractmethod
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` seconds for messages; return between 0 and ``max_messages``.
+
+        Each delivery is leased to this member until it is settled or its lease runs out.
+        """
+
+    @abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle as done: the messages are never delivered to this group again."""
+
+    @abstractmethod
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        """Deliver again to this group, not before ``delay`` seconds, with ``attempt`` + 1.
+
+        Durable: a pending retry survives a restart of every process and of the bus.
+        """
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
+        """Move the message to the group's dead letters. It is stored there before it leaves the
+        live queue, so a crash in between can duplicate it but never lose it."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop receiving. Unsettled deliveries go back to the group (at once where the bus
+        allows it, else when their lease runs out)."""
+
+
+class Transport(ABC):
+    """A message bus. Create one with :func:`transport_from_url`."""
+
+    scheme: ClassVar[str]
+    max_message_bytes: int = MAX_EVENT_BYTES
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections and create what the bus needs. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close connections. Subscriptions opened through this transport are closed first."""
+
+    @abstractmethod
+    async def declare_group(self, group: str, topics: Collection[str]) -> None:
+        """Make ``group`` receive ``topics`` from now on, whether or not a member is running.
+
+        Additive and idempotent: topics declared earlier stay declared.
+        """
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> None:
+        """Store the messages durably; when this returns, none of them can be lost."""
+
+    @abstractmethod
+    async def subscribe(
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
+    ) -> Subscription:
+        """Join ``group`` as a new member (declaring the topics first)."""
+
+    @abstractmethod
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, of one group or of all."""
+
+    @abstractmethod
+    async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
+        """Send a dead letter back to its group only, as a first attempt, and remove it from the
+        dead letters. ``body`` replaces the message's body (to replay a corrected event).
+        Returns False when no such dead letter exists."""
+
+    @abstractmethod
+    async def discard(self, dead_letter_id: str) -> bool:
+        """Delete a dead letter for good. Returns False when no such dead letter exists."""
+
+    async def lag(self, group: str) -> int | None:
+        """Messages waiting for ``group`` (not yet delivered or due), or None when unknown."""
+        return None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+# Settings ---------------------------------------------------------------------------------------
+
+S = TypeVar("S", bound="TransportSettings")
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Base of each transport's typed settings, read from the URL's query string.
+
+    ``namespace`` prefixes every stream, queue, key or table the transport creates, so that
+    several systems (or tests) can share one broker without seeing each other's messages.
+    """
+
+    url: str
+    namespace: str = "choreograph"
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        parts = urlsplit(url)
+        values: dict[str, Any] = {"url": url}
+        known = {f.name: f for f in fields(cls)}
+        for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in known or key == "url":
+                allowed = ", ".join(sorted(k for k in known if k != "url"))
+                raise ConfigurationError(
+                    f"unknown option {key!r} in transport URL {redact(url)}; known: {allowed}"
+                )
+            values[key] = _coerce(key, raw, known[key].type)
+        settings = cls(**values)
+        check_group(settings.namespace)
+        return settings
+
+
+def _coerce(key: str, raw: str, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigurationError(f"option {key!r} expects {kind}, got {raw!r}") from None
+    return raw
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+# Choosing a transport by URL ---------------------------------------------------------------------
+
+_SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    # scheme: (module, class, extra to install)
+    "memory": ("choreograph.transports.memory", "MemoryTransport", None),
+    "sqlite": ("choreograph.transports.sqlite", "SqliteTransport", None),
+    "nats": ("choreograph.transports.nats", "NatsTransport", "nats"),
+    "amqp": ("choreograph.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
+    "redis": ("choreograph.transports.redis", "RedisTransport", "redis"),
+}
+
+DEFAULT_TRANSPORT_URL = "sqlite:///choreograph.db"
+
+
+def transport_from_url(url: str | None = None) -> Transport:
+    """Create (not yet connected) the transport a URL names.
+
+    ``memory://``, ``sqlite:///relative.db`` or ``sqlite:////abs/path.db``, ``nats://host:4222``,
+    ``amqp://user:pass@host:5672/vhost``, ``redis://host:6379/0``; options go in the query string.
+    """
+    url = url or DEFAULT_TRANSPORT_URL
+    scheme = urlsplit(url).scheme
+    if scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"unknown transport {redact(url)!r}; use one of: "
+            + ", ".join(f"{s}://" for s in _SCHEMES)
+        )
+    module_name, class_name, extra = _SCHEMES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None:
+            raise
+        raise ConfigurationError(
+            f"the {scheme}:// transport needs an extra: pip install 'choreograph[{extra}]' ({exc})"
+        ) from None
+    cls: type[Transport] = getattr(module, class_name)
+    return cls.from_url(url)  # type: ignore[attr-defined, no-any-return]

@@ -1,0 +1,1 @@
+"""Implementations of :mod:`choreograph.transport`, one module each, imported lazily by URL."""

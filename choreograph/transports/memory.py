@@ -1,0 +1,230 @@
+"""``memory://`` — an in-process bus for tests and experiments.
+
+A real implementation of the transport contract, not a mock: groups, competing members, leases,
+delayed retries, dead letters and replay behave as on every other transport. "Durable" here means
+for the life of the transport object; nothing survives the process. Time comes from a
+:class:`~choreograph.clock.Clock`, so a virtual clock moves retries and leases in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Self
+
+from choreograph.clock import SYSTEM_CLOCK, Clock
+from choreograph.errors import PayloadTooLarge, TransportError
+from choreograph.transport import (
+    DeadLetter,
+    Delivery,
+    Failure,
+    Message,
+    Subscription,
+    Transport,
+    TransportSettings,
+    check_group,
+)
+
+
+@dataclass(frozen=True)
+class MemorySettings(TransportSettings):
+    pass
+
+
+@dataclass
+class _Group:
+    ready: deque[tuple[Message, int]] = field(default_factory=deque)
+    delayed: list[tuple[float, int, Message, int]] = field(default_factory=list)
+    leased: dict[int, tuple[Message, int, float]] = field(default_factory=dict)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemoryTransport(Transport):
+    scheme = "memory"
+
+    def __init__(self, settings: MemorySettings | None = None, *, clock: Clock = SYSTEM_CLOCK):
+        self.settings = settings or MemorySettings(url="memory://")
+        self.clock = clock
+        self._groups: dict[str, _Group] = {}
+        self._topics: dict[str, set[str]] = {}
+        self._dead: dict[str, DeadLetter] = {}
+        self._ids = itertools.count(1)
+        self._subscriptions: set[MemorySubscription] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(MemorySettings.from_url(url))
+
+    async def connect(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._closed = True
+
+    async def declare_group(self, group: str, topics: Collection[str]) -> None:
+        check_group(group)
+        self._groups.setdefault(group, _Group())
+        for topic in topics:
+            self._topics.setdefault(topic, set()).add(group)
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self._check_open()
+        for message in messages:
+            if len(message.body) > self.max_message_bytes:
+                raise PayloadTooLarge(
+                    f"message {message.id} is {len(message.body)} bytes; "
+                    f"the limit is {self.max_message_bytes}"
+                )
+        for message in messages:
+            targets = (
+                [message.group] if message.group else sorted(self._topics.get(message.topic, ()))
+            )
+            for name in targets:
+                group = self._groups.setdefault(name, _Group())
+                group.ready.append((message, 1))
+                group.wakeup.set()
+
+    async def subscribe(
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
+    ) -> MemorySubscription:
+        self._check_open()
+        await self.declare_group(group, topics)
+        sub = MemorySubscription(self, group, frozenset(topics), lease)
+        self._subscriptions.add(sub)
+        return sub
+
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        found = [d for d in self._dead.values() if group is None or d.group == group]
+        return found[:limit]
+
+    async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
+        dead = self._dead.pop(dead_letter_id, None)
+        if dead is None:
+            return False
+        message = dead.message
+        replayed = Message(message.id, message.topic, body or message.body, group=dead.group)
+        await self.publish([replayed])
+        return True
+
+    async def discard(self, dead_letter_id: str) -> bool:
+        return self._dead.pop(dead_letter_id, None) is not None
+
+    async def lag(self, group: str) -> int | None:
+        state = self._groups.get(group)
+        return None if state is None else len(state.ready) + len(state.delayed)
+
+    # used by MemorySubscription -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the memory transport is closed")
+
+    def _group(self, name: str) -> _Group:
+        return self._groups[name]
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    def _add_dead(self, group: str, delivery: Delivery, failure: Failure) -> None:
+        key = str(self._next_id())
+        self._dead[key] = DeadLetter(
+            key, group, delivery.message, failure, delivery.attempt, self.clock.now()
+        )
+
+
+class MemorySubscription(Subscription):
+    def __init__(self, bus: MemoryTransport, group: str, topics: frozenset[str], lease: float):
+        self._bus = bus
+        self.group = group
+        self.topics = topics
+        self._lease = lease
+        self._mine: set[int] = set()
+        self._closed = False
+
+    def _promote(self, state: _Group) -> float | None:
+        """Move due retries and expired leases to ``ready``; return when the next one is due."""
+        now = self._bus.clock.now()
+        while state.delayed and state.delayed[0][0] <= now:
+            _, _, message, attempt = heapq.heappop(state.delayed)
+            state.ready.append((message, attempt))
+        for token, (message, attempt, until) in list(state.leased.items()):
+            if until <= now:
+                del state.leased[token]
+                state.ready.append((message, attempt + 1))
+        deadlines = [d[0] for d in state.delayed[:1]] + [v[2] for v in state.leased.values()]
+        return min(deadlines) - now if deadlines else None
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if self._closed:
+            raise TransportError("subscription is closed")
+        state = self._bus._group(self.group)
+        clock = self._bus.clock
+        give_up = clock.now() + timeout
+        while True:
+            next_due = self._promote(state)
+            if state.ready:
+                break
+            remaining = give_up - clock.now()
+            if remaining <= 0 or self._closed:
+                return []
+            state.wakeup.clear()
+            wait = remaining if next_due is None else min(remaining, next_due)
+            sleeper = asyncio.ensure_future(clock.sleep(wait))
+            woken = asyncio.ensure_future(state.wakeup.wait())
+            try:
+                await asyncio.wait({sleeper, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                woken.cancel()
+        deliveries = []
+        until = clock.now() + self._lease
+        while state.ready and len(deliveries) < max_messages:
+            message, attempt = state.ready.popleft()
+            token = self._bus._next_id()
+            state.leased[token] = (message, attempt, until)
+            self._mine.add(token)
+            deliveries.append(Delivery(message, attempt, token))
+        return deliveries
+
+    def _settle(self, delivery: Delivery) -> bool:
+        """Take the delivery out of the leased set; False if its lease had already expired."""
+        self._mine.discard(delivery.handle)
+        return self._bus._group(self.group).leased.pop(delivery.handle, None) is not None
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            self._settle(delivery)
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        if self._settle(delivery):
+            state = self._bus._group(self.group)
+            due = self._bus.clock.now() + max(0.0, delay)
+            heapq.heappush(
+                state.delayed,
+                (due, self._bus._next_id(), delivery.message, delivery.attempt + 1),
+            )
+            state.wakeup.set()
+
+    async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
+        if self._settle(delivery):
+            self._bus._add_dead(self.group, delivery, failure)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        state = self._bus._group(self.group)
+        for token in self._mine:
+            held = state.leased.pop(token, None)
+            if held is not None:
+                state.ready.appendleft((held[0], held[1]))
+        self._mine.clear()
+        state.wakeup.set()
+        self._bus._subscriptions.discard(self)
