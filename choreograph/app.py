@@ -1,0 +1,81 @@
+"""An :class:`App` is the set of services of one choreography, plus which events end a transaction."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from choreograph.errors import ConfigurationError
+from choreograph.events import Event
+from choreograph.service import Service
+
+
+class App:
+    """The services of one choreography.
+
+    ``terminal`` names the events that end a transaction (e.g. ``DeliveryCompleted`` and
+    ``DeliveryFailed``): pending deadlines and joins of that transaction are dropped when one
+    arrives, and the flow recorder counts a transaction without one as in flight.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        services: Iterable[Service],
+        *,
+        terminal: Iterable[type[Event]] = (),
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.services: dict[str, Service] = {}
+        for service in services:
+            if service.name in self.services:
+                raise ConfigurationError(f"app {name}: two services are named {service.name!r}")
+            self.services[service.name] = service
+        self.terminal: tuple[type[Event], ...] = tuple(terminal)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, services={list(self.services)})"
+
+    def service(self, name: str) -> Service:
+        try:
+            return self.services[name]
+        except KeyError:
+            known = ", ".join(self.services) or "none"
+            raise ConfigurationError(
+                f"app {self.name} has no service {name!r}; its services: {known}"
+            ) from None
+
+    def event_types(self) -> dict[str, type[Event]]:
+        """Every event type the app's services consume or emit, by type name."""
+        found: dict[str, type[Event]] = {cls.event_type: cls for cls in self.terminal}
+        for service in self.services.values():
+            for cls in service.consumes() | service.emits():
+                found[cls.event_type] = cls
+        return found
+
+    def subscriptions(self, service: Service) -> set[type[Event]]:
+        """What ``service`` must receive: its declarations, plus terminal events when it keeps
+        timers (so they can be dropped when the transaction ends)."""
+        types = service.consumes()
+        if service.has_timers():
+            types.update(self.terminal)
+        return types
+
+
+def load_app(spec: str) -> App:
+    """Import an app from ``module:attribute`` (or ``module``, whose ``app`` attribute is used)."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from None
+    found = getattr(module, attribute or "app", None)
+    if callable(found) and not isinstance(found, App):
+        found = found()
+    if not isinstance(found, App):
+        raise ConfigurationError(
+            f"{spec!r} is not a choreograph App (expected 'module:attribute' naming an App)"
+        )
+    return found

@@ -1,0 +1,75 @@
+"""What a handler sees besides its event: the transaction it runs in and the service's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from choreograph.clock import Clock
+from choreograph.envelope import Envelope
+from choreograph.events import Event
+from choreograph.store import StoreTx
+
+
+class State:
+    """The service's own documents, read and written in the handling's transaction.
+
+    Documents are JSON objects addressed by ``(kind, key)``. Changes commit together with the
+    inbox record and the emitted events, or not at all.
+    """
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: StoreTx) -> None:
+        self._tx = tx
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return await self._tx.get(kind, key)
+
+    async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        await self._tx.put(kind, key, doc)
+
+    async def delete(self, kind: str, key: str) -> bool:
+        return await self._tx.delete(kind, key)
+
+    async def find(
+        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        return await self._tx.find(kind, where, limit)
+
+    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        return await self._tx.count(kind, where)
+
+
+@dataclass(slots=True)
+class Context:
+    """One handling: of a received event, of an expired timer, or of work started from outside
+    (an HTTP request). Events emitted here carry its correlation id, and its event id as their
+    causation id."""
+
+    service: str
+    envelope: Envelope
+    """The event being handled (for a timer, the event that started it)."""
+    attempt: int
+    state: State
+    clock: Clock
+    handler: str = ""
+    later: list[tuple[Event, float]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Scratch space for middleware (e.g. the current span)."""
+
+    @property
+    def correlation_id(self) -> str:
+        return self.envelope.correlationid
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope.id
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def emit_later(self, event: Event, delay: float) -> None:
+        """Emit ``event`` ``delay`` seconds after this handling commits (a durable timer: it is
+        in the outbox and survives restarts). Its type must be declared in ``emits``."""
+        self.later.append((event, max(0.0, delay)))

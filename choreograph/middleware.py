@@ -1,0 +1,54 @@
+"""Hooks around handling and publishing, for tracing, metrics and recording.
+
+A middleware subclasses :class:`Middleware` and overrides the hooks it needs. The runtime calls
+``around_handle`` as an onion (the first middleware is outermost), ``stamp`` on every envelope it
+is about to publish, and ``on_outcome`` once per settled message or timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from choreograph.context import Context
+from choreograph.envelope import Envelope
+from choreograph.events import Event
+from choreograph.transport import Failure, Message
+
+Next = Callable[[], Awaitable[list[Event]]]
+OutcomeKind = Literal["done", "duplicate", "retry", "dead_letter", "ignored"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one handling."""
+
+    kind: OutcomeKind
+    delay: float = 0.0
+    """For ``retry``: seconds until the next attempt."""
+    failure: Failure | None = None
+    """For ``retry`` and ``dead_letter``: why."""
+    emitted: list[Envelope] = field(default_factory=list)
+    note: str = ""
+    """For ``ignored``: why nothing ran (e.g. a join part arriving after the join ended)."""
+    ready: list[Message] = field(default_factory=list, repr=False)
+    """The encoded events to publish right after the commit (``emitted`` minus delayed ones)."""
+
+
+class Middleware:
+    """Base class; every hook does nothing by default."""
+
+    async def around_handle(self, ctx: Context, call_next: Next) -> list[Event]:
+        return await call_next()
+
+    def stamp(self, ctx: Context | None, envelope: Envelope) -> Envelope:
+        """Adjust an outgoing envelope (e.g. inject trace context). ``ctx`` is None for events
+        published from outside a handling."""
+        return envelope
+
+    def on_outcome(self, ctx: Context, outcome: Outcome) -> None:
+        """Called after the handling's transaction committed."""
+
+    def on_invalid(self, service: str, body: bytes, failure: Failure) -> None:
+        """Called when a message is dead-lettered before it could be decoded or routed."""

@@ -1,0 +1,1 @@
+"""Running services against a transport: handling, timers, the outbox relay, and the runtime."""

@@ -1,0 +1,469 @@
+"""How one service handles one message or one expired timer, inside a store transaction.
+
+decode → route → validate → dedupe (inbox) → react (handler, join, deadlines) → emitted events
+into the outbox → inbox record; failures become a retry or a dead letter plus a failure event.
+Nothing here talks to the transport: the worker settles messages after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from choreograph.app import App
+from choreograph.clock import Clock
+from choreograph.context import Context, State
+from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_id
+from choreograph.errors import (
+    InvalidMessage,
+    PermanentFailure,
+    RetryLater,
+    SchemaViolation,
+    UnknownEventType,
+)
+from choreograph.events import (
+    CompensationFailed,
+    DeadlineExpired,
+    Event,
+    HandlerFailed,
+    JoinTimedOut,
+)
+from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.retry import RetryPolicy
+from choreograph.service import DeadlineSpec, HandlerSpec, JoinSpec, Parts, Service
+from choreograph.store import OutboxRow, StoreTx, Timer
+from choreograph.transport import Delivery, Failure, Message
+
+log = logging.getLogger("choreograph.handling")
+
+#: How long the worker keeps its freshly committed outbox rows to itself before the relay may
+#: publish them (it publishes them at once; the relay only picks up after a crash or an outage).
+FAST_PATH_CLAIM = 10.0
+_FAILED_IDS = uuid.UUID("6f1c2a56-0d7e-4c36-9a53-2f7f0a4f8b11")
+
+
+@dataclass(slots=True)
+class Route:
+    """Everything one service does with one event type."""
+
+    cls: type[Event]
+    handler: HandlerSpec | None = None
+    join: JoinSpec | None = None
+    join_starts: list[JoinSpec] = field(default_factory=list)
+    deadline_starts: list[DeadlineSpec] = field(default_factory=list)
+    deadline_stops: list[DeadlineSpec] = field(default_factory=list)
+    terminal: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.handler is not None:
+            return self.handler.name
+        if self.join is not None:
+            return self.join.name
+        return f"on {self.cls.event_type}"
+
+
+def build_routes(app: App, service: Service) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+
+    def route(cls: type[Event]) -> Route:
+        return routes.setdefault(cls.event_type, Route(cls))
+
+    for cls, spec in service.handlers.items():
+        route(cls).handler = spec
+    for join in service.joins.values():
+        for part in join.parts:
+            route(part).join = join
+        if join.starts_on is not None:
+            route(join.starts_on).join_starts.append(join)
+    for deadline in service.deadlines.values():
+        route(deadline.starts_on).deadline_starts.append(deadline)
+        for cls in deadline.expect:
+            route(cls).deadline_stops.append(deadline)
+    if service.has_timers():
+        for cls in app.terminal:
+            route(cls).terminal = True
+    return routes
+
+
+class Handling:
+    """The handling logic of one service (stateless between calls; safe to share by lanes)."""
+
+    def __init__(
+        self,
+        app: App,
+        service: Service,
+        clock: Clock,
+        middleware: Sequence[Middleware] = (),
+        *,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.app = app
+        self.service = service
+        self.clock = clock
+        self.middleware = list(middleware)
+        self.max_event_bytes = max_event_bytes
+        self.routes = build_routes(app, service)
+        self.topics = frozenset(self.routes)
+        self._rng = rng or random.Random()
+
+    # messages ------------------------------------------------------------------------------------
+
+    async def handle(self, tx: StoreTx, delivery: Delivery) -> tuple[Context | None, Outcome]:
+        """Handle one delivery inside ``tx``. Never raises for a handler's failure."""
+        body = delivery.message.body
+        try:
+            envelope = decode(body, limit=self.max_event_bytes)
+            route = self.routes.get(envelope.type)
+            if route is None:
+                raise UnknownEventType(
+                    f"service {self.service.name} has no handler for {envelope.type!r}"
+                )
+        except InvalidMessage as exc:
+            failure = _failure(exc)
+            for mw in self.middleware:
+                mw.on_invalid(self.service.name, body, failure)
+            return None, Outcome("dead_letter", failure=failure)
+
+        ctx = Context(
+            self.service.name, envelope, delivery.attempt, State(tx), self.clock, route.name
+        )
+        try:
+            event = route.cls.parse_data(envelope.data)
+        except SchemaViolation as exc:
+            # Never retried; announced so the transaction does not wait for this service forever.
+            return ctx, await self._give_up(tx, ctx, route.handler, exc)
+        if await tx.seen(envelope.id):
+            return ctx, Outcome("duplicate")
+        try:
+            async with tx.savepoint():
+                notes: list[str] = []
+                events = await self._run(ctx, lambda: self._react(ctx, route, event, notes))
+                emitted, ready = await self._emit(tx, ctx, events)
+                await tx.remember(envelope.id, self.clock.now())
+        except Exception as exc:  # noqa: BLE001 - every handler failure is settled, none escapes
+            return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
+        if notes and not emitted:
+            return ctx, Outcome("ignored", note="; ".join(notes))
+        return ctx, Outcome("done", emitted=emitted, ready=ready)
+
+    async def _react(
+        self, ctx: Context, route: Route, event: Event, notes: list[str]
+    ) -> list[Event]:
+        tx_state = ctx.state
+        key = ctx.correlation_id
+        now = self.clock.now()
+        out: list[Event] = []
+        if route.terminal:
+            await self._end_transaction(ctx, event)
+        for deadline in route.deadline_stops:
+            await _tx(tx_state).cancel_timers(key, [f"deadline:{deadline.name}"])
+        for deadline in route.deadline_starts:
+            await _tx(tx_state).set_timer(
+                Timer(f"deadline:{deadline.name}", key, now + deadline.within, _cause(ctx))
+            )
+        for join in route.join_starts:
+            doc = await tx_state.get(f"_join:{join.name}", _join_key(join, event, ctx))
+            if doc is None:
+                await self._start_join_timer(ctx, join, _join_key(join, event, ctx), now)
+                await tx_state.put(
+                    f"_join:{join.name}", _join_key(join, event, ctx), _new_join(timer=True)
+                )
+        if route.join is not None:
+            out += await self._join_part(ctx, route.join, event, notes)
+        if route.handler is not None:
+            out += _checked(route.handler.name, route.handler.emits, await route.handler.fn(event, ctx))
+        return out
+
+    async def _join_part(
+        self, ctx: Context, join: JoinSpec, event: Event, notes: list[str]
+    ) -> list[Event]:
+        key = _join_key(join, event, ctx)
+        kind = f"_join:{join.name}"
+        doc = await ctx.state.get(kind, key) or _new_join(timer=False)
+        part = event.event_type
+        if doc["status"] != "open":
+            doc.setdefault("late", []).append({"type": part, "id": ctx.event_id})
+            await ctx.state.put(kind, key, doc)
+            notes.append(f"join {join.name} for {key} already {doc['status']}; late {part}")
+            return []
+        if part in doc["parts"]:
+            notes.append(f"join {join.name} for {key} already has {part}")
+            return []
+        doc["parts"][part] = {
+            "id": ctx.event_id,
+            "data": event.to_data(),
+            "traceparent": ctx.envelope.traceparent,
+        }
+        if len(doc["parts"]) < len(join.parts):
+            if join.within is not None and not doc["timer"]:
+                await self._start_join_timer(ctx, join, key, self.clock.now())
+                doc["timer"] = True
+            await ctx.state.put(kind, key, doc)
+            return []
+        doc["status"] = "done"
+        await ctx.state.put(kind, key, doc)
+        await _tx(ctx.state).cancel_timers(key, [f"join:{join.name}"])
+        by_type = {cls: cls.model_validate(doc["parts"][cls.event_type]["data"]) for cls in join.parts}
+        ctx.extras["join_parts"] = [
+            (p["id"], p.get("traceparent")) for p in doc["parts"].values()
+        ]
+        return _checked(join.name, join.emits, await join.fn(Parts(key, by_type), ctx))
+
+    async def _end_transaction(self, ctx: Context, event: Event) -> None:
+        """A terminal event: drop the transaction's timers and close its open joins, so that
+        nothing fires or completes for a transaction that has ended."""
+        await _tx(ctx.state).cancel_timers(ctx.correlation_id)
+        for join in self.service.joins.values():
+            key = ctx.correlation_id if join.key is None else getattr(event, join.key, None)
+            if key is None:
+                continue
+            kind = f"_join:{join.name}"
+            doc = await ctx.state.get(kind, str(key)) or _new_join(timer=False)
+            if doc["status"] == "open":
+                doc["status"] = "closed"
+                await ctx.state.put(kind, str(key), doc)
+                await _tx(ctx.state).cancel_timers(str(key), [f"join:{join.name}"])
+
+    async def _start_join_timer(self, ctx: Context, join: JoinSpec, key: str, now: float) -> None:
+        assert join.within is not None
+        await _tx(ctx.state).set_timer(Timer(f"join:{join.name}", key, now + join.within, _cause(ctx)))
+
+    # timers ----------------------------------------------------------------------------------------
+
+    async def fire(self, tx: StoreTx, timer: Timer) -> tuple[Context, Outcome]:
+        """Run the expiry of one due timer (already removed from the store) inside ``tx``."""
+        data = timer.data
+        cause = Envelope(
+            id=data["causationid"],
+            type=data["type"],
+            source=self.service.name,
+            correlationid=data["correlationid"],
+            data={},
+            traceparent=data.get("traceparent"),
+            tracestate=data.get("tracestate"),
+        )
+        attempt = int(data.get("attempt", 1))
+        kind, _, name = timer.name.partition(":")
+        ctx = Context(self.service.name, cause, attempt, State(tx), self.clock, name)
+        spec: DeadlineSpec | JoinSpec | None = (
+            self.service.deadlines.get(name) if kind == "deadline" else self.service.joins.get(name)
+        )
+        if spec is None:
+            return ctx, Outcome("ignored", note=f"timer {timer.name} has no declaration any more")
+        try:
+            async with tx.savepoint():
+                notes: list[str] = []
+                events = await self._run(ctx, lambda: self._expire(ctx, spec, timer, notes))
+                emitted, ready = await self._emit(tx, ctx, events)
+        except Exception as exc:  # noqa: BLE001
+            policy = spec.retry or self.service.retry
+            if not isinstance(exc, PermanentFailure) and not policy.gives_up(attempt):
+                delay = policy.delay(attempt, self._rng)
+                retry_data = {**data, "attempt": attempt + 1}
+                await tx.set_timer(Timer(timer.name, timer.key, self.clock.now() + delay, retry_data))
+                return ctx, Outcome("retry", delay=delay, failure=_failure(exc))
+            return ctx, await self._give_up(tx, ctx, None, exc, spec_name=name)
+        if notes and not emitted:
+            return ctx, Outcome("ignored", note="; ".join(notes))
+        return ctx, Outcome("done", emitted=emitted, ready=ready)
+
+    async def _expire(
+        self, ctx: Context, spec: DeadlineSpec | JoinSpec, timer: Timer, notes: list[str]
+    ) -> list[Event]:
+        if isinstance(spec, DeadlineSpec):
+            expired = DeadlineExpired(
+                service=self.service.name,
+                name=spec.name,
+                key=timer.key,
+                expected=[cls.event_type for cls in spec.expect],
+            )
+            return _checked(spec.name, spec.emits, await spec.fn(expired, ctx))
+        kind = f"_join:{spec.name}"
+        doc = await ctx.state.get(kind, timer.key) or _new_join(timer=True)
+        if doc["status"] != "open":
+            notes.append(f"join {spec.name} for {timer.key} already {doc['status']}")
+            return []
+        doc["status"] = "expired"
+        await ctx.state.put(kind, timer.key, doc)
+        present = [cls.event_type for cls in spec.parts if cls.event_type in doc["parts"]]
+        timed_out = JoinTimedOut(
+            service=self.service.name,
+            join=spec.name,
+            key=timer.key,
+            present=present,
+            missing=[cls.event_type for cls in spec.parts if cls.event_type not in present],
+            parts={t: doc["parts"][t]["data"] for t in present},
+        )
+        if spec.on_timeout is None:
+            return [timed_out]
+        return _checked(spec.name, spec.emits, await spec.on_timeout(timed_out, ctx))
+
+    # shared ----------------------------------------------------------------------------------------
+
+    async def _run(self, ctx: Context, react: Next) -> list[Event]:
+        call: Next = react
+        for mw in reversed(self.middleware):
+            call = _bind(mw, ctx, call)
+        return await call()
+
+    def envelope_for(self, ctx: Context | None, event: Event, correlation_id: str = "") -> Envelope:
+        """The envelope of an event emitted by ``ctx`` (or, without one, from outside)."""
+        if ctx is not None:
+            envelope = Envelope(
+                id=new_id(),
+                type=event.event_type,
+                source=self.service.name,
+                correlationid=ctx.correlation_id,
+                causationid=ctx.event_id,
+                data=event.to_data(),
+                traceparent=ctx.envelope.traceparent,
+                tracestate=ctx.envelope.tracestate,
+            )
+        else:
+            event_id = new_id()
+            envelope = Envelope(
+                id=event_id,
+                type=event.event_type,
+                source=self.service.name,
+                correlationid=correlation_id or event_id,
+                data=event.to_data(),
+            )
+        for mw in self.middleware:
+            envelope = mw.stamp(ctx, envelope)
+        return envelope
+
+    async def _emit(
+        self, tx: StoreTx, ctx: Context, events: list[Event]
+    ) -> tuple[list[Envelope], list[Message]]:
+        for event in events:
+            if isinstance(event, self.app.terminal):
+                await self._end_transaction(ctx, event)
+        envelopes = [self.envelope_for(ctx, e) for e in events]
+        rows = [OutboxRow(e.id, e.type, encode(e, limit=self.max_event_bytes)) for e in envelopes]
+        now = self.clock.now()
+        for event, delay in ctx.later:
+            envelope = self.envelope_for(ctx, event)
+            rows.append(OutboxRow(envelope.id, envelope.type, encode(envelope), now + delay))
+        if rows:
+            await tx.add_outbox(rows, claimed_until=now + FAST_PATH_CLAIM)
+        ready = [Message(r.id, r.topic, r.body) for r in rows[: len(envelopes)]]
+        return envelopes, ready
+
+    async def _failed(
+        self, tx: StoreTx, ctx: Context, spec: HandlerSpec | JoinSpec | None, exc: Exception
+    ) -> Outcome:
+        ctx.later.clear()
+        policy: RetryPolicy = (spec.retry if spec is not None else None) or self.service.retry
+        if not isinstance(exc, PermanentFailure | InvalidMessage) and not policy.gives_up(
+            ctx.attempt
+        ):
+            if isinstance(exc, RetryLater) and exc.delay is not None:
+                delay = exc.delay
+            else:
+                delay = policy.delay(ctx.attempt, self._rng)
+            return Outcome("retry", delay=delay, failure=_failure(exc))
+        return await self._give_up(tx, ctx, spec if isinstance(spec, HandlerSpec) else None, exc)
+
+    async def _give_up(
+        self,
+        tx: StoreTx,
+        ctx: Context,
+        spec: HandlerSpec | None,
+        exc: Exception,
+        *,
+        spec_name: str | None = None,
+    ) -> Outcome:
+        failure = _failure(exc, gave_up=not isinstance(exc, InvalidMessage | PermanentFailure))
+        name = spec_name or (spec.name if spec is not None else ctx.handler)
+        announcement: Event
+        if spec is not None and spec.kind == "compensation":
+            announcement = CompensationFailed(
+                service=self.service.name,
+                compensation=name,
+                failed_event_type=ctx.envelope.type,
+                failed_event_id=ctx.event_id,
+                reason=failure.error or failure.reason,
+                error_type=failure.error_type,
+                attempts=ctx.attempt,
+            )
+        else:
+            announcement = HandlerFailed(
+                service=self.service.name,
+                handler=name,
+                failed_event_type=ctx.envelope.type,
+                failed_event_id=ctx.event_id,
+                reason=failure.error or failure.reason,
+                error_type=failure.error_type,
+                attempts=ctx.attempt,
+                data=ctx.envelope.data,
+            )
+        envelope = self.envelope_for(ctx, announcement).evolve(
+            # The same failure announced twice (crash before the dead-letter) has one id.
+            id=str(uuid.uuid5(_FAILED_IDS, f"{self.service.name}/{name}/{ctx.event_id}"))
+        )
+        row = OutboxRow(envelope.id, envelope.type, encode(envelope))
+        await tx.add_outbox([row], claimed_until=self.clock.now() + FAST_PATH_CLAIM)
+        ready = [Message(row.id, row.topic, row.body)]
+        return Outcome("dead_letter", failure=failure, emitted=[envelope], ready=ready)
+
+
+def _bind(mw: Middleware, ctx: Context, call_next: Next) -> Next:
+    async def call() -> list[Event]:
+        return await mw.around_handle(ctx, call_next)
+
+    return call
+
+
+def _tx(state: State) -> StoreTx:
+    return state._tx
+
+
+def _cause(ctx: Context) -> dict[str, Any]:
+    return {
+        "correlationid": ctx.correlation_id,
+        "causationid": ctx.event_id,
+        "type": ctx.envelope.type,
+        "traceparent": ctx.envelope.traceparent,
+        "tracestate": ctx.envelope.tracestate,
+    }
+
+
+def _new_join(*, timer: bool) -> dict[str, Any]:
+    return {"status": "open", "parts": {}, "timer": timer}
+
+
+def _join_key(join: JoinSpec, event: Event, ctx: Context) -> str:
+    if join.key is None:
+        return ctx.correlation_id
+    return str(getattr(event, join.key))
+
+
+def _checked(name: str, allowed: tuple[type[Event], ...], emitted: Any) -> list[Event]:
+    if emitted is None:
+        return []
+    events = [emitted] if isinstance(emitted, Event) else list(emitted)
+    for event in events:
+        if not isinstance(event, allowed):
+            raise PermanentFailure(
+                f"{name} emitted {type(event).__name__}, which its declaration does not list in "
+                f"emits ({', '.join(c.__name__ for c in allowed) or 'nothing'})"
+            )
+    return events
+
+
+def _failure(exc: Exception, *, gave_up: bool = False) -> Failure:
+    if isinstance(exc, InvalidMessage):
+        reason = exc.reason
+    elif isinstance(exc, PermanentFailure):
+        reason = "permanent failure"
+    elif gave_up:
+        reason = "attempts exhausted"
+    else:
+        reason = "handler error"
+    return Failure(reason=reason, error_type=type(exc).__name__, error=str(exc)[:2000])

@@ -1,0 +1,249 @@
+"""One service running in one process: receive → handle in one transaction per batch → publish →
+settle; plus the housekeeping loop that fires due timers, relays leftover outbox rows and prunes
+the inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from choreograph.app import App
+from choreograph.clock import Clock
+from choreograph.context import Context
+from choreograph.errors import ConfigurationError, TransportError
+from choreograph.middleware import Middleware, Outcome
+from choreograph.runtime.handling import Handling
+from choreograph.service import Service
+from choreograph.store import Store
+from choreograph.transport import Delivery, Message, Subscription, Transport
+
+log = logging.getLogger("choreograph.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a service consumes. The defaults suit most services."""
+
+    concurrency: int = 2
+    """Batches in flight at once (receive of one overlaps handling of another)."""
+    batch_size: int = 200
+    """Messages received and handled in one store transaction."""
+    lease: float = 30.0
+    """Seconds a received message stays reserved to this process before it is redelivered."""
+    poll_interval: float = 0.5
+    """Longest wait of one receive call (bounds how long shutdown waits for an idle lane)."""
+    housekeeping_interval: float = 0.05
+    """How often due timers and leftover outbox rows are checked."""
+    relay_lease: float = 30.0
+    inbox_horizon: float = 7 * 24 * 3600.0
+    """Processed event ids are remembered this long; a duplicate arriving later runs again."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.batch_size < 1:
+            raise ConfigurationError("concurrency and batch_size must be at least 1")
+        if self.lease <= 0 or self.poll_interval <= 0 or self.housekeeping_interval <= 0:
+            raise ConfigurationError("lease and intervals must be positive seconds")
+
+
+class ServiceWorker:
+    def __init__(
+        self,
+        app: App,
+        service: Service,
+        transport: Transport,
+        store: Store,
+        *,
+        clock: Clock,
+        middleware: Sequence[Middleware] = (),
+        settings: WorkerSettings = WorkerSettings(),
+    ) -> None:
+        self.service = service
+        self.transport = transport
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.handling = Handling(
+            app, service, clock, middleware, max_event_bytes=transport.max_message_bytes
+        )
+        self.middleware = list(middleware)
+        self._subscription: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._sent: list[str] = []
+        self._inflight = 0
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def start(self) -> None:
+        await self.store.open()
+        if self.handling.topics:
+            self._subscription = await self.transport.subscribe(
+                self.name, self.handling.topics, lease=self.settings.lease
+            )
+            for lane in range(self.settings.concurrency):
+                self._spawn(self._lane(), f"{self.name}-lane-{lane}")
+        self._spawn(self._housekeeping(), f"{self.name}-housekeeping")
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.append(task)
+
+    async def stop(self) -> None:
+        """Finish the batches in hand, hand back what was not started, flush the outbox."""
+        self._stopping.set()
+        for task in self._tasks:
+            if task.get_name().endswith("housekeeping"):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.close()
+            self._subscription = None
+        with contextlib.suppress(Exception):
+            await self._forget_sent()
+            await self._relay_due()
+        await self.store.close()
+
+    # consuming ----------------------------------------------------------------------------------
+
+    async def _lane(self) -> None:
+        assert self._subscription is not None
+        subscription = self._subscription
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                batch = await self._receive(subscription)
+                if batch:
+                    await self._process(subscription, batch)
+                backoff = 0.1
+            except TransportError as exc:
+                log.warning("%s: transport error, retrying in %.1fs: %s", self.name, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _receive(self, subscription: Subscription) -> list[Delivery]:
+        receive = asyncio.ensure_future(
+            subscription.receive(self.settings.batch_size, self.settings.poll_interval)
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not receive.done():
+            receive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receive
+            return []
+        return receive.result()
+
+    async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
+        self._inflight += len(batch)
+        try:
+            results: list[tuple[Delivery, Context | None, Outcome]] = []
+            async with self.store.transaction() as tx:
+                if self._sent:
+                    await tx.forget_outbox(self._sent)
+                    self._sent = []
+                for delivery in batch:
+                    ctx, outcome = await self.handling.handle(tx, delivery)
+                    results.append((delivery, ctx, outcome))
+            await self._publish([m for _, _, o in results for m in o.ready])
+            await self._settle(subscription, results)
+            for _, ctx, outcome in results:
+                if ctx is not None:
+                    self._observe(ctx, outcome)
+        finally:
+            self._inflight -= len(batch)
+
+    async def _publish(self, messages: list[Message]) -> None:
+        """Publish freshly committed outbox rows; on failure the relay sends them later."""
+        if not messages:
+            return
+        try:
+            await self.transport.publish(messages)
+        except Exception as exc:  # noqa: BLE001 - the rows are safe in the outbox
+            log.warning("%s: publish failed, the outbox relay will retry: %s", self.name, exc)
+            return
+        self._sent.extend(m.id for m in messages)
+
+    async def _settle(
+        self,
+        subscription: Subscription,
+        results: list[tuple[Delivery, Context | None, Outcome]],
+    ) -> None:
+        done = [d for d, _, o in results if o.kind in ("done", "duplicate", "ignored")]
+        if done:
+            await subscription.ack(done)
+        for delivery, _, outcome in results:
+            if outcome.kind == "retry":
+                await subscription.retry(delivery, outcome.delay)
+            elif outcome.kind == "dead_letter":
+                assert outcome.failure is not None
+                await subscription.dead_letter(delivery, outcome.failure)
+
+    def _observe(self, ctx: Context, outcome: Outcome) -> None:
+        for mw in self.middleware:
+            try:
+                mw.on_outcome(ctx, outcome)
+            except Exception:  # an observer must never break handling
+                log.exception("%s: middleware %r failed in on_outcome", self.name, mw)
+
+    # housekeeping -------------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        last_prune = 0.0
+        while not self._stopping.is_set():
+            try:
+                await self._forget_sent()
+                await self._fire_due_timers()
+                await self._relay_due()
+                now = self.clock.now()
+                if now - last_prune > 3600:
+                    last_prune = now
+                    await self.store.prune_inbox(now - self.settings.inbox_horizon)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the loop alive through outages
+                log.warning("%s: housekeeping failed, will retry: %s", self.name, exc)
+            await self.clock.sleep(self.settings.housekeeping_interval)
+
+    async def _forget_sent(self) -> None:
+        if self._sent:
+            ids, self._sent = self._sent, []
+            await self.store.mark_sent(ids)
+
+    async def _fire_due_timers(self) -> None:
+        now = self.clock.now()
+        due = await self.store.next_timer_due()
+        while due is not None and due <= now:
+            fired: list[tuple[Context, Outcome]] = []
+            async with self.store.transaction() as tx:
+                for timer in await tx.take_due_timers(now, 100):
+                    fired.append(await self.handling.fire(tx, timer))
+            if not fired:
+                break
+            await self._publish([m for _, o in fired for m in o.ready])
+            for ctx, outcome in fired:
+                self._observe(ctx, outcome)
+            due = await self.store.next_timer_due()
+
+    async def _relay_due(self) -> None:
+        """Publish outbox rows that are due and unclaimed: delayed emissions, and rows whose
+        fast-path publish failed or whose process died before publishing them."""
+        while True:
+            rows = await self.store.claim_outbox(self.clock.now(), 500, self.settings.relay_lease)
+            if not rows:
+                return
+            await self.transport.publish([Message(r.id, r.topic, r.body) for r in rows])
+            await self.store.mark_sent([r.id for r in rows])

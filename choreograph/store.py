@@ -1,0 +1,167 @@
+"""A service's own database: its state, inbox, outbox and timers, changed in one transaction.
+
+Every handling runs in a :meth:`Store.transaction`: the handler's state changes, the inbox record
+(this event id was processed) and the outbox rows (the events it emits) commit together or not at
+all. The relay publishes committed outbox rows and then marks them sent, so a crash anywhere
+re-publishes (consumers dedupe by event id) but never loses an event.
+
+Stores are chosen by URL: ``sqlite:///path.db`` (default, one file per service), ``memory://``
+(SQLite in memory, for tests), ``postgresql://user@host/db`` (production; see
+:mod:`choreograph.stores.postgres`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from choreograph.errors import ConfigurationError
+from choreograph.transport import redact
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One event waiting to be published, not before ``due_at`` (epoch seconds)."""
+
+    id: str
+    topic: str
+    body: bytes
+    due_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """A pending deadline or join timeout of a service, keyed by ``(name, key)``."""
+
+    name: str
+    key: str
+    due_at: float
+    data: dict[str, Any]
+
+
+class StoreTx(ABC):
+    """One open transaction. Methods are only valid inside ``async with store.transaction()``."""
+
+    # the service's own documents ------------------------------------------------------------
+    @abstractmethod
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    async def delete(self, kind: str, key: str) -> bool: ...
+
+    @abstractmethod
+    async def find(
+        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Documents of ``kind`` whose top-level fields equal ``where``'s, by key order."""
+
+    @abstractmethod
+    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int: ...
+
+    @abstractmethod
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """A nested scope rolled back alone when an exception leaves it."""
+
+    # inbox -------------------------------------------------------------------------------------
+    @abstractmethod
+    async def seen(self, event_id: str) -> bool: ...
+
+    @abstractmethod
+    async def remember(self, event_id: str, at: float) -> None: ...
+
+    # outbox ------------------------------------------------------------------------------------
+    @abstractmethod
+    async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
+        """Queue rows for publishing. Until ``claimed_until`` the relay leaves them alone: the
+        caller publishes them itself right after the commit (the fast path)."""
+
+    @abstractmethod
+    async def forget_outbox(self, ids: Sequence[str]) -> None:
+        """Delete rows the caller has published."""
+
+    # timers ------------------------------------------------------------------------------------
+    @abstractmethod
+    async def set_timer(self, timer: Timer) -> None:
+        """Create or replace the timer ``(name, key)``."""
+
+    @abstractmethod
+    async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
+        """Cancel the timers of ``key`` (all, or those named). Returns how many were pending."""
+
+    @abstractmethod
+    async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
+        """Remove and return timers due at ``now``, earliest first."""
+
+
+class Store(ABC):
+    """The database of one service."""
+
+    url: str
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[StoreTx]: ...
+
+    @abstractmethod
+    async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
+        """Due, unsent rows, leased to this caller for ``lease`` seconds so that other replicas'
+        relays skip them."""
+
+    @abstractmethod
+    async def mark_sent(self, ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    async def next_timer_due(self) -> float | None: ...
+
+    @abstractmethod
+    async def list_timers(self, key: str | None = None, limit: int = 100) -> list[Timer]: ...
+
+    @abstractmethod
+    async def cancel_timer(self, name: str, key: str) -> bool: ...
+
+    @abstractmethod
+    async def prune_inbox(self, before: float) -> int:
+        """Forget processed event ids recorded before ``before``; returns how many."""
+
+
+_STORES: dict[str, tuple[str, str, str | None]] = {
+    "sqlite": ("choreograph.stores.sqlite", "SqliteStore", None),
+    "memory": ("choreograph.stores.sqlite", "SqliteStore", None),
+    "postgresql": ("choreograph.stores.postgres", "PostgresStore", "postgres"),
+    "postgres": ("choreograph.stores.postgres", "PostgresStore", "postgres"),
+}
+
+
+def store_from_url(url: str, service: str) -> Store:
+    """Create (not yet opened) the store a URL names; ``{service}`` in it is replaced by the
+    service's name, so one template serves every service."""
+    url = url.replace("{service}", service)
+    scheme = urlsplit(url).scheme
+    if scheme not in _STORES:
+        raise ConfigurationError(
+            f"unknown store {redact(url)!r}; use sqlite:///path.db, memory:// or postgresql://..."
+        )
+    module_name, class_name, extra = _STORES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None:
+            raise
+        raise ConfigurationError(
+            f"the {scheme}:// store needs an extra: pip install 'choreograph[{extra}]' ({exc})"
+        ) from None
+    store: Store = getattr(module, class_name).from_url(url, service)
+    return store

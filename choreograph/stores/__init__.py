@@ -1,0 +1,1 @@
+"""Implementations of :mod:`choreograph.store`, imported lazily by URL."""
