@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from choreograph.context import Context
 from choreograph.envelope import Envelope
 from choreograph.events import Event
 from choreograph.transport import Failure, Message
 
+if TYPE_CHECKING:
+    from choreograph.runtime.runner import Runtime
+
 Next = Callable[[], Awaitable[list[Event]]]
 OutcomeKind = Literal["done", "duplicate", "retry", "dead_letter", "ignored"]
+Checkpoint = Literal["handled", "committed", "published", "settled"]
 
 
 @dataclass(slots=True)
@@ -39,6 +43,12 @@ class Outcome:
 class Middleware:
     """Base class; every hook does nothing by default."""
 
+    async def start(self, runtime: Runtime) -> None:
+        """Called once when the runtime starts, after the transport connected."""
+
+    async def stop(self) -> None:
+        """Called once when the runtime stops, after every service stopped."""
+
     async def around_handle(self, ctx: Context, call_next: Next) -> list[Event]:
         return await call_next()
 
@@ -52,3 +62,8 @@ class Middleware:
 
     def on_invalid(self, service: str, body: bytes, failure: Failure) -> None:
         """Called when a message is dead-lettered before it could be decoded or routed."""
+
+    def checkpoint(self, service: str, point: Checkpoint) -> None:
+        """Called as a batch passes each point of the handling path: ``handled`` (inside the
+        transaction, before the commit), ``committed``, ``published`` (before the ack) and
+        ``settled``. Crash tests kill the process here."""

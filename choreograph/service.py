@@ -129,9 +129,17 @@ class Service:
     """A named participant of a choreography. Its name is its consumer group on the bus."""
 
     def __init__(
-        self, name: str, *, retry: RetryPolicy = DEFAULT_RETRY, description: str = ""
+        self,
+        name: str,
+        *,
+        emits: Iterable[type[Event]] = (),
+        retry: RetryPolicy = DEFAULT_RETRY,
+        description: str = "",
     ) -> None:
+        """``emits`` lists events the service publishes from outside its handlers (e.g. from an
+        HTTP request through :meth:`Runtime.unit_of_work`)."""
         self.name = check_group(name)
+        self.emits_outside = _event_classes(f"{name} emits", emits)
         self.retry = retry
         self.description = description
         self.handlers: dict[type[Event], HandlerSpec] = {}
@@ -286,7 +294,7 @@ class Service:
 
     def emits(self) -> set[type[Event]]:
         """Every event type this service may publish (the runtime's own events included)."""
-        types: set[type[Event]] = set()
+        types: set[type[Event]] = set(self.emits_outside)
         for spec in self.handlers.values():
             types.update(spec.emits)
         for join in self.joins.values():

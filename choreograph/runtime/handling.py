@@ -345,14 +345,18 @@ class Handling:
             if isinstance(event, self.app.terminal):
                 await self._end_transaction(ctx, event)
         envelopes = [self.envelope_for(ctx, e) for e in events]
-        rows = [OutboxRow(e.id, e.type, encode(e, limit=self.max_event_bytes)) for e in envelopes]
         now = self.clock.now()
-        for event, delay in ctx.later:
-            envelope = self.envelope_for(ctx, event)
-            rows.append(OutboxRow(envelope.id, envelope.type, encode(envelope), now + delay))
+        rows = [OutboxRow(e.id, e.type, encode(e, limit=self.max_event_bytes)) for e in envelopes]
         if rows:
             await tx.add_outbox(rows, claimed_until=now + FAST_PATH_CLAIM)
-        ready = [Message(r.id, r.topic, r.body) for r in rows[: len(envelopes)]]
+        later = []
+        for event, delay in ctx.later:
+            envelope = self.envelope_for(ctx, event)
+            body = encode(envelope, limit=self.max_event_bytes)
+            later.append(OutboxRow(envelope.id, envelope.type, body, now + delay))
+        if later:
+            await tx.add_outbox(later)  # the relay publishes them when due
+        ready = [Message(r.id, r.topic, r.body) for r in rows]
         return envelopes, ready
 
     async def _failed(

@@ -83,6 +83,8 @@ class Runtime:
             topics = {cls.event_type for cls in self.app.subscriptions(service)}
             if topics:
                 await self.transport.declare_group(service.name, topics)
+        for mw in self.middleware:
+            await mw.start(self)
         for name in self._selected:
             await self.add_service(self.app.service(name))
         self._started = True
@@ -90,6 +92,11 @@ class Runtime:
     async def stop(self) -> None:
         for name in list(self.workers):
             await self.remove_service(name)
+        for mw in reversed(self.middleware):
+            try:
+                await mw.stop()
+            except Exception:
+                log.exception("middleware %r failed to stop", mw)
         await self.transport.close()
         self._started = False
 

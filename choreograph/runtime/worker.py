@@ -14,7 +14,7 @@ from choreograph.app import App
 from choreograph.clock import Clock
 from choreograph.context import Context
 from choreograph.errors import ConfigurationError, TransportError
-from choreograph.middleware import Middleware, Outcome
+from choreograph.middleware import Checkpoint, Middleware, Outcome
 from choreograph.runtime.handling import Handling
 from choreograph.service import Service
 from choreograph.store import Store
@@ -158,8 +158,12 @@ class ServiceWorker:
                 for delivery in batch:
                     ctx, outcome = await self.handling.handle(tx, delivery)
                     results.append((delivery, ctx, outcome))
+                self._checkpoint("handled")
+            self._checkpoint("committed")
             await self._publish([m for _, _, o in results for m in o.ready])
+            self._checkpoint("published")
             await self._settle(subscription, results)
+            self._checkpoint("settled")
             for _, ctx, outcome in results:
                 if ctx is not None:
                     self._observe(ctx, outcome)
@@ -191,6 +195,10 @@ class ServiceWorker:
             elif outcome.kind == "dead_letter":
                 assert outcome.failure is not None
                 await subscription.dead_letter(delivery, outcome.failure)
+
+    def _checkpoint(self, point: Checkpoint) -> None:
+        for mw in self.middleware:
+            mw.checkpoint(self.name, point)
 
     def _observe(self, ctx: Context, outcome: Outcome) -> None:
         for mw in self.middleware:

@@ -1,0 +1,31 @@
+"""The ``choreograph`` command line."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from choreograph import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="choreograph")
+@click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
+def main(log_level: str) -> None:
+    """Run and inspect choreographed services."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise click.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    from choreograph.cli import bus, run
+
+    for module in (run, bus):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

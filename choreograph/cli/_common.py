@@ -1,0 +1,64 @@
+"""Options and helpers shared by the CLI commands."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from choreograph.app import App, load_app
+from choreograph.errors import ChoreographError
+from choreograph.transport import DEFAULT_TRANSPORT_URL
+
+T = TypeVar("T")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+transport_option = click.option(
+    "--transport",
+    "-t",
+    "transport_url",
+    envvar="CHOREOGRAPH_TRANSPORT",
+    default=DEFAULT_TRANSPORT_URL,
+    show_default=True,
+    help="Bus URL: sqlite:///file.db, memory://, nats://host:4222, amqp://..., redis://...",
+)
+app_option = click.option(
+    "--app",
+    "-a",
+    "app_spec",
+    envvar="CHOREOGRAPH_APP",
+    required=True,
+    help="The app, as module:attribute (env CHOREOGRAPH_APP).",
+)
+
+
+def resolve_app(spec: str) -> App:
+    try:
+        return load_app(spec)
+    except ChoreographError as exc:
+        raise click.BadParameter(str(exc), param_hint="--app") from None
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Run an async command body; turn choreograph errors into clean CLI errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except ChoreographError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (ConnectionError, OSError) as exc:
+            raise click.ClickException(f"cannot reach the bus or store: {exc}") from None
+
+    return wrapper
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

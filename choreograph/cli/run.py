@@ -1,0 +1,151 @@
+"""``choreograph run`` and ``choreograph demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from choreograph.cli._common import app_option, console, resolve_app, run_async, transport_option
+from choreograph.errors import ConfigurationError
+from choreograph.runtime.runner import DEFAULT_STORE_URL, Runtime
+from choreograph.runtime.worker import WorkerSettings
+
+store_option = click.option(
+    "--store",
+    "store_url",
+    envvar="CHOREOGRAPH_STORE",
+    default=DEFAULT_STORE_URL,
+    show_default=True,
+    help="Service store URL template; {service} stands for the service name.",
+)
+
+
+@click.command()
+@app_option
+@transport_option
+@store_option
+@click.option("--service", "-s", "services", multiple=True, help="Run only this service (repeat).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
+@click.option("--lease", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds before a message held by a dead process is redelivered.")
+@click.option("--asgi", default=None,
+              help="Also serve HTTP: module:factory, factory(runtime) returns an ASGI app.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@run_async
+async def run(
+    app_spec: str,
+    transport_url: str,
+    store_url: str,
+    services: tuple[str, ...],
+    concurrency: int,
+    batch_size: int,
+    lease: float,
+    asgi: str | None,
+    port: int,
+    host: str,
+) -> None:
+    """Run services of an app (all by default) until SIGINT or SIGTERM."""
+    app = resolve_app(app_spec)
+    settings = WorkerSettings(concurrency=concurrency, batch_size=batch_size, lease=lease)
+    runtime = Runtime(
+        app,
+        transport=transport_url,
+        store=store_url,
+        services=services or None,
+        settings=settings,
+    )
+    async with runtime:
+        names = ", ".join(runtime.workers)
+        console.print(f"running [bold]{names}[/] of {app.name} on [cyan]{transport_url}[/]")
+        if asgi:
+            server = _http_server(_load_factory(asgi)(runtime), host, port)
+            serving = asyncio.create_task(server.serve())
+            console.print(f"serving HTTP on http://{host}:{port}")
+        try:
+            await runtime.run_until_signalled()
+        finally:
+            if asgi:
+                server.should_exit = True
+                await serving
+    console.print("stopped cleanly")
+
+
+def _load_factory(spec: str) -> Any:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attribute or "create_http_app")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot load --asgi {spec!r}: {exc}") from None
+
+
+def _http_server(asgi_app: Any, host: str, port: int) -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigurationError("--asgi needs uvicorn: pip install 'choreograph[http]'") from None
+    config = uvicorn.Config(asgi_app, host=host, port=port, log_level="warning", lifespan="off")
+    return uvicorn.Server(config)
+
+
+@click.command()
+@click.option("--deliveries", "-n", type=click.IntRange(1, 1_000_000), default=200,
+              show_default=True)
+@click.option("--transport", "-t", "transport_url", default=None,
+              help="Bus URL (default: a fresh embedded SQLite bus in --data-dir).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".choreograph/demo"), show_default=True)
+@click.option("--rejection-rate", type=click.FloatRange(0, 1), default=None)
+@click.option("--transient-error-rate", type=click.FloatRange(0, 1), default=None)
+@click.option("--slow-drone-rate", type=click.FloatRange(0, 1), default=None)
+@click.option("--slow-drone-seconds", type=click.FloatRange(0), default=None)
+@click.option("--silent-drone-scheduler", is_flag=True, default=None)
+@click.option("--fleet-size", type=click.IntRange(1), default=None)
+@click.option("--flight-seconds", type=click.FloatRange(0), default=None)
+@click.option("--join-timeout", type=click.FloatRange(0.1), default=None)
+@click.option("--concurrency", type=click.IntRange(1, 512), default=16, show_default=True,
+              help="HTTP clients submitting in parallel.")
+@click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True,
+              help="Seconds to wait for every delivery to end.")
+def demo(
+    deliveries: int,
+    transport_url: str | None,
+    data_dir: Path,
+    concurrency: int,
+    timeout: float,
+    **knob_values: Any,
+) -> None:
+    """Run the drone delivery end to end and check that every delivery ended cleanly.
+
+    Exits 1 when a delivery did not end or a drone or package was left held. Knobs default to the
+    DRONE_* environment variables, then to the built-in defaults.
+    """
+    from examples.drone_delivery.demo import print_summary, run_demo
+    from examples.drone_delivery.knobs import Knobs
+
+    try:
+        knobs = Knobs.from_env(**knob_values)
+        result = asyncio.run(
+            run_demo(
+                deliveries=deliveries,
+                knobs=knobs,
+                transport_url=transport_url,
+                data_dir=data_dir,
+                concurrency=concurrency,
+                timeout=timeout,
+                console=console,
+            )
+        )
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    print_summary(result, console)
+    if not result.consistent:
+        raise SystemExit(1)
+
+
+COMMANDS = [run, demo]

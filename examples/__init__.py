@@ -1,0 +1,1 @@
+"""Reference systems built on choreograph's public API."""

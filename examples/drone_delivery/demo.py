@@ -1,0 +1,187 @@
+"""The main job: run the whole drone delivery on one machine and check that it ends well.
+
+Every service runs on the bus (the embedded SQLite bus unless told otherwise), the HTTP ingestion
+API is served by uvicorn, N deliveries are submitted through it, and the demo waits until every
+delivery has ended, then prints a summary and checks the invariants: every delivery terminal,
+every drone free, every package of a failed delivery released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from choreograph import Runtime
+from choreograph.middleware import Middleware
+
+from examples.drone_delivery.app import create_app
+from examples.drone_delivery.ingestion import create_http_app
+from examples.drone_delivery.inspect_state import Snapshot, snapshot
+from examples.drone_delivery.knobs import Knobs
+
+
+@dataclass
+class DemoResult:
+    submitted: int
+    snapshot: Snapshot
+    elapsed: float
+    dead_letters: int
+
+    @property
+    def consistent(self) -> bool:
+        s = self.snapshot
+        return (
+            s.terminal == self.submitted
+            and s.drones_reserved == 0
+            and s.packages_unreleased == 0
+        )
+
+
+def sample_request(number: int, *, heavy: bool = False) -> dict[str, object]:
+    return {
+        "delivery_id": f"d-{number:06d}-{uuid.uuid4().hex[:6]}",
+        "owner_id": f"owner-{number % 17}",
+        "pickup": {"latitude": 47.6 + number % 10 / 100, "longitude": -122.3},
+        "dropoff": {"latitude": 47.7, "longitude": -122.2 - number % 10 / 100},
+        "package": {
+            "package_id": f"p-{number:06d}-{uuid.uuid4().hex[:6]}",
+            "size": ("small", "medium", "large")[number % 3],
+            "weight_kg": 40.0 if heavy else 1.0 + number % 20,
+        },
+        "expedited": number % 5 == 0,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve_http(runtime: Runtime, port: int) -> AsyncIterator[str]:
+    config = uvicorn.Config(
+        create_http_app(runtime), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def submit_all(base_url: str, count: int, concurrency: int, progress: Progress) -> int:
+    task = progress.add_task("submitted", total=count)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for number in range(count):
+        queue.put_nowait(number)
+    accepted = 0
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal accepted
+        while not queue.empty():
+            number = queue.get_nowait()
+            response = await client.post("/api/deliveryrequests", json=sample_request(number))
+            if response.status_code != 202:
+                raise RuntimeError(f"submission refused: {response.status_code} {response.text}")
+            accepted += 1
+            progress.advance(task)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return accepted
+
+
+async def wait_for_outcome(
+    store_url: str, count: int, timeout: float, progress: Progress
+) -> Snapshot:
+    task = progress.add_task("ended", total=count)
+    deadline = time.monotonic() + timeout
+    snap = await snapshot(store_url)
+    while time.monotonic() < deadline:
+        progress.update(task, completed=snap.terminal)
+        settled = snap.terminal >= count and snap.drones_reserved == 0
+        if settled and snap.packages_unreleased == 0:
+            break
+        await asyncio.sleep(0.2)
+        snap = await snapshot(store_url)
+    progress.update(task, completed=snap.terminal)
+    return snap
+
+
+async def run_demo(
+    *,
+    deliveries: int = 200,
+    knobs: Knobs | None = None,
+    transport_url: str | None = None,
+    data_dir: Path = Path(".choreograph/demo"),
+    concurrency: int = 16,
+    timeout: float = 120.0,
+    middleware: list[Middleware] | None = None,
+    console: Console | None = None,
+) -> DemoResult:
+    console = console or Console()
+    knobs = knobs or Knobs.from_env()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    store_url = f"sqlite:///{data_dir}/{{service}}.db"
+    transport_url = transport_url or f"sqlite:///{data_dir}/bus.db"
+    app = create_app(knobs)
+    console.print(
+        f"[bold]drone delivery[/]: {deliveries} deliveries on [cyan]{transport_url}[/], "
+        f"services {', '.join(app.services)}"
+    )
+    runtime = Runtime(app, transport=transport_url, store=store_url, middleware=middleware or [])
+    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    async with runtime, serve_http(runtime, free_port()) as base_url:
+        started = time.monotonic()
+        with Progress(*columns, console=console, transient=False) as progress:
+            submitted = await submit_all(base_url, deliveries, concurrency, progress)
+            snap = await wait_for_outcome(store_url, submitted, timeout, progress)
+        elapsed = time.monotonic() - started
+        dead = len(await runtime.transport.dead_letters(limit=100_000))
+    return DemoResult(submitted, snap, elapsed, dead)
+
+
+def print_summary(result: DemoResult, console: Console) -> None:
+    snap = result.snapshot
+    table = Table(title="drone delivery: outcome", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("submitted", str(result.submitted))
+    table.add_row("completed", str(snap.statuses["completed"]))
+    table.add_row("failed and compensated", str(snap.statuses["failed"]))
+    for reason, count in sorted(snap.failure_reasons.items()):
+        table.add_row(f"  {reason}", str(count))
+    table.add_row("still in flight", str(snap.in_flight))
+    table.add_row("drones still reserved", str(snap.drones_reserved))
+    table.add_row("packages not released", str(snap.packages_unreleased))
+    table.add_row("dead letters", str(result.dead_letters))
+    rate = snap.terminal / result.elapsed if result.elapsed else 0.0
+    table.add_row("elapsed", f"{result.elapsed:.1f} s")
+    table.add_row("throughput", f"{rate:.0f} deliveries/s")
+    console.print(table)
+    if result.consistent:
+        console.print("[green]every delivery ended; every drone is free; nothing is left held[/]")
+    else:
+        console.print("[red]inconsistent: some deliveries did not end or left resources held[/]")

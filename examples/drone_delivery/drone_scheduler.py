@@ -1,0 +1,75 @@
+"""drone-scheduler: reserves a drone of a finite fleet for each delivery, and frees it again."""
+
+from __future__ import annotations
+
+from choreograph import Context, RetryLater, RetryPolicy, Service
+
+from examples.drone_delivery.events import (
+    DeliveryCompleted,
+    DeliveryFailed,
+    DeliveryRequested,
+    DroneScheduled,
+    DroneUnavailable,
+)
+from examples.drone_delivery.knobs import Knobs, chance
+from examples.drone_delivery.transient import maybe_fail
+
+#: While the fleet is busy a request waits (retries) this many times before giving up.
+FLEET_WAIT = RetryPolicy(max_attempts=8, immediate=0, base_delay=0.2, max_delay=2.0)
+
+
+def drone_id(number: int) -> str:
+    return f"drone-{number:04d}"
+
+
+def build(knobs: Knobs) -> Service:
+    scheduler = Service(
+        "drone-scheduler", retry=FLEET_WAIT, description="Reserves and frees drones of the fleet."
+    )
+
+    async def ensure_fleet(ctx: Context) -> None:
+        if await ctx.state.get("fleet", "size") is None:
+            for number in range(1, knobs.fleet_size + 1):
+                await ctx.state.put("drone", drone_id(number), {"status": "free", "delivery": ""})
+            await ctx.state.put("fleet", "size", {"drones": knobs.fleet_size})
+
+    @scheduler.on(DeliveryRequested, emits=[DroneScheduled, DroneUnavailable])
+    async def reserve_drone(
+        event: DeliveryRequested, ctx: Context
+    ) -> DroneScheduled | DroneUnavailable | None:
+        if knobs.silent_drone_scheduler:
+            return None  # consumes and never answers: delivery's deadline must notice
+        if await ctx.state.get("failed", event.delivery_id) is not None:
+            return None  # the delivery failed before its request reached us: reserve nothing
+        maybe_fail(knobs, "drone-scheduler", event.delivery_id, ctx.attempt)
+        await ensure_fleet(ctx)
+        held = await ctx.state.find("drone", {"delivery": event.delivery_id}, limit=1)
+        free = held or await ctx.state.find("drone", {"status": "free"}, limit=1)
+        if not free:
+            if ctx.attempt < FLEET_WAIT.max_attempts:
+                raise RetryLater("every drone is busy")
+            return DroneUnavailable(
+                delivery_id=event.delivery_id, reason=f"all {knobs.fleet_size} drones are busy"
+            )
+        drone, _ = free[0]
+        await ctx.state.put("drone", drone, {"status": "reserved", "delivery": event.delivery_id})
+        scheduled = DroneScheduled(delivery_id=event.delivery_id, drone_id=drone)
+        if chance(knobs.slow_drone_rate, "slow", event.delivery_id):
+            ctx.emit_later(scheduled, knobs.slow_drone_seconds)
+            return None
+        return scheduled
+
+    async def free_drone(ctx: Context, delivery_id: str) -> None:
+        for drone, _ in await ctx.state.find("drone", {"delivery": delivery_id}):
+            await ctx.state.put("drone", drone, {"status": "free", "delivery": ""})
+
+    @scheduler.compensate(DeliveryFailed, undoes=reserve_drone)
+    async def release_drone(event: DeliveryFailed, ctx: Context) -> None:
+        await ctx.state.put("failed", event.delivery_id, {"reason": event.reason})
+        await free_drone(ctx, event.delivery_id)
+
+    @scheduler.on(DeliveryCompleted)
+    async def drone_back(event: DeliveryCompleted, ctx: Context) -> None:
+        await free_drone(ctx, event.delivery_id)
+
+    return scheduler

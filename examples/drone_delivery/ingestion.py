@@ -1,0 +1,167 @@
+"""ingestion: the HTTP API that accepts delivery requests and answers status queries.
+
+``POST /api/deliveryrequests`` validates the request, stores it and emits ``DeliveryRequested`` in
+one transaction (outbox), then answers 202 with a ``Location``. ``DELETE
+/api/deliveryrequests/{id}`` asks for a cancel. ``GET /api/deliveries/{id}`` answers from
+ingestion's own store, which follows the outcome events. Bad requests get a 4xx whose JSON body
+says what is wrong.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from choreograph import Context, Runtime, Service
+
+from examples.drone_delivery.events import (
+    DeliveryCancelRequested,
+    DeliveryCompleted,
+    DeliveryFailed,
+    DeliveryRequested,
+    DeliveryScheduled,
+    Id,
+    Location,
+    PackageInfo,
+)
+
+MAX_BODY_BYTES = 16 * 1024
+TERMINAL = ("completed", "failed")
+
+
+class DeliveryRequestBody(BaseModel):
+    """What a client posts. The delivery id is assigned here unless the client gives one
+    (a client-chosen id makes the POST idempotent)."""
+
+    model_config = ConfigDict(extra="forbid")
+    delivery_id: Id | None = None
+    owner_id: Id
+    pickup: Location
+    dropoff: Location
+    package: PackageInfo
+    expedited: bool = False
+
+
+def build_service() -> Service:
+    ingestion = Service(
+        "ingestion",
+        emits=[DeliveryRequested, DeliveryCancelRequested],
+        description="HTTP API: accepts delivery requests, answers status queries.",
+    )
+
+    async def set_status(ctx: Context, delivery_id: str, status: str, **extra: Any) -> None:
+        doc = await ctx.state.get("delivery", delivery_id) or {}
+        if doc.get("status") in TERMINAL:
+            return
+        await ctx.state.put("delivery", delivery_id, {**doc, "status": status, **extra})
+
+    @ingestion.on(DeliveryScheduled)
+    async def track_scheduled(event: DeliveryScheduled, ctx: Context) -> None:
+        await set_status(ctx, event.delivery_id, "in_flight", drone_id=event.drone_id)
+
+    @ingestion.on(DeliveryCompleted)
+    async def track_completed(event: DeliveryCompleted, ctx: Context) -> None:
+        await set_status(ctx, event.delivery_id, "completed")
+
+    @ingestion.on(DeliveryFailed)
+    async def track_failed(event: DeliveryFailed, ctx: Context) -> None:
+        await set_status(ctx, event.delivery_id, "failed", reason=event.reason)
+
+    return ingestion
+
+
+def problem(status: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": detail, **extra}, status_code=status)
+
+
+def create_http_app(runtime: Runtime) -> Starlette:
+    """The ASGI app; ``runtime`` must run the ``ingestion`` service."""
+
+    async def read_json(request: Request) -> Any:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("application/json"):
+            raise _Reject(415, "send the request as application/json")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise _Reject(413, f"request body over {MAX_BODY_BYTES} bytes")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise _Reject(413, f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _Reject(400, f"malformed JSON: {exc}") from None
+
+    async def submit(request: Request) -> Response:
+        try:
+            body = DeliveryRequestBody.model_validate(await read_json(request))
+        except _Reject as reject:
+            return problem(reject.status, reject.detail)
+        except ValidationError as exc:
+            return problem(422, "invalid delivery request", problems=_problems(exc))
+        delivery_id = body.delivery_id or str(uuid.uuid4())
+        async with runtime.unit_of_work("ingestion", correlation_id=delivery_id) as uow:
+            known = await uow.state.get("delivery", delivery_id)
+            if known is None:
+                await uow.state.put("delivery", delivery_id, {"status": "requested"})
+                uow.emit(DeliveryRequested(delivery_id=delivery_id, **body.model_dump(
+                    exclude={"delivery_id"})))
+        location = f"/api/deliveries/{delivery_id}"
+        return JSONResponse(
+            {"delivery_id": delivery_id, "status": "accepted"},
+            status_code=202,
+            headers={"Location": location},
+        )
+
+    async def cancel(request: Request) -> Response:
+        delivery_id = request.path_params["delivery_id"]
+        async with runtime.unit_of_work("ingestion", correlation_id=delivery_id) as uow:
+            doc = await uow.state.get("delivery", delivery_id)
+            if doc is None:
+                return problem(404, f"no delivery {delivery_id}")
+            if doc["status"] in TERMINAL:
+                return problem(409, f"delivery {delivery_id} already {doc['status']}")
+            uow.emit(DeliveryCancelRequested(delivery_id=delivery_id))
+        return JSONResponse({"delivery_id": delivery_id, "status": "cancel requested"}, 202)
+
+    async def status(request: Request) -> Response:
+        delivery_id = request.path_params["delivery_id"]
+        async with runtime.unit_of_work("ingestion") as uow:
+            doc = await uow.state.get("delivery", delivery_id)
+        if doc is None:
+            return problem(404, f"no delivery {delivery_id}")
+        return JSONResponse({"delivery_id": delivery_id, **doc})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "services": sorted(runtime.workers)})
+
+    return Starlette(
+        routes=[
+            Route("/api/deliveryrequests", submit, methods=["POST"]),
+            Route("/api/deliveryrequests/{delivery_id}", cancel, methods=["DELETE"]),
+            Route("/api/deliveries/{delivery_id}", status, methods=["GET"]),
+            Route("/healthz", health, methods=["GET"]),
+        ]
+    )
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    return [
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    ][:20]

@@ -1,0 +1,71 @@
+"""Read the services' stores to check the system's invariants (for the demo, tests and benches).
+
+This is an operator's view across databases, never used by a service: services only know their
+own store.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from choreograph.store import StoreTx, store_from_url
+
+
+@dataclass
+class Snapshot:
+    statuses: Counter[str] = field(default_factory=Counter)
+    failure_reasons: Counter[str] = field(default_factory=Counter)
+    drones_reserved: int = 0
+    packages: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def terminal(self) -> int:
+        return self.statuses["completed"] + self.statuses["failed"]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.statuses.values()) - self.terminal
+
+    @property
+    def packages_unreleased(self) -> int:
+        """Packages still held ready although their delivery ended."""
+        return self.packages["ready"]
+
+
+async def snapshot(store_url: str) -> Snapshot:
+    snap = Snapshot()
+    for service, reader in (
+        ("ingestion", _read_ingestion),
+        ("drone-scheduler", _read_drones),
+        ("package", _read_packages),
+    ):
+        store = store_from_url(store_url, service)
+        await store.open()
+        try:
+            async with store.transaction() as tx:
+                await reader(tx, snap)
+        finally:
+            await store.close()
+    return snap
+
+
+async def _read_ingestion(tx: StoreTx, snap: Snapshot) -> None:
+    for _, doc in await tx.find("delivery", limit=10_000_000):
+        snap.statuses[doc["status"]] += 1
+        if doc["status"] == "failed":
+            snap.failure_reasons[reason_kind(doc.get("reason", ""))] += 1
+
+
+async def _read_drones(tx: StoreTx, snap: Snapshot) -> None:
+    snap.drones_reserved = await tx.count("drone", {"status": "reserved"})
+
+
+async def _read_packages(tx: StoreTx, snap: Snapshot) -> None:
+    for _, doc in await tx.find("package", limit=10_000_000):
+        snap.packages[doc["status"]] += 1
+
+
+def reason_kind(reason: str) -> str:
+    """'package rejected: too heavy' -> 'package rejected'."""
+    return reason.split(":", 1)[0] if reason else "unknown"
