@@ -120,6 +120,16 @@ class MemoryTransport(Transport):
         state = self._groups.get(group)
         return None if state is None else len(state.ready) + len(state.delayed)
 
+    def busy(self, group: str) -> int:
+        """Messages of ``group`` ready now, due now, or being handled (for test harnesses that
+        wait until the system is quiet; pending retries that are not yet due do not count)."""
+        state = self._groups.get(group)
+        if state is None:
+            return 0
+        now = self.clock.now()
+        due = sum(1 for item in state.delayed if item[0] <= now)
+        return len(state.ready) + due + len(state.leased)
+
     # used by MemorySubscription -----------------------------------------------------------------
 
     def _check_open(self) -> None:

@@ -1,0 +1,284 @@
+"""The flow recorder's database: every event, every handling, and one summary row per transaction.
+
+``sqlite:///flows.db`` (default; relative path, or ``sqlite:////abs/flows.db``) or
+``postgresql://user:pass@host/db`` (needs the ``postgres`` extra). Writes are idempotent: an event
+or a report delivered twice is stored once, so the recorder can run at-least-once like any
+consumer. The recorder writes; ``choreograph trace/stuck/stats`` read.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from choreograph.errors import ConfigurationError
+from choreograph.transport import redact
+
+DEFAULT_DB_URL = "sqlite:///flows.db"
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS cg_events (
+        id TEXT PRIMARY KEY, type TEXT NOT NULL, source TEXT NOT NULL,
+        correlation_id TEXT NOT NULL, causation_id TEXT, time DOUBLE PRECISION NOT NULL,
+        recorded_at DOUBLE PRECISION NOT NULL, traceparent TEXT, subject TEXT, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cg_events_tx ON cg_events (correlation_id, time)",
+    """CREATE TABLE IF NOT EXISTS cg_handlings (
+        id TEXT PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+        correlation_id TEXT NOT NULL, service TEXT NOT NULL, handler TEXT NOT NULL,
+        kind TEXT NOT NULL, attempt INTEGER NOT NULL, outcome TEXT NOT NULL,
+        delay DOUBLE PRECISION, reason TEXT, error_type TEXT, error TEXT, note TEXT,
+        emitted TEXT NOT NULL, started DOUBLE PRECISION NOT NULL,
+        ended DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cg_handlings_tx ON cg_handlings (correlation_id)",
+    "CREATE INDEX IF NOT EXISTS cg_handlings_service ON cg_handlings (service, outcome)",
+    """CREATE TABLE IF NOT EXISTS cg_transactions (
+        correlation_id TEXT PRIMARY KEY, first_seen DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL, first_type TEXT NOT NULL, last_type TEXT NOT NULL,
+        events INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+        retries INTEGER NOT NULL DEFAULT 0, dead_letters INTEGER NOT NULL DEFAULT 0,
+        compensations INTEGER NOT NULL DEFAULT 0, terminal_type TEXT,
+        ended_at DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS cg_transactions_open ON cg_transactions (ended_at, first_seen)",
+]
+
+EVENT_COLUMNS = (
+    "id", "type", "source", "correlation_id", "causation_id", "time", "recorded_at",
+    "traceparent", "subject", "data",
+)  # fmt: skip
+HANDLING_COLUMNS = (
+    "id", "event_id", "event_type", "correlation_id", "service", "handler", "kind", "attempt",
+    "outcome", "delay", "reason", "error_type", "error", "note", "emitted", "started", "ended",
+)  # fmt: skip
+TRANSACTION_COLUMNS = (
+    "correlation_id", "first_seen", "last_seen", "first_type", "last_type", "events", "failures",
+    "retries", "dead_letters", "compensations", "terminal_type", "ended_at",
+)  # fmt: skip
+
+# One upsert keeps the summary row current whichever arrives first, an event or a report.
+_TOUCH = """
+INSERT INTO cg_transactions (correlation_id, first_seen, last_seen, first_type, last_type,
+    events, failures, retries, dead_letters, compensations, terminal_type, ended_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (correlation_id) DO UPDATE SET
+    first_type = CASE WHEN excluded.first_seen < cg_transactions.first_seen
+        THEN excluded.first_type ELSE cg_transactions.first_type END,
+    first_seen = CASE WHEN excluded.first_seen < cg_transactions.first_seen
+        THEN excluded.first_seen ELSE cg_transactions.first_seen END,
+    last_type = CASE WHEN excluded.last_seen >= cg_transactions.last_seen
+        THEN excluded.last_type ELSE cg_transactions.last_type END,
+    last_seen = CASE WHEN excluded.last_seen > cg_transactions.last_seen
+        THEN excluded.last_seen ELSE cg_transactions.last_seen END,
+    events = cg_transactions.events + excluded.events,
+    failures = cg_transactions.failures + excluded.failures,
+    retries = cg_transactions.retries + excluded.retries,
+    dead_letters = cg_transactions.dead_letters + excluded.dead_letters,
+    compensations = cg_transactions.compensations + excluded.compensations,
+    terminal_type = COALESCE(cg_transactions.terminal_type, excluded.terminal_type),
+    ended_at = COALESCE(cg_transactions.ended_at, excluded.ended_at)
+"""
+
+
+class Tx(ABC):
+    """One open database transaction. SQL uses ``?`` placeholders on every backend."""
+
+    @abstractmethod
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; return the number of rows it changed."""
+
+    @abstractmethod
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a query; return its rows as dicts."""
+
+
+class FlowDb(ABC):
+    """A connection to the recorder's database."""
+
+    url: str
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create the tables if needed. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def transaction(self) -> Any:
+        """``async with db.transaction() as tx:`` — commit on success, roll back on error."""
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        async with self.transaction() as tx:
+            rows: list[dict[str, Any]] = await tx.fetch(sql, params)
+            return rows
+
+    async def __aenter__(self) -> FlowDb:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+# SQLite ------------------------------------------------------------------------------------------
+
+
+class _SqliteTx(Tx):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, tuple(params)).rowcount
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cursor = self._conn.execute(sql, tuple(params))
+        names = [d[0] for d in cursor.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+class SqliteFlowDb(FlowDb):
+    """One SQLite file in WAL mode: the recorder writes while the CLI reads. Statements are short
+    and local, so they run on the event loop's thread."""
+
+    def __init__(self, url: str, path: str) -> None:
+        self.url = url
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        if not Path(self.path).parent.is_dir():
+            raise ConfigurationError(f"cannot open {self.path!r}: its directory does not exist")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        for statement in SCHEMA:
+            conn.execute(statement)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        if self._conn is None:
+            await self.open()
+        assert self._conn is not None
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield _SqliteTx(self._conn)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+
+# PostgreSQL --------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\?")
+
+
+def _numbered(sql: str) -> str:
+    counter = iter(range(1, 10_000))
+    return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
+
+
+class _PgTx(Tx):
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        status: str = await self._conn.execute(_numbered(sql), *params)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._conn.fetch(_numbered(sql), *params)]
+
+
+class PostgresFlowDb(FlowDb):
+    """PostgreSQL through asyncpg (a small pool), for a recorder shared by a whole deployment."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a PostgreSQL recorder database needs: pip install 'choreograph[postgres]' ({exc})"
+            ) from None
+        dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        async with self._pool.acquire() as conn:
+            # Two recorders starting at once must not race on CREATE TABLE.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(7261530)")
+                for statement in SCHEMA:
+                    await conn.execute(statement)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        if self._pool is None:
+            await self.open()
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield _PgTx(conn)
+
+
+def flowdb_from_url(url: str | None = None) -> FlowDb:
+    """The recorder database a URL names (not yet opened)."""
+    url = url or DEFAULT_DB_URL
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if parts.netloc:
+            raise ConfigurationError(
+                f"sqlite URL {url!r} has a host; use sqlite:///rel.db or sqlite:////abs/path.db"
+            )
+        path = unquote(parts.path)[1:]
+        if not path or path == ":memory:":
+            raise ConfigurationError(f"sqlite URL {url!r} names no file (sqlite:///flows.db)")
+        return SqliteFlowDb(url, path)
+    if parts.scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return PostgresFlowDb(url)
+    raise ConfigurationError(
+        f"unknown recorder database {redact(url)!r}; use sqlite:///flows.db or postgresql://..."
+    )
+
+
+def touch_params(
+    correlation_id: str,
+    at: float,
+    event_type: str,
+    *,
+    events: int = 0,
+    failures: int = 0,
+    retries: int = 0,
+    dead_letters: int = 0,
+    compensations: int = 0,
+    terminal_type: str | None = None,
+) -> tuple[Any, ...]:
+    """Parameters of the summary upsert ``TOUCH`` for one new event or handling."""
+    ended = at if terminal_type else None
+    return (correlation_id, at, at, event_type, event_type, events, failures, retries,
+            dead_letters, compensations, terminal_type, ended)  # fmt: skip
+
+
+TOUCH = _TOUCH

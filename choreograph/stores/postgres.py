@@ -1,0 +1,496 @@
+"""``postgresql://user@host:port/db?schema=NAME`` service stores (``postgres://`` too).
+
+Each service owns one schema (default: its name, sanitized) holding the same four tables as the
+SQLite store: ``state``, ``inbox``, ``outbox`` and ``timers``. Replicas of a service share the
+schema; what keeps them from stepping on each other is chosen with ``locking=``:
+
+``service`` (default)
+    Every transaction first takes one lock per service (a transaction-scoped advisory lock), so
+    the handlings of all replicas and lanes run one batch at a time, exactly like the SQLite
+    store. Reads are as good as serializable; no deadlock is possible. Replicas still share the
+    relay and the timers (``claim_outbox`` and ``take_due_timers`` use ``SKIP LOCKED``) and take
+    over from each other at once.
+
+``document``
+    Batches run in parallel. Each document a transaction reads or writes (``get``, ``put``,
+    ``delete``, and every document ``find`` returns) is locked until the commit, and so is each
+    event id it checks with ``seen``: a read-modify-write never loses an update, the same event
+    is never handled twice at once, and ``find`` followed by ``put`` never reserves one document
+    twice (``find`` waits for a locked match, re-reads it and tops up with further matches when
+    it no longer matches). ``count`` locks nothing. Two batches locking the same documents in
+    opposite orders deadlock: PostgreSQL aborts one statement after ``deadlock_timeout``, and
+    the runtime retries that message (the error happens in its savepoint).
+
+Other URL options: ``pool_size`` (most connections per store, default 5). All other query
+options are passed to asyncpg.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Self, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import orjson
+
+from choreograph.errors import ConfigurationError
+from choreograph.store import OutboxRow, Store, StoreTx, Timer
+from choreograph.transport import redact
+
+Locking = Literal["service", "document"]
+_MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; we refuse them instead
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    """What a ``postgresql://`` URL says beyond where the database is."""
+
+    dsn: str
+    """The URL asyncpg connects with (our own options removed)."""
+    schema: str
+    locking: Locking = "service"
+    pool_size: int = 5
+
+    @classmethod
+    def from_url(cls, url: str, service: str) -> PostgresSettings:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigurationError(f"not a PostgreSQL URL: {redact(url)!r}")
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        schema = schema_name(options.pop("schema", "") or service)
+        locking = options.pop("locking", "service")
+        if locking not in ("service", "document"):
+            raise ConfigurationError(
+                f"locking={locking!r} in {redact(url)!r}: use locking=service or locking=document"
+            )
+        try:
+            pool_size = int(options.pop("pool_size", "5"))
+        except ValueError:
+            raise ConfigurationError(f"pool_size must be a number in {redact(url)!r}") from None
+        if pool_size < 1:
+            raise ConfigurationError(f"pool_size must be at least 1 in {redact(url)!r}")
+        dsn = parts._replace(query=urlencode(options)).geturl()
+        return cls(dsn, schema, cast(Locking, locking), pool_size)
+
+
+def schema_name(name: str) -> str:
+    """``name`` as a plain PostgreSQL identifier: lower case, ``[a-z0-9_]``, not starting with a
+    digit (so ``drone-scheduler`` lives in schema ``drone_scheduler``)."""
+    cleaned = re.sub(r"[^a-z0-9_]", "_", name.lower())
+    if not cleaned or cleaned[0].isdigit():
+        cleaned = f"s_{cleaned}"
+    if len(cleaned) > _MAX_IDENTIFIER:
+        raise ConfigurationError(
+            f"schema name {cleaned!r} is longer than {_MAX_IDENTIFIER} characters"
+        )
+    return cleaned
+
+
+def _lock_key(*parts: str) -> int:
+    """A 64-bit advisory lock key. A collision only makes two unrelated things wait for each
+    other, never share data."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+# The schema, created under an advisory lock so that replicas starting together do not race on
+# the catalog. Text columns sort bytewise (COLLATE "C"), as in SQLite, whatever the database's
+# collation: find() returns documents "by key order" everywhere.
+_SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.state (
+    kind TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL, doc JSONB NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS state_doc ON {s}.state USING GIN (doc jsonb_path_ops);
+CREATE TABLE IF NOT EXISTS {s}.inbox (
+    event_id TEXT COLLATE "C" PRIMARY KEY, at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_at ON {s}.inbox (at);
+CREATE TABLE IF NOT EXISTS {s}.outbox (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id TEXT COLLATE "C" NOT NULL,
+    topic TEXT NOT NULL, body BYTEA NOT NULL, due_at DOUBLE PRECISION NOT NULL,
+    leased_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON {s}.outbox (due_at);
+CREATE INDEX IF NOT EXISTS outbox_id ON {s}.outbox (id);
+CREATE TABLE IF NOT EXISTS {s}.timers (
+    name TEXT COLLATE "C" NOT NULL, key TEXT COLLATE "C" NOT NULL,
+    due_at DOUBLE PRECISION NOT NULL, data JSONB NOT NULL, PRIMARY KEY (name, key)
+);
+CREATE INDEX IF NOT EXISTS timers_due ON {s}.timers (due_at);
+CREATE INDEX IF NOT EXISTS timers_key ON {s}.timers (key);
+-- locking=document: lock, then read in a new statement (so with a snapshot taken after the
+-- wait: a VOLATILE plpgsql function takes one per statement), in one round trip.
+CREATE OR REPLACE FUNCTION {s}.locked_get(lk BIGINT, k TEXT, y TEXT) RETURNS JSONB AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(lk);
+    RETURN (SELECT doc FROM {s}.state WHERE kind = k AND key = y);
+END $$ LANGUAGE plpgsql;
+CREATE OR REPLACE FUNCTION {s}.locked_delete(lk BIGINT, k TEXT, y TEXT) RETURNS BOOLEAN AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(lk);
+    DELETE FROM {s}.state WHERE kind = k AND key = y;
+    RETURN FOUND;
+END $$ LANGUAGE plpgsql;
+CREATE OR REPLACE FUNCTION {s}.locked_seen(lk BIGINT, e TEXT) RETURNS BOOLEAN AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(lk);
+    RETURN EXISTS (SELECT 1 FROM {s}.inbox WHERE event_id = e);
+END $$ LANGUAGE plpgsql;
+CREATE OR REPLACE FUNCTION {s}.lock_all(lks BIGINT[]) RETURNS VOID AS $$
+DECLARE lk BIGINT;
+BEGIN
+    FOREACH lk IN ARRAY lks LOOP PERFORM pg_advisory_xact_lock(lk); END LOOP;
+END $$ LANGUAGE plpgsql;
+"""
+
+
+def _where(where: dict[str, Any] | None, params: list[Any]) -> str:
+    """SQL matching documents whose top-level fields equal ``where``'s (a missing field equals
+    ``None``, as in SQLite), appending its parameters to ``params``."""
+    if not where:
+        return ""
+    clauses: list[str] = []
+    scalars: dict[str, Any] = {}
+    for field, value in where.items():
+        if not field.replace("_", "").isalnum():
+            raise ValueError(f"invalid field name {field!r}")
+        # the name is only letters, digits and '_': safe inside a string literal
+        if value is None:
+            clauses.append(f" AND coalesce(doc -> '{field}', 'null') = 'null'")
+        elif isinstance(value, dict | list):  # containment is not equality for these
+            params.append(value)
+            clauses.append(f" AND doc -> '{field}' = ${len(params)}::jsonb")
+        else:
+            scalars[field] = value
+    if scalars:  # for scalars containment is equality, and it can use the GIN index
+        params.append(scalars)
+        clauses.insert(0, f" AND doc @> ${len(params)}::jsonb")
+    return "".join(clauses)
+
+
+def _timer(row: asyncpg.Record) -> Timer:
+    return Timer(row["name"], row["key"], row["due_at"], row["data"])
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command status such as ``DELETE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class _PostgresTx(StoreTx):
+    def __init__(self, conn: asyncpg.Connection[Any], store: PostgresStore) -> None:
+        self._conn = conn
+        self._s = store.schema_sql
+        self._schema = store.settings.schema
+        self._lock_documents = store.settings.locking == "document"
+
+    def _key(self, kind: str, key: str) -> int:
+        return _lock_key(self._schema, "state", kind, key)
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        if self._lock_documents:
+            doc = await self._conn.fetchval(
+                f"SELECT {self._s}.locked_get($1, $2, $3)", self._key(kind, key), kind, key
+            )
+        else:
+            doc = await self._conn.fetchval(
+                f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+            )
+        return cast("dict[str, Any] | None", doc)
+
+    async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        upsert = "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc"
+        if self._lock_documents:
+            await self._conn.execute(
+                f"INSERT INTO {self._s}.state (kind, key, doc) "
+                f"SELECT $1::text, $2::text, $3::jsonb FROM pg_advisory_xact_lock($4) {upsert}",
+                kind,
+                key,
+                doc,
+                self._key(kind, key),
+            )
+        else:
+            await self._conn.execute(
+                f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) {upsert}",
+                kind,
+                key,
+                doc,
+            )
+
+    async def delete(self, kind: str, key: str) -> bool:
+        if self._lock_documents:
+            found = await self._conn.fetchval(
+                f"SELECT {self._s}.locked_delete($1, $2, $3)", self._key(kind, key), kind, key
+            )
+            return bool(found)
+        status = await self._conn.execute(
+            f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+        )
+        return _count(status) > 0
+
+    async def find(
+        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if not self._lock_documents:
+            params: list[Any] = [kind, limit]
+            clause = _where(where, params)
+            rows = await self._conn.fetch(
+                f"SELECT key, doc FROM {self._s}.state WHERE kind = $1{clause} "
+                "ORDER BY key LIMIT $2",
+                *params,
+            )
+            return [(row["key"], row["doc"]) for row in rows]
+        return await self._find_locked(kind, where, limit)
+
+    async def _find_locked(
+        self, kind: str, where: dict[str, Any] | None, limit: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Lock the candidates (in key order, so that two finds never deadlock each other), then
+        re-read them: a candidate another transaction changed meanwhile may no longer match, in
+        which case further candidates are taken, so a reservation finds the next free one."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        after: str | None = None
+        while len(found) < limit:
+            want = limit - len(found)
+            params: list[Any] = [kind, after, want]
+            clause = _where(where, params)
+            keys: list[str] = [
+                row["key"]
+                for row in await self._conn.fetch(
+                    f"SELECT key FROM {self._s}.state WHERE kind = $1 "
+                    f"AND ($2::text IS NULL OR key > $2){clause} ORDER BY key LIMIT $3",
+                    *params,
+                )
+            ]
+            if not keys:
+                break
+            await self._conn.execute(
+                f"SELECT {self._s}.lock_all($1::bigint[])", [self._key(kind, k) for k in keys]
+            )
+            params = [kind, keys]
+            clause = _where(where, params)
+            rows = await self._conn.fetch(
+                f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND key = ANY($2::text[])"
+                f"{clause} ORDER BY key",
+                *params,
+            )
+            found += [(row["key"], row["doc"]) for row in rows]
+            if len(keys) < want:
+                break
+            after = keys[-1]
+        return found
+
+    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        params: list[Any] = [kind]
+        clause = _where(where, params)
+        value = await self._conn.fetchval(
+            f"SELECT count(*) FROM {self._s}.state WHERE kind = $1{clause}", *params
+        )
+        return int(value)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self._conn.transaction():  # nested: a SAVEPOINT
+            yield
+
+    async def seen(self, event_id: str) -> bool:
+        if self._lock_documents:
+            # Waits while another transaction handles this very event, then sees its outcome.
+            lock = _lock_key(self._schema, "inbox", event_id)
+            return bool(
+                await self._conn.fetchval(f"SELECT {self._s}.locked_seen($1, $2)", lock, event_id)
+            )
+        return bool(
+            await self._conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)", event_id
+            )
+        )
+
+    async def remember(self, event_id: str, at: float) -> None:
+        await self._conn.execute(
+            f"INSERT INTO {self._s}.inbox (event_id, at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            event_id,
+            at,
+        )
+
+    async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
+        if not rows:
+            return
+        await self._conn.execute(
+            f"INSERT INTO {self._s}.outbox (id, topic, body, due_at, leased_until) "
+            "SELECT id, topic, body, due_at, $5 "
+            "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[]) "
+            "AS r (id, topic, body, due_at)",
+            [r.id for r in rows],
+            [r.topic for r in rows],
+            [r.body for r in rows],
+            [r.due_at for r in rows],
+            claimed_until,
+        )
+
+    async def forget_outbox(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self._conn.execute(
+                f"DELETE FROM {self._s}.outbox WHERE id = ANY($1::text[])", list(ids)
+            )
+
+    async def set_timer(self, timer: Timer) -> None:
+        await self._conn.execute(
+            f"INSERT INTO {self._s}.timers (name, key, due_at, data) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data",
+            timer.name,
+            timer.key,
+            timer.due_at,
+            timer.data,
+        )
+
+    async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
+        if names is None:
+            status = await self._conn.execute(f"DELETE FROM {self._s}.timers WHERE key = $1", key)
+        else:
+            status = await self._conn.execute(
+                f"DELETE FROM {self._s}.timers WHERE key = $1 AND name = ANY($2::text[])",
+                key,
+                list(names),
+            )
+        return _count(status)
+
+    async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
+        # SKIP LOCKED: a timer another replica is taking (or changing) right now is left to it.
+        rows = await self._conn.fetch(
+            f"DELETE FROM {self._s}.timers WHERE (name, key) IN ("
+            f"SELECT name, key FROM {self._s}.timers WHERE due_at <= $1 "
+            "ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED) "
+            "RETURNING name, key, due_at, data",
+            now,
+            limit,
+        )
+        return sorted((_timer(row) for row in rows), key=lambda t: t.due_at)
+
+
+class PostgresStore(Store):
+    """A service's store in its own PostgreSQL schema, through a small asyncpg pool."""
+
+    def __init__(self, url: str, settings: PostgresSettings) -> None:
+        self.url = url
+        self.settings = settings
+        self.schema_sql = f'"{settings.schema}"'
+        self._service_lock = _lock_key(settings.schema, "service")
+        self._pool: asyncpg.Pool[Any] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, service: str) -> Self:
+        return cls(url, PostgresSettings.from_url(url, service))
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.settings.dsn,
+                min_size=1,
+                max_size=self.settings.pool_size,
+                init=_init_connection,
+            )
+        except (
+            asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidPasswordError,
+        ) as exc:
+            raise ConfigurationError(f"store {redact(self.url)}: {exc}") from None
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)", _lock_key(self.settings.schema, "ddl")
+                )
+                await conn.execute(_SCHEMA.format(s=self.schema_sql))
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _get_pool(self) -> asyncpg.Pool[Any]:
+        if self._pool is None:
+            raise RuntimeError(f"store {redact(self.url)} is not open")
+        return self._pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTx]:
+        async with self._get_pool().acquire() as conn, conn.transaction():
+            if self.settings.locking == "service":
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
+            yield _PostgresTx(conn, self)
+
+    async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
+        s = self.schema_sql
+        rows = await self._get_pool().fetch(
+            f"WITH claimed AS (UPDATE {s}.outbox SET leased_until = $1 WHERE seq IN ("
+            f"SELECT seq FROM {s}.outbox WHERE due_at <= $2 AND leased_until <= $2 "
+            "ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            "RETURNING seq, id, topic, body, due_at) "
+            "SELECT id, topic, body, due_at FROM claimed ORDER BY seq",
+            now + lease,
+            now,
+            limit,
+        )
+        return [OutboxRow(r["id"], r["topic"], r["body"], r["due_at"]) for r in rows]
+
+    async def mark_sent(self, ids: Sequence[str]) -> None:
+        if ids:
+            await self._get_pool().execute(
+                f"DELETE FROM {self.schema_sql}.outbox WHERE id = ANY($1::text[])", list(ids)
+            )
+
+    async def next_timer_due(self) -> float | None:
+        due = await self._get_pool().fetchval(f"SELECT min(due_at) FROM {self.schema_sql}.timers")
+        return None if due is None else float(due)
+
+    async def list_timers(self, key: str | None = None, limit: int = 100) -> list[Timer]:
+        s = self.schema_sql
+        if key is None:
+            rows = await self._get_pool().fetch(
+                f"SELECT name, key, due_at, data FROM {s}.timers ORDER BY due_at LIMIT $1", limit
+            )
+        else:
+            rows = await self._get_pool().fetch(
+                f"SELECT name, key, due_at, data FROM {s}.timers WHERE key = $1 "
+                "ORDER BY due_at LIMIT $2",
+                key,
+                limit,
+            )
+        return [_timer(row) for row in rows]
+
+    async def cancel_timer(self, name: str, key: str) -> bool:
+        status = await self._get_pool().execute(
+            f"DELETE FROM {self.schema_sql}.timers WHERE name = $1 AND key = $2", name, key
+        )
+        return _count(status) > 0
+
+    async def prune_inbox(self, before: float) -> int:
+        status = await self._get_pool().execute(
+            f"DELETE FROM {self.schema_sql}.inbox WHERE at < $1", before
+        )
+        return _count(status)
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    # JSONB in binary form: a version byte (1), then the JSON text.
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + orjson.dumps(value),
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
