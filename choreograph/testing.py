@@ -66,7 +66,7 @@ class Harness:
             services=services,
             clock=self.clock,
             middleware=middleware,
-            settings=WorkerSettings(concurrency=1, poll_interval=3600, housekeeping_interval=0.1),
+            settings=WorkerSettings(concurrency=1, poll_interval=3600, housekeeping_interval=0.25),
         )
 
     async def __aenter__(self) -> Harness:
@@ -124,17 +124,17 @@ class Harness:
     async def settle(self, rounds: int = 200) -> None:
         """Let every service handle everything that is ready now (no virtual time passes)."""
         quiet = 0
-        while quiet < 3 and rounds > 0:
+        while quiet < 2 and rounds > 0:
             rounds -= 1
             busy = any(w.inflight for w in self.runtime.workers.values())
             busy = busy or any(self.transport.busy(name) for name in self.runtime.workers)
             quiet = 0 if busy else quiet + 1
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.002)
 
     async def advance(self, seconds: float) -> None:
         """Move virtual time forward: due timers, delayed emissions and retries happen."""
         await self.settle()
-        step = 0.1
+        step = 0.25
         remaining = seconds
         while remaining > 0:
             await self.clock.advance(min(step, remaining))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from choreograph.app import App
+from choreograph.context import Context
 from choreograph.events import (
     BUILTIN_EVENTS,
     CompensationFailed,
@@ -114,6 +115,52 @@ class FlowModel:
         return (s for s in self.steps if s.kind == kind)
 
 
+def timer_kind(app: App | None, ctx: Context) -> str | None:
+    """``deadline`` or ``join_timeout`` when ``ctx`` is an expired timer, else None."""
+    marked = ctx.extras.get("timer")
+    if isinstance(marked, str):
+        kind = marked.partition(":")[0]
+        return "join_timeout" if kind == "join" else kind
+    service = app.services.get(ctx.service) if app is not None else None
+    if service is None:
+        return None
+    if ctx.handler in service.deadlines:
+        return "deadline"
+    # A timer's context carries a synthetic envelope of its cause: no data, from this service.
+    envelope = ctx.envelope
+    if ctx.handler in service.joins and not envelope.data and envelope.source == ctx.service:
+        return "join_timeout"
+    return None
+
+
+def compensation_of(app: App | None, ctx: Context) -> str | None:
+    """The handler a compensation undoes, when ``ctx`` runs a compensation."""
+    service = app.services.get(ctx.service) if app is not None else None
+    if service is None:
+        return None
+    for spec in service.handlers.values():
+        if spec.name == ctx.handler and spec.event.event_type == ctx.envelope.type:
+            return spec.undoes if spec.kind == "compensation" else None
+    return None
+
+
+def step_kind(app: App | None, ctx: Context) -> str:
+    """What ran: ``handler``, ``compensation``, ``join``, ``deadline``, ``join_timeout``, or
+    ``internal`` (bookkeeping only: a deadline started or stopped, a transaction ended)."""
+    timer = timer_kind(app, ctx)
+    if timer is not None:
+        return timer
+    if compensation_of(app, ctx):
+        return "compensation"
+    service = app.services.get(ctx.service) if app is not None else None
+    if service is not None:
+        if ctx.handler in service.joins:
+            return "join"
+        if any(spec.name == ctx.handler for spec in service.handlers.values()):
+            return "handler"
+    return "internal" if ctx.handler.startswith("on ") else "handler"
+
+
 def _names(classes: tuple[type[Event], ...] | list[type[Event]]) -> tuple[str, ...]:
     return tuple(cls.event_type for cls in classes)
 
@@ -146,5 +193,8 @@ __all__ = [
     "FlowModel",
     "Step",
     "StepKind",
+    "compensation_of",
     "is_failure_type",
+    "step_kind",
+    "timer_kind",
 ]

@@ -37,7 +37,7 @@ from choreograph.errors import InvalidMessage
 from choreograph.events import BUILTIN_EVENTS, Event
 from choreograph.middleware import Middleware, Next, Outcome
 from choreograph.observe.flowdb import TOUCH, FlowDb, Tx, flowdb_from_url, touch_params
-from choreograph.observe.model import is_failure_type
+from choreograph.observe.model import is_failure_type, step_kind
 from choreograph.transport import Delivery, Failure, Message, Subscription, Transport
 
 if TYPE_CHECKING:
@@ -50,25 +50,6 @@ REPORTS_TOPIC = "choreograph.observed"
 RECORDER_GROUP = "choreograph-recorder"
 _STARTED = "recorder.started"
 _ENDED = "recorder.ended"
-
-
-def step_kind(app: App | None, ctx: Context) -> str:
-    """What ran: ``handler``, ``compensation``, ``join``, ``deadline``, ``join_timeout``, or
-    ``internal`` (bookkeeping only: a deadline started or stopped, a transaction ended)."""
-    from choreograph.observe.tracing import _compensation_of, _timer_kind
-
-    timer = _timer_kind(app, ctx)
-    if timer is not None:
-        return timer
-    if _compensation_of(app, ctx):
-        return "compensation"
-    service = app.services.get(ctx.service) if app is not None else None
-    if service is not None:
-        if ctx.handler in service.joins:
-            return "join"
-        if any(spec.name == ctx.handler for spec in service.handlers.values()):
-            return "handler"
-    return "internal" if ctx.handler.startswith("on ") else "handler"
 
 
 class RecorderMiddleware(Middleware):

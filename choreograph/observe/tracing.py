@@ -26,7 +26,7 @@ from choreograph.envelope import Envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.middleware import Middleware, Next, Outcome
-from choreograph.observe.model import is_failure_type
+from choreograph.observe.model import compensation_of, is_failure_type, timer_kind
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context as OtelContext
@@ -155,7 +155,7 @@ class TracingMiddleware(Middleware):
         from opentelemetry.trace import SpanKind
 
         envelope = ctx.envelope
-        timer = _timer_kind(self._app, ctx)
+        timer = timer_kind(self._app, ctx)
         attributes: dict[str, Any] = {
             "messaging.system": self._system,
             "messaging.operation.type": "process",
@@ -171,7 +171,7 @@ class TracingMiddleware(Middleware):
         }
         if envelope.causationid:
             attributes["choreograph.causation_id"] = envelope.causationid
-        undoes = _compensation_of(self._app, ctx)
+        undoes = compensation_of(self._app, ctx)
         if undoes:
             attributes["choreograph.compensation"] = True
             attributes["choreograph.undoes"] = undoes
@@ -260,34 +260,6 @@ def _with_carrier(envelope: Envelope, carrier: dict[str, str]) -> Envelope:
     if "traceparent" not in carrier:
         return envelope
     return envelope.evolve(traceparent=carrier["traceparent"], tracestate=carrier.get("tracestate"))
-
-
-def _timer_kind(app: App | None, ctx: Context) -> str | None:
-    """``deadline`` or ``join_timeout`` when ``ctx`` is an expired timer, else None."""
-    marked = ctx.extras.get("timer")
-    if isinstance(marked, str):
-        kind = marked.partition(":")[0]
-        return "join_timeout" if kind == "join" else kind
-    service = app.services.get(ctx.service) if app is not None else None
-    if service is None:
-        return None
-    if ctx.handler in service.deadlines:
-        return "deadline"
-    # A timer's context carries a synthetic envelope of its cause: no data, from this service.
-    envelope = ctx.envelope
-    if ctx.handler in service.joins and not envelope.data and envelope.source == ctx.service:
-        return "join_timeout"
-    return None
-
-
-def _compensation_of(app: App | None, ctx: Context) -> str | None:
-    service = app.services.get(ctx.service) if app is not None else None
-    if service is None:
-        return None
-    for spec in service.handlers.values():
-        if spec.name == ctx.handler and spec.event.event_type == ctx.envelope.type:
-            return spec.undoes if spec.kind == "compensation" else None
-    return None
 
 
 # configuration -----------------------------------------------------------------------------------
