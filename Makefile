@@ -1,0 +1,47 @@
+# One entry point for every task; .ci/run and people call the same targets.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TRANSPORT ?=
+DELIVERIES ?= 200
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format bench services install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+## demo: the drone delivery end to end on the embedded bus (TRANSPORT=nats://127.0.0.1:4222 etc.)
+demo: $(STAMP)
+	$(BIN)/choreograph demo --deliveries $(DELIVERIES) $(if $(TRANSPORT),--transport '$(TRANSPORT)')
+
+## test: the whole suite; broker tests skip locally when a server is down, fail under CI=true
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check choreograph examples tests benchmarks
+	$(BIN)/ruff format --check choreograph examples tests benchmarks
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format choreograph examples tests benchmarks
+	$(BIN)/ruff check --fix choreograph examples tests benchmarks
+
+## bench: the workloads of the benchmark book, each beside its raw-client baseline
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## services: start the brokers and PostgreSQL on this machine when they are not running
+services:
+	bash scripts/start-services.sh
+
+clean:
+	rm -rf $(VENV) .choreograph .pytest_cache .mypy_cache .ruff_cache
