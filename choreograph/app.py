@@ -1,4 +1,4 @@
-"""An :class:`App` is the set of services of one choreography, plus which events end a transaction."""
+"""An :class:`App`: the services of one choreography, and the events that end a transaction."""
 
 from __future__ import annotations
 

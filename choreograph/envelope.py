@@ -1,10 +1,11 @@
 """The message on the wire: a CloudEvents 1.0 structured-mode JSON event.
 
-Every event choreograph publishes is one JSON object with the CloudEvents attributes ``specversion``,
-``id``, ``source``, ``type``, ``time``, ``datacontenttype``, optional ``subject``, the event's
-``data`` object, and the extensions ``correlationid`` (the business transaction), ``causationid``
-(the id of the event that caused this one), ``traceparent`` and ``tracestate`` (W3C trace context).
-Unknown extension attributes are kept as they are. See ``docs/wire-format.md``.
+Every event choreograph publishes is one JSON object with the CloudEvents attributes
+``specversion``, ``id``, ``source``, ``type``, ``time``, ``datacontenttype``, optional
+``subject``, the event's ``data`` object, and the extensions ``correlationid`` (the business
+transaction), ``causationid`` (the id of the event that caused this one), ``traceparent`` and
+``tracestate`` (W3C trace context). Unknown extension attributes are kept as they are.
+See ``docs/wire-format.md``.
 """
 
 from __future__ import annotations

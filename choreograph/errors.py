@@ -5,7 +5,7 @@
     ChoreographError
     ├── ConfigurationError          bad URL, setting or declaration; raised at start-up
     ├── TransportError              the bus cannot be reached or refused an operation (transient)
-    ├── InvalidMessage              a message that can never be handled: dead-lettered, never retried
+    ├── InvalidMessage              can never be handled: dead-lettered, never retried
     │   ├── MalformedEnvelope       not JSON, or not a CloudEvents 1.0 structured event
     │   ├── UnknownEventType        no handler of this service knows the type
     │   ├── SchemaViolation         the data does not match the declared event class

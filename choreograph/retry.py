@@ -41,7 +41,9 @@ class RetryPolicy:
         """Seconds to wait before attempt ``attempt + 1``."""
         if attempt <= self.immediate:
             return 0.0
-        backoff = min(self.max_delay, self.base_delay * self.factor ** (attempt - self.immediate - 1))
+        backoff = min(
+            self.max_delay, self.base_delay * self.factor ** (attempt - self.immediate - 1)
+        )
         spread = (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, backoff * (1 + spread))
 

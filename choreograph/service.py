@@ -39,7 +39,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Emitted]])
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
-    """``fn`` reacts to ``event``. A compensation undoes the work of the handler named ``undoes``."""
+    """``fn`` reacts to ``event``; a compensation undoes the work of the handler ``undoes``."""
 
     name: str
     event: type[Event]

@@ -7,9 +7,9 @@ Vocabulary
     compete for them.
 
 Guarantees (checked by ``tests/conformance`` on every transport)
-    * **Durable publish.** When :meth:`Transport.publish` returns, every message is stored by the bus
-      and will reach every group that had declared its topic when it was published, even groups with
-      no member running at that moment. Groups declared later do not see older messages.
+    * **Durable publish.** When :meth:`Transport.publish` returns, every message is stored by the
+      bus and will reach every group that had declared its topic when it was published, even
+      groups with no member running at that moment. Groups declared later do not see older messages.
     * **At-least-once.** A delivered message stays leased to its member until that member
       :meth:`~Subscription.ack`\\ s, :meth:`~Subscription.retry`\\ s or
       :meth:`~Subscription.dead_letter`\\ s it. If the member dies or its lease (``lease`` seconds)
@@ -68,7 +68,7 @@ class Delivery:
 
     message: Message
     attempt: int
-    """1 on the first delivery to this group; one more on every redelivery (retry, expired lease)."""
+    """1 on the first delivery to this group; +1 on every redelivery (retry, expired lease)."""
     handle: Any = field(default=None, repr=False)
     """Transport-private bookkeeping (stream sequence, delivery tag, row id...)."""
 

@@ -76,10 +76,12 @@ async def publish(
     )
     async with transport_from_url(transport_url) as transport:
         await transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
-    console.print(f"published {envelope.type} id={envelope.id} correlation={envelope.correlationid}")
+    console.print(
+        f"published {envelope.type} id={envelope.id} correlation={envelope.correlationid}"
+    )
 
 
-# dead letters --------------------------------------------------------------------------------------
+# dead letters ------------------------------------------------------------------------------------
 
 
 @click.group()
@@ -165,8 +167,11 @@ async def dlq_show(dead_letter_id: str, transport_url: str) -> None:
 @transport_option
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter (of --group).")
 @click.option("--group", "-g", default=None)
-@click.option("--data", default=None,
-              help="Replace the event's data with this JSON object (or - for stdin); one id only.")
+@click.option(
+    "--data",
+    default=None,
+    help="Replace the event's data with this JSON object (or - for stdin); one id only.",
+)
 @run_async
 async def dlq_replay(
     dead_letter_ids: tuple[str, ...],

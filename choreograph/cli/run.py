@@ -31,10 +31,18 @@ store_option = click.option(
 @click.option("--service", "-s", "services", multiple=True, help="Run only this service (repeat).")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=200, show_default=True)
-@click.option("--lease", type=click.FloatRange(0.1), default=30.0, show_default=True,
-              help="Seconds before a message held by a dead process is redelivered.")
-@click.option("--asgi", default=None,
-              help="Also serve HTTP: module:factory, factory(runtime) returns an ASGI app.")
+@click.option(
+    "--lease",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds before a message held by a dead process is redelivered.",
+)
+@click.option(
+    "--asgi",
+    default=None,
+    help="Also serve HTTP: module:factory, factory(runtime) returns an ASGI app.",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @run_async
@@ -94,12 +102,22 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
 
 
 @click.command()
-@click.option("--deliveries", "-n", type=click.IntRange(1, 1_000_000), default=200,
-              show_default=True)
-@click.option("--transport", "-t", "transport_url", default=None,
-              help="Bus URL (default: a fresh embedded SQLite bus in --data-dir).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path(".choreograph/demo"), show_default=True)
+@click.option(
+    "--deliveries", "-n", type=click.IntRange(1, 1_000_000), default=200, show_default=True
+)
+@click.option(
+    "--transport",
+    "-t",
+    "transport_url",
+    default=None,
+    help="Bus URL (default: a fresh embedded SQLite bus in --data-dir).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".choreograph/demo"),
+    show_default=True,
+)
 @click.option("--rejection-rate", type=click.FloatRange(0, 1), default=None)
 @click.option("--transient-error-rate", type=click.FloatRange(0, 1), default=None)
 @click.option("--slow-drone-rate", type=click.FloatRange(0, 1), default=None)
@@ -108,10 +126,20 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
 @click.option("--fleet-size", type=click.IntRange(1), default=None)
 @click.option("--flight-seconds", type=click.FloatRange(0), default=None)
 @click.option("--join-timeout", type=click.FloatRange(0.1), default=None)
-@click.option("--concurrency", type=click.IntRange(1, 512), default=16, show_default=True,
-              help="HTTP clients submitting in parallel.")
-@click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True,
-              help="Seconds to wait for every delivery to end.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 512),
+    default=16,
+    show_default=True,
+    help="HTTP clients submitting in parallel.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for every delivery to end.",
+)
 def demo(
     deliveries: int,
     transport_url: str | None,

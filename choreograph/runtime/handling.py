@@ -146,7 +146,7 @@ class Handling:
                 events = await self._run(ctx, lambda: self._react(ctx, route, event, notes))
                 emitted, ready = await self._emit(tx, ctx, events)
                 await tx.remember(envelope.id, self.clock.now())
-        except Exception as exc:  # noqa: BLE001 - every handler failure is settled, none escapes
+        except Exception as exc:
             return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
         if notes and not emitted:
             return ctx, Outcome("ignored", note="; ".join(notes))
@@ -177,7 +177,9 @@ class Handling:
         if route.join is not None:
             out += await self._join_part(ctx, route.join, event, notes)
         if route.handler is not None:
-            out += _checked(route.handler.name, route.handler.emits, await route.handler.fn(event, ctx))
+            out += _checked(
+                route.handler.name, route.handler.emits, await route.handler.fn(event, ctx)
+            )
         return out
 
     async def _join_part(
@@ -209,10 +211,10 @@ class Handling:
         doc["status"] = "done"
         await ctx.state.put(kind, key, doc)
         await _tx(ctx.state).cancel_timers(key, [f"join:{join.name}"])
-        by_type = {cls: cls.model_validate(doc["parts"][cls.event_type]["data"]) for cls in join.parts}
-        ctx.extras["join_parts"] = [
-            (p["id"], p.get("traceparent")) for p in doc["parts"].values()
-        ]
+        by_type = {
+            cls: cls.model_validate(doc["parts"][cls.event_type]["data"]) for cls in join.parts
+        }
+        ctx.extras["join_parts"] = [(p["id"], p.get("traceparent")) for p in doc["parts"].values()]
         return _checked(join.name, join.emits, await join.fn(Parts(key, by_type), ctx))
 
     async def _end_transaction(self, ctx: Context, event: Event) -> None:
@@ -232,9 +234,11 @@ class Handling:
 
     async def _start_join_timer(self, ctx: Context, join: JoinSpec, key: str, now: float) -> None:
         assert join.within is not None
-        await _tx(ctx.state).set_timer(Timer(f"join:{join.name}", key, now + join.within, _cause(ctx)))
+        await _tx(ctx.state).set_timer(
+            Timer(f"join:{join.name}", key, now + join.within, _cause(ctx))
+        )
 
-    # timers ----------------------------------------------------------------------------------------
+    # timers --------------------------------------------------------------------------------------
 
     async def fire(self, tx: StoreTx, timer: Timer) -> tuple[Context, Outcome]:
         """Run the expiry of one due timer (already removed from the store) inside ``tx``."""
@@ -261,12 +265,14 @@ class Handling:
                 notes: list[str] = []
                 events = await self._run(ctx, lambda: self._expire(ctx, spec, timer, notes))
                 emitted, ready = await self._emit(tx, ctx, events)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             policy = spec.retry or self.service.retry
             if not isinstance(exc, PermanentFailure) and not policy.gives_up(attempt):
                 delay = policy.delay(attempt, self._rng)
                 retry_data = {**data, "attempt": attempt + 1}
-                await tx.set_timer(Timer(timer.name, timer.key, self.clock.now() + delay, retry_data))
+                await tx.set_timer(
+                    Timer(timer.name, timer.key, self.clock.now() + delay, retry_data)
+                )
                 return ctx, Outcome("retry", delay=delay, failure=_failure(exc))
             return ctx, await self._give_up(tx, ctx, None, exc, spec_name=name)
         if notes and not emitted:
@@ -304,7 +310,7 @@ class Handling:
             return [timed_out]
         return _checked(spec.name, spec.emits, await spec.on_timeout(timed_out, ctx))
 
-    # shared ----------------------------------------------------------------------------------------
+    # shared --------------------------------------------------------------------------------------
 
     async def _run(self, ctx: Context, react: Next) -> list[Event]:
         call: Next = react

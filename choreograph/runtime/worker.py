@@ -176,7 +176,7 @@ class ServiceWorker:
             return
         try:
             await self.transport.publish(messages)
-        except Exception as exc:  # noqa: BLE001 - the rows are safe in the outbox
+        except Exception as exc:
             log.warning("%s: publish failed, the outbox relay will retry: %s", self.name, exc)
             return
         self._sent.extend(m.id for m in messages)
@@ -222,7 +222,7 @@ class ServiceWorker:
                     await self.store.prune_inbox(now - self.settings.inbox_horizon)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep the loop alive through outages
+            except Exception as exc:
                 log.warning("%s: housekeeping failed, will retry: %s", self.name, exc)
             await self.clock.sleep(self.settings.housekeeping_interval)
 

@@ -62,7 +62,7 @@ class _SqliteTx(StoreTx):
         row = self._db.execute(
             "SELECT doc FROM state WHERE kind = ? AND key = ?", (kind, key)
         ).fetchone()
-        return None if row is None else orjson.loads(row[0])  # type: ignore[no-any-return]
+        return None if row is None else orjson.loads(row[0])
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         self._db.execute(
@@ -203,12 +203,16 @@ class SqliteStore(Store):
 
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
         async with self._lock:
-            rows = self._conn().execute(
-                "UPDATE outbox SET leased_until = ? WHERE seq IN (SELECT seq FROM outbox "
-                "WHERE due_at <= ? AND leased_until <= ? ORDER BY seq LIMIT ?) "
-                "RETURNING id, topic, body, due_at",
-                (now + lease, now, now, limit),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "UPDATE outbox SET leased_until = ? WHERE seq IN (SELECT seq FROM outbox "
+                    "WHERE due_at <= ? AND leased_until <= ? ORDER BY seq LIMIT ?) "
+                    "RETURNING id, topic, body, due_at",
+                    (now + lease, now, now, limit),
+                )
+                .fetchall()
+            )
         return [OutboxRow(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def mark_sent(self, ids: Sequence[str]) -> None:
@@ -223,22 +227,28 @@ class SqliteStore(Store):
 
     async def list_timers(self, key: str | None = None, limit: int = 100) -> list[Timer]:
         if key is None:
-            rows = self._conn().execute(
-                "SELECT name, key, due_at, data FROM timers ORDER BY due_at LIMIT ?", (limit,)
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT name, key, due_at, data FROM timers ORDER BY due_at LIMIT ?", (limit,)
+                )
+                .fetchall()
+            )
         else:
-            rows = self._conn().execute(
-                "SELECT name, key, due_at, data FROM timers WHERE key = ? ORDER BY due_at "
-                "LIMIT ?",
-                (key, limit),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT name, key, due_at, data FROM timers WHERE key = ? ORDER BY due_at "
+                    "LIMIT ?",
+                    (key, limit),
+                )
+                .fetchall()
+            )
         return [Timer(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
 
     async def cancel_timer(self, name: str, key: str) -> bool:
         async with self._lock:
-            cur = self._conn().execute(
-                "DELETE FROM timers WHERE name = ? AND key = ?", (name, key)
-            )
+            cur = self._conn().execute("DELETE FROM timers WHERE name = ? AND key = ?", (name, key))
         return cur.rowcount > 0
 
     async def prune_inbox(self, before: float) -> int:

@@ -193,7 +193,7 @@ class MemorySubscription(Subscription):
             finally:
                 sleeper.cancel()
                 woken.cancel()
-        deliveries = []
+        deliveries: list[Delivery] = []
         until = clock.now() + self._lease
         while state.ready and len(deliveries) < max_messages:
             message, attempt = state.ready.popleft()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from choreograph import App
-
 from examples.drone_delivery import delivery, drone_scheduler, ingestion, notification, package
 from examples.drone_delivery.events import DeliveryCompleted, DeliveryFailed
 from examples.drone_delivery.knobs import Knobs

@@ -7,7 +7,6 @@ event: ``DeliveryCompleted`` or ``DeliveryFailed``.
 from __future__ import annotations
 
 from choreograph import Context, HandlerFailed, JoinTimedOut, Parts, Service
-
 from examples.drone_delivery.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
@@ -26,7 +25,9 @@ from examples.drone_delivery.knobs import Knobs
 def build(knobs: Knobs) -> Service:
     delivery = Service("delivery", description="Schedules, flies and completes deliveries.")
 
-    async def fail(ctx: Context, delivery_id: str, reason: str, stage: str) -> DeliveryFailed | None:
+    async def fail(
+        ctx: Context, delivery_id: str, reason: str, stage: str
+    ) -> DeliveryFailed | None:
         """Fail the delivery unless it already ended or took off."""
         doc = await ctx.state.get("delivery", delivery_id) or {}
         if doc.get("status") in ("failed", "completed", "in_flight"):

@@ -26,7 +26,6 @@ from rich.table import Table
 
 from choreograph import Runtime
 from choreograph.middleware import Middleware
-
 from examples.drone_delivery.app import create_app
 from examples.drone_delivery.ingestion import create_http_app
 from examples.drone_delivery.inspect_state import Snapshot, snapshot
@@ -44,9 +43,7 @@ class DemoResult:
     def consistent(self) -> bool:
         s = self.snapshot
         return (
-            s.terminal == self.submitted
-            and s.drones_reserved == 0
-            and s.packages_unreleased == 0
+            s.terminal == self.submitted and s.drones_reserved == 0 and s.packages_unreleased == 0
         )
 
 
@@ -63,6 +60,11 @@ def sample_request(number: int, *, heavy: bool = False) -> dict[str, object]:
         },
         "expedited": number % 5 == 0,
     }
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def free_port() -> int:
@@ -141,8 +143,7 @@ async def run_demo(
 ) -> DemoResult:
     console = console or Console()
     knobs = knobs or Knobs.from_env()
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
+    await asyncio.to_thread(_fresh_dir, data_dir)
     store_url = f"sqlite:///{data_dir}/{{service}}.db"
     transport_url = transport_url or f"sqlite:///{data_dir}/bus.db"
     app = create_app(knobs)

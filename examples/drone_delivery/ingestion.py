@@ -20,7 +20,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from choreograph import Context, Runtime, Service
-
 from examples.drone_delivery.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
@@ -113,8 +112,11 @@ def create_http_app(runtime: Runtime) -> Starlette:
             known = await uow.state.get("delivery", delivery_id)
             if known is None:
                 await uow.state.put("delivery", delivery_id, {"status": "requested"})
-                uow.emit(DeliveryRequested(delivery_id=delivery_id, **body.model_dump(
-                    exclude={"delivery_id"})))
+                uow.emit(
+                    DeliveryRequested(
+                        delivery_id=delivery_id, **body.model_dump(exclude={"delivery_id"})
+                    )
+                )
         location = f"/api/deliveries/{delivery_id}"
         return JSONResponse(
             {"delivery_id": delivery_id, "status": "accepted"},

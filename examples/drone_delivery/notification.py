@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 
 from choreograph import Context, Service
-
 from examples.drone_delivery.events import DeliveryCompleted, DeliveryFailed
 
 log = logging.getLogger("drone_delivery.notification")
@@ -24,7 +23,9 @@ def build() -> Service:
 
     @notification.on(DeliveryFailed)
     async def notify_failed(event: DeliveryFailed, ctx: Context) -> None:
-        await ctx.state.put("sent", event.delivery_id, {"outcome": "failed", "reason": event.reason})
+        await ctx.state.put(
+            "sent", event.delivery_id, {"outcome": "failed", "reason": event.reason}
+        )
         log.info("delivery %s failed: %s", event.delivery_id, event.reason)
 
     return notification

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from choreograph import Context, Service
-
 from examples.drone_delivery.events import (
     DeliveryCompleted,
     DeliveryFailed,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from choreograph import RetryLater
-
 from examples.drone_delivery.knobs import Knobs, chance
 
 

@@ -37,10 +37,15 @@ def test_the_official_cloudevents_sdk_reads_it() -> None:
         (b'{"specversion": "1.0", "id": "", "type": "T", "source": "s"}', "id"),
         (b'{"specversion": "1.0", "id": "1", "type": "T", "source": "s", "data": 5}', "'data'"),
         (b'{"specversion": "1.0", "id": "1", "type": "no spaces", "source": "s"}', "event type"),
-        (b'{"specversion": "1.0", "id": "1", "type": "T", "source": "s", '
-         b'"datacontenttype": "text/xml"}', "datacontenttype"),
-        (b'{"specversion": "1.0", "id": "1", "type": "T", "source": "s", "causationid": 3}',
-         "causationid"),
+        (
+            b'{"specversion": "1.0", "id": "1", "type": "T", "source": "s", '
+            b'"datacontenttype": "text/xml"}',
+            "datacontenttype",
+        ),
+        (
+            b'{"specversion": "1.0", "id": "1", "type": "T", "source": "s", "causationid": 3}',
+            "causationid",
+        ),
     ],
 )
 def test_malformed_envelopes_say_what_is_wrong(body: bytes, says: str) -> None:

@@ -160,8 +160,12 @@ def cloud_event(type_: str, data: object) -> bytes:
         (b"{oops", "Order", "malformed envelope", "not JSON"),
         (cloud_event("Order", {"order_id": "x"}), "Order", "schema violation", "amount"),
         (cloud_event("Stray", {}), "Order", "unknown event type", "Stray"),
-        (cloud_event("Order", {"order_id": "x", "amount": 1, "pad": "x" * MAX_EVENT_BYTES}),
-         "Order", "payload too large", "limit"),
+        (
+            cloud_event("Order", {"order_id": "x", "amount": 1, "pad": "x" * MAX_EVENT_BYTES}),
+            "Order",
+            "payload too large",
+            "limit",
+        ),
     ],
 )
 async def test_poison_messages_dead_letter_with_their_reason_and_the_rest_flows(
