@@ -158,7 +158,7 @@ def store_from_url(url: str, service: str) -> Store:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if extra is None:
+        if extra is None or (exc.name or "").startswith("choreograph"):
             raise
         raise ConfigurationError(
             f"the {scheme}:// store needs an extra: pip install 'choreograph[{extra}]' ({exc})"

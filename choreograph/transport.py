@@ -282,7 +282,7 @@ def transport_from_url(url: str | None = None) -> Transport:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        if extra is None:
+        if extra is None or (exc.name or "").startswith("choreograph"):
             raise
         raise ConfigurationError(
             f"the {scheme}:// transport needs an extra: pip install 'choreograph[{extra}]' ({exc})"

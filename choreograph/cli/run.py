@@ -11,6 +11,7 @@ import click
 
 from choreograph.cli._common import app_option, console, resolve_app, run_async, transport_option
 from choreograph.errors import ConfigurationError
+from choreograph.middleware import Middleware
 from choreograph.runtime.runner import DEFAULT_STORE_URL, Runtime
 from choreograph.runtime.worker import WorkerSettings
 
@@ -45,6 +46,12 @@ store_option = click.option(
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--middleware",
+    "middleware_specs",
+    multiple=True,
+    help="module:factory returning a Middleware (or a list of them); repeatable.",
+)
 @run_async
 async def run(
     app_spec: str,
@@ -57,9 +64,11 @@ async def run(
     asgi: str | None,
     port: int,
     host: str,
+    middleware_specs: tuple[str, ...],
 ) -> None:
     """Run services of an app (all by default) until SIGINT or SIGTERM."""
     app = resolve_app(app_spec)
+    middleware = [mw for spec in middleware_specs for mw in load_middleware(spec)]
     settings = WorkerSettings(concurrency=concurrency, batch_size=batch_size, lease=lease)
     runtime = Runtime(
         app,
@@ -67,6 +76,7 @@ async def run(
         store=store_url,
         services=services or None,
         settings=settings,
+        middleware=middleware,
     )
     async with runtime:
         names = ", ".join(runtime.workers)
@@ -84,12 +94,24 @@ async def run(
     console.print("stopped cleanly")
 
 
-def _load_factory(spec: str) -> Any:
+def _load_factory(spec: str, option: str = "--asgi") -> Any:
     module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise ConfigurationError(f"{option} expects module:attribute, got {spec!r}")
     try:
-        return getattr(importlib.import_module(module_name), attribute or "create_http_app")
+        return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"cannot load --asgi {spec!r}: {exc}") from None
+        raise ConfigurationError(f"cannot load {option} {spec!r}: {exc}") from None
+
+
+def load_middleware(spec: str) -> list[Middleware]:
+    """Call the factory ``spec`` names; accept one Middleware or a list of them."""
+    made = _load_factory(spec, "--middleware")()
+    found = list(made) if isinstance(made, list | tuple) else [made]
+    for item in found:
+        if not isinstance(item, Middleware):
+            raise ConfigurationError(f"--middleware {spec!r} returned {item!r}, not a Middleware")
+    return found
 
 
 def _http_server(asgi_app: Any, host: str, port: int) -> Any:

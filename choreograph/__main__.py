@@ -1,0 +1,5 @@
+"""``python -m choreograph`` runs the CLI."""
+
+from choreograph.cli import main
+
+main()
