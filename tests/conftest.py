@@ -24,8 +24,10 @@ _MARKS = {"nats": pytest.mark.nats, "amqp": pytest.mark.rabbitmq, "redis": pytes
 
 
 def transport_params(names: tuple[str, ...] = tuple(TRANSPORT_URLS)) -> list[object]:
-    return [pytest.param(name, marks=[_MARKS[name]] if name in _MARKS else [], id=name)
-            for name in names]
+    return [
+        pytest.param(name, marks=[_MARKS[name]] if name in _MARKS else [], id=name)
+        for name in names
+    ]
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ def main(log_level: str) -> None:
 
 
 def _register() -> None:
-    from choreograph.cli import bus, run
+    from choreograph.cli import bus, observe, run
 
-    for module in (run, bus):
+    for module in (run, bus, observe):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -26,7 +26,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS cg_events (
         id TEXT PRIMARY KEY, type TEXT NOT NULL, source TEXT NOT NULL,
         correlation_id TEXT NOT NULL, causation_id TEXT, time DOUBLE PRECISION NOT NULL,
-        recorded_at DOUBLE PRECISION NOT NULL, traceparent TEXT, subject TEXT, data TEXT NOT NULL)""",
+        recorded_at DOUBLE PRECISION NOT NULL, traceparent TEXT, subject TEXT,
+        data TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cg_events_tx ON cg_events (correlation_id, time)",
     """CREATE TABLE IF NOT EXISTS cg_handlings (
         id TEXT PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
@@ -48,17 +49,50 @@ SCHEMA = [
 ]
 
 EVENT_COLUMNS = (
-    "id", "type", "source", "correlation_id", "causation_id", "time", "recorded_at",
-    "traceparent", "subject", "data",
-)  # fmt: skip
+    "id",
+    "type",
+    "source",
+    "correlation_id",
+    "causation_id",
+    "time",
+    "recorded_at",
+    "traceparent",
+    "subject",
+    "data",
+)
 HANDLING_COLUMNS = (
-    "id", "event_id", "event_type", "correlation_id", "service", "handler", "kind", "attempt",
-    "outcome", "delay", "reason", "error_type", "error", "note", "emitted", "started", "ended",
-)  # fmt: skip
+    "id",
+    "event_id",
+    "event_type",
+    "correlation_id",
+    "service",
+    "handler",
+    "kind",
+    "attempt",
+    "outcome",
+    "delay",
+    "reason",
+    "error_type",
+    "error",
+    "note",
+    "emitted",
+    "started",
+    "ended",
+)
 TRANSACTION_COLUMNS = (
-    "correlation_id", "first_seen", "last_seen", "first_type", "last_type", "events", "failures",
-    "retries", "dead_letters", "compensations", "terminal_type", "ended_at",
-)  # fmt: skip
+    "correlation_id",
+    "first_seen",
+    "last_seen",
+    "first_type",
+    "last_type",
+    "events",
+    "failures",
+    "retries",
+    "dead_letters",
+    "compensations",
+    "terminal_type",
+    "ended_at",
+)
 
 # One upsert keeps the summary row current whichever arrives first, an event or a report.
 _TOUCH = """
@@ -216,19 +250,18 @@ class PostgresFlowDb(FlowDb):
         if self._pool is not None:
             return
         try:
-            import asyncpg
+            import asyncpg  # type: ignore[import-untyped]
         except ImportError as exc:
             raise ConfigurationError(
                 f"a PostgreSQL recorder database needs: pip install 'choreograph[postgres]' ({exc})"
             ) from None
         dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        async with self._pool.acquire() as conn:
-            # Two recorders starting at once must not race on CREATE TABLE.
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(7261530)")
-                for statement in SCHEMA:
-                    await conn.execute(statement)
+        # Two recorders starting at once must not race on CREATE TABLE.
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7261530)")
+            for statement in SCHEMA:
+                await conn.execute(statement)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -277,8 +310,20 @@ def touch_params(
 ) -> tuple[Any, ...]:
     """Parameters of the summary upsert ``TOUCH`` for one new event or handling."""
     ended = at if terminal_type else None
-    return (correlation_id, at, at, event_type, event_type, events, failures, retries,
-            dead_letters, compensations, terminal_type, ended)  # fmt: skip
+    return (
+        correlation_id,
+        at,
+        at,
+        event_type,
+        event_type,
+        events,
+        failures,
+        retries,
+        dead_letters,
+        compensations,
+        terminal_type,
+        ended,
+    )
 
 
 TOUCH = _TOUCH

@@ -40,8 +40,9 @@ async def load_transaction(
     summary = summaries[0]
     events = await db.fetch(
         "SELECT id, type, source, causation_id, time, traceparent, data FROM cg_events "
-        "WHERE correlation_id = ? ORDER BY time, recorded_at", (correlation_id,)
-    )  # fmt: skip
+        "WHERE correlation_id = ? ORDER BY time, recorded_at",
+        (correlation_id,),
+    )
     handlings = await db.fetch(
         "SELECT * FROM cg_handlings WHERE correlation_id = ? ORDER BY started, attempt",
         (correlation_id,),
@@ -70,8 +71,10 @@ async def load_transaction(
         "ended": ended,
         "duration": round((ended or summary["last_seen"]) - summary["first_seen"], 6),
         "age": round(now - summary["first_seen"], 3),
-        "counts": {k: summary[k] for k in
-                   ("events", "failures", "retries", "dead_letters", "compensations")},  # fmt: skip
+        "counts": {
+            k: summary[k]
+            for k in ("events", "failures", "retries", "dead_letters", "compensations")
+        },
         "events": events,
         "unmatched_handlings": orphans,
         "roots": _roots(events),
@@ -120,23 +123,32 @@ def expectations(
         if step.kind == "join" and seen_types & set(step.triggers):
             missing = [t for t in step.triggers if t not in seen_types]
             if missing:
-                found.append({
-                    "after": None, "event_type": None, "service": step.service,
-                    "step": step.name, "kind": "join", "status": "waiting",
-                    "detail": f"has {', '.join(t for t in step.triggers if t in seen_types)}; "
-                              f"waiting for {', '.join(missing)}",
-                    "blocking": not ended,
-                })  # fmt: skip
+                found.append(
+                    {
+                        "after": None,
+                        "event_type": None,
+                        "service": step.service,
+                        "step": step.name,
+                        "kind": "join",
+                        "status": "waiting",
+                        "detail": f"has {', '.join(t for t in step.triggers if t in seen_types)}; "
+                        f"waiting for {', '.join(missing)}",
+                        "blocking": not ended,
+                    }
+                )
     return found
 
 
 def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting: set[str]) -> Row:
     mine = [h for h in event["handlings"] if h["service"] == step.service]
     row: Row = {
-        "after": event["id"], "event_type": event["type"], "service": step.service,
-        "step": step.name, "kind": step.kind, "attempts": len(
-            [h for h in mine if h["outcome"] != "duplicate"]),
-    }  # fmt: skip
+        "after": event["id"],
+        "event_type": event["type"],
+        "service": step.service,
+        "step": step.name,
+        "kind": step.kind,
+        "attempts": len([h for h in mine if h["outcome"] != "duplicate"]),
+    }
     effective = [h for h in mine if h["outcome"] != "duplicate"] or mine
     last = effective[-1] if effective else None
     if last is None:
@@ -144,8 +156,10 @@ def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting:
         detail = "not handled yet" if status == "pending" else "no reports from this service"
     elif last["outcome"] == "retry":
         status = "retrying"
-        detail = f"attempt {last['attempt']} failed ({last['error_type']}: {last['error']}); " \
-                 f"next in {last['delay'] or 0:.3g}s"  # fmt: skip
+        detail = (
+            f"attempt {last['attempt']} failed ({last['error_type']}: {last['error']}); "
+            f"next in {last['delay'] or 0:.3g}s"
+        )
     elif last["outcome"] == "dead_letter":
         status, detail = "dead_lettered", f"{last['reason']}: {last['error_type']}: {last['error']}"
     elif last["outcome"] in ("ignored", "duplicate"):
@@ -155,14 +169,23 @@ def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting:
         status, detail = "done", ("emitted " + ", ".join(emitted)) if emitted else "emitted nothing"
         # An ordinary handler that declares outputs but sent none leaves the flow hanging here,
         # unless a delayed emission of it has arrived since (emit_later).
-        later = [e for e in events if e["causation_id"] == event["id"]
-                 and e["type"] in step.emits and e["id"] not in {x["id"] for x in last["emitted"]}]  # fmt: skip
+        later = [
+            e
+            for e in events
+            if e["causation_id"] == event["id"]
+            and e["type"] in step.emits
+            and e["id"] not in {x["id"] for x in last["emitted"]}
+        ]
         if step.kind == "handler" and step.emits and not emitted and not later:
             status = "silent"
             detail = f"emitted none of {', '.join(step.emits)}"
     row["status"], row["detail"] = status, detail
     row["blocking"] = not ended and status in (
-        "pending", "unknown", "retrying", "dead_lettered", "silent"
+        "pending",
+        "unknown",
+        "retrying",
+        "dead_lettered",
+        "silent",
     )
     return row
 
@@ -173,9 +196,11 @@ def _timer(
     assert step.within is not None
     due = event["time"] + step.within
     fired = [
-        h for e in events for h in e["handlings"]
+        h
+        for e in events
+        for h in e["handlings"]
         if h["kind"] == step.kind and h["handler"] == step.name and h["service"] == step.service
-    ]  # fmt: skip
+    ]
     met = any(e["type"] in expect and e["time"] >= event["time"] for e in events)
     if fired:
         status, detail = "expired", f"fired after {step.within:g}s"
@@ -188,10 +213,16 @@ def _timer(
     else:
         status, detail = "open", f"expires in {due - now:.1f}s unless {' or '.join(expect)}"
     return {
-        "after": event["id"], "event_type": event["type"], "service": step.service,
-        "step": step.name, "kind": step.kind, "status": status, "detail": detail, "due": due,
+        "after": event["id"],
+        "event_type": event["type"],
+        "service": step.service,
+        "step": step.name,
+        "kind": step.kind,
+        "status": status,
+        "detail": detail,
+        "due": due,
         "blocking": status in ("open", "overdue") and not ended,
-    }  # fmt: skip
+    }
 
 
 # lists and counts --------------------------------------------------------------------------------
@@ -210,8 +241,9 @@ async def stuck_transactions(
     now = time.time() if now is None else now
     rows = await db.fetch(
         "SELECT * FROM cg_transactions WHERE ended_at IS NULL AND first_seen < ? "
-        "ORDER BY first_seen LIMIT ?", (now - older_than, limit)
-    )  # fmt: skip
+        "ORDER BY first_seen LIMIT ?",
+        (now - older_than, limit),
+    )
     for row in rows:
         row["age"] = round(now - row["first_seen"], 3)
         row["idle"] = round(now - row["last_seen"], 3)
@@ -227,16 +259,25 @@ async def stuck_transactions(
 async def flow_stats(db: FlowDb, *, stuck_after: float = 30.0, now: float | None = None) -> Row:
     """Counts of transactions by status, and of handlings by service and outcome."""
     now = time.time() if now is None else now
-    transactions = {"total": 0, "completed": 0, "failed": 0, "in_flight": 0, "stuck": 0,
-                    "with_retries": 0, "with_dead_letters": 0, "compensated": 0}  # fmt: skip
+    transactions = {
+        "total": 0,
+        "completed": 0,
+        "failed": 0,
+        "in_flight": 0,
+        "stuck": 0,
+        "with_retries": 0,
+        "with_dead_letters": 0,
+        "compensated": 0,
+    }
     rows = await db.fetch(
         "SELECT terminal_type, COUNT(*) AS n, "
         "SUM(CASE WHEN ended_at IS NULL AND first_seen < ? THEN 1 ELSE 0 END) AS stuck, "
         "SUM(CASE WHEN retries > 0 THEN 1 ELSE 0 END) AS with_retries, "
         "SUM(CASE WHEN dead_letters > 0 THEN 1 ELSE 0 END) AS with_dead_letters, "
         "SUM(CASE WHEN compensations > 0 THEN 1 ELSE 0 END) AS compensated "
-        "FROM cg_transactions GROUP BY terminal_type", (now - stuck_after,)
-    )  # fmt: skip
+        "FROM cg_transactions GROUP BY terminal_type",
+        (now - stuck_after,),
+    )
     by_terminal: dict[str, int] = {}
     for row in rows:
         transactions["total"] += row["n"]
@@ -250,10 +291,21 @@ async def flow_stats(db: FlowDb, *, stuck_after: float = 30.0, now: float | None
         "SELECT service, kind, outcome, COUNT(*) AS n, AVG(ended - started) AS avg_s, "
         "MAX(ended - started) AS max_s FROM cg_handlings GROUP BY service, kind, outcome"
     ):
-        entry = services.setdefault(row["service"], {
-            "done": 0, "duplicate": 0, "ignored": 0, "retry": 0, "dead_letter": 0,
-            "compensations": 0, "timers": 0, "avg_ms": 0.0, "max_ms": 0.0, "_n": 0,
-        })  # fmt: skip
+        entry = services.setdefault(
+            row["service"],
+            {
+                "done": 0,
+                "duplicate": 0,
+                "ignored": 0,
+                "retry": 0,
+                "dead_letter": 0,
+                "compensations": 0,
+                "timers": 0,
+                "avg_ms": 0.0,
+                "max_ms": 0.0,
+                "_n": 0,
+            },
+        )
         entry[row["outcome"]] = entry.get(row["outcome"], 0) + row["n"]
         if row["kind"] == "compensation" and row["outcome"] == "done":
             entry["compensations"] += row["n"]
@@ -261,15 +313,25 @@ async def flow_stats(db: FlowDb, *, stuck_after: float = 30.0, now: float | None
             entry["timers"] += row["n"]
         if row["outcome"] in ("done", "ignored", "retry", "dead_letter"):
             total = entry["_n"] + row["n"]
-            entry["avg_ms"] = (entry["avg_ms"] * entry["_n"] + (row["avg_s"] or 0) * 1000 *
-                               row["n"]) / total  # fmt: skip
+            entry["avg_ms"] = (
+                entry["avg_ms"] * entry["_n"] + (row["avg_s"] or 0) * 1000 * row["n"]
+            ) / total
             entry["_n"] = total
             entry["max_ms"] = max(entry["max_ms"], (row["max_s"] or 0) * 1000)
     for entry in services.values():
         entry.pop("_n")
         entry["avg_ms"] = round(entry["avg_ms"], 3)
         entry["max_ms"] = round(entry["max_ms"], 3)
-    events = {r["type"]: r["n"] for r in await db.fetch(
-        "SELECT type, COUNT(*) AS n FROM cg_events GROUP BY type ORDER BY type")}  # fmt: skip
-    return {"transactions": transactions, "terminal": by_terminal, "services": services,
-            "events": events, "stuck_after": stuck_after}  # fmt: skip
+    events = {
+        r["type"]: r["n"]
+        for r in await db.fetch(
+            "SELECT type, COUNT(*) AS n FROM cg_events GROUP BY type ORDER BY type"
+        )
+    }
+    return {
+        "transactions": transactions,
+        "terminal": by_terminal,
+        "services": services,
+        "events": events,
+        "stuck_after": stuck_after,
+    }

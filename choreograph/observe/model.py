@@ -74,9 +74,10 @@ class FlowModel:
     def reactions(self, event_type: str) -> list[Step]:
         """Steps a published event of ``event_type`` runs (or, for a join, feeds)."""
         return [
-            s for s in self.steps
+            s
+            for s in self.steps
             if event_type in s.triggers and s.kind in ("handler", "compensation", "join")
-        ]  # fmt: skip
+        ]
 
     def deadlines_started_by(self, event_type: str) -> list[Step]:
         return [s for s in self.steps if s.kind == "deadline" and s.starts_on == event_type]
@@ -171,21 +172,41 @@ def _steps(app: App) -> Iterator[Step]:
         if service.emits_outside:
             yield Step(name, "outside", "outside", (), _names(service.emits_outside))
         for spec in service.handlers.values():
-            yield Step(name, spec.name, spec.kind, (spec.event.event_type,), _names(spec.emits),
-                       undoes=spec.undoes)  # fmt: skip
+            yield Step(
+                name,
+                spec.name,
+                spec.kind,
+                (spec.event.event_type,),
+                _names(spec.emits),
+                undoes=spec.undoes,
+            )
         for join in service.joins.values():
             starts = join.starts_on.event_type if join.starts_on else None
-            yield Step(name, join.name, "join", _names(join.parts), _names(join.emits),
-                       within=join.within, starts_on=starts)  # fmt: skip
+            yield Step(
+                name,
+                join.name,
+                "join",
+                _names(join.parts),
+                _names(join.emits),
+                within=join.within,
+                starts_on=starts,
+            )
             if join.within is not None:
                 emits = _names(join.emits) if join.on_timeout else (JoinTimedOut.event_type,)
-                yield Step(name, join.name, "join_timeout", (), emits, within=join.within,
-                           starts_on=starts)  # fmt: skip
+                yield Step(
+                    name, join.name, "join_timeout", (), emits, within=join.within, starts_on=starts
+                )
         for deadline in service.deadlines.values():
-            yield Step(name, deadline.name, "deadline", (deadline.starts_on.event_type,),
-                       _names(deadline.emits), within=deadline.within,
-                       expect=_names(deadline.expect),
-                       starts_on=deadline.starts_on.event_type)  # fmt: skip
+            yield Step(
+                name,
+                deadline.name,
+                "deadline",
+                (deadline.starts_on.event_type,),
+                _names(deadline.emits),
+                within=deadline.within,
+                expect=_names(deadline.expect),
+                starts_on=deadline.starts_on.event_type,
+            )
 
 
 __all__ = [

@@ -100,25 +100,27 @@ class RecorderMiddleware(Middleware):
         now = time.time()
         failure = outcome.failure
         started = ctx.extras.get(_STARTED, now)
-        self._add({
-            "id": new_id(),
-            "event_id": ctx.event_id,
-            "event_type": ctx.envelope.type,
-            "correlation_id": ctx.correlation_id,
-            "service": ctx.service,
-            "handler": ctx.handler,
-            "kind": step_kind(self._app, ctx),
-            "attempt": ctx.attempt,
-            "outcome": outcome.kind,
-            "delay": outcome.delay if outcome.kind == "retry" else None,
-            "reason": failure.reason if failure else None,
-            "error_type": failure.error_type if failure else None,
-            "error": failure.error if failure else None,
-            "note": outcome.note or None,
-            "emitted": [{"id": e.id, "type": e.type} for e in outcome.emitted],
-            "started": started,
-            "ended": ctx.extras.get(_ENDED, started),
-        })  # fmt: skip
+        self._add(
+            {
+                "id": new_id(),
+                "event_id": ctx.event_id,
+                "event_type": ctx.envelope.type,
+                "correlation_id": ctx.correlation_id,
+                "service": ctx.service,
+                "handler": ctx.handler,
+                "kind": step_kind(self._app, ctx),
+                "attempt": ctx.attempt,
+                "outcome": outcome.kind,
+                "delay": outcome.delay if outcome.kind == "retry" else None,
+                "reason": failure.reason if failure else None,
+                "error_type": failure.error_type if failure else None,
+                "error": failure.error if failure else None,
+                "note": outcome.note or None,
+                "emitted": [{"id": e.id, "type": e.type} for e in outcome.emitted],
+                "started": started,
+                "ended": ctx.extras.get(_ENDED, started),
+            }
+        )
 
     def on_invalid(self, service: str, body: bytes, failure: Failure) -> None:
         """A message that could not be decoded: reported with whatever ids it has."""
@@ -128,14 +130,27 @@ class RecorderMiddleware(Middleware):
             doc = parsed if isinstance(parsed, dict) else {}
         now = time.time()
         event_id = str(doc.get("id") or f"invalid-{uuid.uuid4()}")[:200]
-        self._add({
-            "id": new_id(), "event_id": event_id, "event_type": str(doc.get("type") or "?")[:200],
-            "correlation_id": str(doc.get("correlationid") or event_id)[:200],
-            "service": service, "handler": "", "kind": "invalid", "attempt": 1,
-            "outcome": "dead_letter", "delay": None, "reason": failure.reason,
-            "error_type": failure.error_type, "error": failure.error, "note": None,
-            "emitted": [], "started": now, "ended": now,
-        })  # fmt: skip
+        self._add(
+            {
+                "id": new_id(),
+                "event_id": event_id,
+                "event_type": str(doc.get("type") or "?")[:200],
+                "correlation_id": str(doc.get("correlationid") or event_id)[:200],
+                "service": service,
+                "handler": "",
+                "kind": "invalid",
+                "attempt": 1,
+                "outcome": "dead_letter",
+                "delay": None,
+                "reason": failure.reason,
+                "error_type": failure.error_type,
+                "error": failure.error,
+                "note": None,
+                "emitted": [],
+                "started": now,
+                "ended": now,
+            }
+        )
 
     def _add(self, report: dict[str, Any]) -> None:
         if len(self._buffer) >= self.max_buffer:
@@ -152,7 +167,7 @@ class RecorderMiddleware(Middleware):
             self._wake.clear()
             try:
                 await self.flush()
-            except Exception as exc:  # noqa: BLE001 - reports wait in the buffer for the next try
+            except Exception as exc:
                 if time.monotonic() - self._warned_at > 60:
                     self._warned_at = time.monotonic()
                     log.warning("cannot publish flow reports, keeping them buffered: %s", exc)
@@ -204,8 +219,8 @@ class Recorder:
 
         self.app = app
         self._owns_transport = not isinstance(transport, Transport)
-        self.transport = transport if isinstance(transport, Transport) else transport_from_url(
-            transport
+        self.transport = (
+            transport if isinstance(transport, Transport) else transport_from_url(transport)
         )
         self.db = db if isinstance(db, FlowDb) else flowdb_from_url(db)
         self.group = group
@@ -274,7 +289,7 @@ class Recorder:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - unacked messages come back after the lease
+            except Exception as exc:
                 log.warning("recorder: cannot record a batch, retrying in %.1fs: %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -304,27 +319,55 @@ class Recorder:
             "INSERT INTO cg_events (id, type, source, correlation_id, causation_id, time, "
             "recorded_at, traceparent, subject, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO NOTHING",
-            (envelope.id, envelope.type, envelope.source, envelope.correlationid,
-             envelope.causationid, at, now, envelope.traceparent, envelope.subject,
-             orjson.dumps(envelope.data).decode()),
-        )  # fmt: skip
+            (
+                envelope.id,
+                envelope.type,
+                envelope.source,
+                envelope.correlationid,
+                envelope.causationid,
+                at,
+                now,
+                envelope.traceparent,
+                envelope.subject,
+                orjson.dumps(envelope.data).decode(),
+            ),
+        )
         if inserted:
             terminal = envelope.type if envelope.type in self.terminal else None
             failures = int(is_failure_type(envelope.type))
-            await tx.execute(TOUCH, touch_params(
-                envelope.correlationid, at, envelope.type, events=1, failures=failures,
-                terminal_type=terminal))  # fmt: skip
+            await tx.execute(
+                TOUCH,
+                touch_params(
+                    envelope.correlationid,
+                    at,
+                    envelope.type,
+                    events=1,
+                    failures=failures,
+                    terminal_type=terminal,
+                ),
+            )
 
     async def _add_report(self, tx: Tx, r: dict[str, Any]) -> None:
         try:
             row = (
-                str(r["id"]), str(r["event_id"]), str(r["event_type"]), str(r["correlation_id"]),
-                str(r["service"]), str(r.get("handler") or ""), str(r.get("kind") or "handler"),
-                int(r.get("attempt") or 1), str(r["outcome"]), r.get("delay"), r.get("reason"),
-                r.get("error_type"), r.get("error"), r.get("note"),
-                orjson.dumps(r.get("emitted") or []).decode(), float(r["started"]),
+                str(r["id"]),
+                str(r["event_id"]),
+                str(r["event_type"]),
+                str(r["correlation_id"]),
+                str(r["service"]),
+                str(r.get("handler") or ""),
+                str(r.get("kind") or "handler"),
+                int(r.get("attempt") or 1),
+                str(r["outcome"]),
+                r.get("delay"),
+                r.get("reason"),
+                r.get("error_type"),
+                r.get("error"),
+                r.get("note"),
+                orjson.dumps(r.get("emitted") or []).decode(),
+                float(r["started"]),
                 float(r["ended"]),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, ValueError) as exc:
             self.invalid += 1
             log.warning("recorder: skipping a malformed report: %s", exc)
@@ -338,10 +381,17 @@ class Recorder:
         )
         if inserted:
             outcome, kind = row[8], row[6]
-            await tx.execute(TOUCH, touch_params(
-                row[3], row[15], row[2], retries=int(outcome == "retry"),
-                dead_letters=int(outcome == "dead_letter"),
-                compensations=int(kind == "compensation" and outcome == "done")))  # fmt: skip
+            await tx.execute(
+                TOUCH,
+                touch_params(
+                    row[3],
+                    row[15],
+                    row[2],
+                    retries=int(outcome == "retry"),
+                    dead_letters=int(outcome == "dead_letter"),
+                    compensations=int(kind == "compensation" and outcome == "done"),
+                ),
+            )
 
 
 def _epoch(iso: str, default: float) -> float:

@@ -45,7 +45,7 @@ _SYSTEMS = {"amqp": "rabbitmq"}
 def require_otel() -> None:
     """Raise a :class:`ConfigurationError` naming the extra when OpenTelemetry is missing."""
     try:
-        import opentelemetry.sdk.trace  # noqa: F401
+        import opentelemetry.sdk.trace
         import opentelemetry.trace  # noqa: F401
     except ImportError as exc:
         raise ConfigurationError(
@@ -92,8 +92,9 @@ class TracingMiddleware(Middleware):
 
         span = self._span(ctx)
         try:
-            with trace.use_span(span, end_on_exit=False, record_exception=False,
-                                set_status_on_exception=False):  # fmt: skip
+            with trace.use_span(
+                span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ):
                 return await call_next()
         except BaseException as exc:
             span.record_exception(exc)
@@ -124,20 +125,26 @@ class TracingMiddleware(Middleware):
             if failures:
                 span.add_event("failure announced", {"choreograph.event_types": failures})
         if outcome.kind == "retry" and outcome.failure is not None:
-            span.add_event("retry scheduled", {
-                "choreograph.retry.delay_s": outcome.delay,
-                "choreograph.attempt": ctx.attempt,
-                "error.type": outcome.failure.error_type,
-                "exception.message": outcome.failure.error,
-            })  # fmt: skip
+            span.add_event(
+                "retry scheduled",
+                {
+                    "choreograph.retry.delay_s": outcome.delay,
+                    "choreograph.attempt": ctx.attempt,
+                    "error.type": outcome.failure.error_type,
+                    "exception.message": outcome.failure.error,
+                },
+            )
             span.set_status(Status(StatusCode.ERROR, outcome.failure.error[:500]))
         elif outcome.kind == "dead_letter" and outcome.failure is not None:
-            span.add_event("dead-lettered", {
-                "choreograph.reason": outcome.failure.reason,
-                "choreograph.attempt": ctx.attempt,
-                "error.type": outcome.failure.error_type,
-                "exception.message": outcome.failure.error,
-            })  # fmt: skip
+            span.add_event(
+                "dead-lettered",
+                {
+                    "choreograph.reason": outcome.failure.reason,
+                    "choreograph.attempt": ctx.attempt,
+                    "error.type": outcome.failure.error_type,
+                    "exception.message": outcome.failure.error,
+                },
+            )
             span.set_attribute("error.type", outcome.failure.error_type)
             span.set_status(Status(StatusCode.ERROR, outcome.failure.reason))
         elif outcome.kind in ("ignored", "duplicate"):
@@ -230,8 +237,10 @@ class TracingMiddleware(Middleware):
             remote = trace.get_current_span(self._w3c.extract({"traceparent": traceparent}))
             context = remote.get_span_context()
             if context.is_valid:
-                span.add_link(context, {"messaging.message.id": str(event_id),
-                                        "choreograph.link": "join part"})  # fmt: skip
+                span.add_link(
+                    context,
+                    {"messaging.message.id": str(event_id), "choreograph.link": "join part"},
+                )
         if parts:
             span.set_attribute("choreograph.join.parts", [str(p[0]) for p in parts])
 
@@ -277,8 +286,9 @@ def configure_tracing(
     ``exporter`` is ``otlp`` (OTLP over HTTP), ``console`` or ``none``; it defaults to
     ``OTEL_TRACES_EXPORTER``, then ``otlp``. ``endpoint`` is the collector's base URL
     (``http://host:4318``) or its full traces URL; it defaults to the standard
-    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``/``OTEL_EXPORTER_OTLP_ENDPOINT``. ``service_name`` defaults
-    to ``OTEL_SERVICE_NAME``, then ``choreograph``; ``OTEL_RESOURCE_ATTRIBUTES`` is honoured.
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``/``OTEL_EXPORTER_OTLP_ENDPOINT``. ``service_name``
+    defaults to ``OTEL_SERVICE_NAME``, then ``choreograph``; ``OTEL_RESOURCE_ATTRIBUTES`` is
+    honoured.
     """
     require_otel()
     from opentelemetry import trace

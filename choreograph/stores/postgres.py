@@ -184,23 +184,97 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+@dataclass(slots=True)
+class _Frame:
+    """A savepoint: its name, whether it exists in the database yet, and the buffers as they
+    were when it began (restored when it fails; copying a few hundred references is cheaper
+    than tracking changes)."""
+
+    name: str
+    inbox: list[tuple[str, float]]
+    outbox: list[tuple[OutboxRow, float]]
+    opened: bool = False
+
+
 class _PostgresTx(StoreTx):
+    """Inbox and outbox rows are kept in memory and written at the commit, in one statement each
+    (a batch of messages costs two inserts, not two per message). Savepoints are opened lazily,
+    before the first statement inside them, and released along with the next SAVEPOINT: a
+    handling that only emits events and records its event id costs no round trip at all."""
+
     def __init__(self, conn: asyncpg.Connection[Any], store: PostgresStore) -> None:
         self._conn = conn
         self._s = store.schema_sql
         self._schema = store.settings.schema
         self._lock_documents = store.settings.locking == "document"
+        self._inbox: list[tuple[str, float]] = []
+        self._outbox: list[tuple[OutboxRow, float]] = []
+        self._frames: list[_Frame] = []  # open savepoints, outermost first
+        self._unreleased: str | None = None  # a savepoint left successfully, not yet released
+        self._savepoints = 0
+
+    # statements ------------------------------------------------------------------------------
+
+    async def _sync(self) -> None:
+        """Open the savepoints a statement is about to run in (releasing a finished one first,
+        in the same round trip)."""
+        pending = [frame for frame in self._frames if not frame.opened]
+        if not pending:
+            return
+        sql = [f"RELEASE SAVEPOINT {self._unreleased}"] if self._unreleased else []
+        sql += [f"SAVEPOINT {frame.name}" for frame in pending]
+        self._unreleased = None
+        await self._conn.execute("; ".join(sql))
+        for frame in pending:
+            frame.opened = True
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        await self._sync()
+        return cast(str, await self._conn.execute(sql, *args))
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        await self._sync()
+        return cast("list[Any]", await self._conn.fetch(sql, *args))
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        await self._sync()
+        return await self._conn.fetchval(sql, *args)
+
+    async def flush(self) -> None:
+        """Write the buffered inbox and outbox rows (called before the commit)."""
+        if self._inbox:
+            await self._conn.execute(
+                f"INSERT INTO {self._s}.inbox (event_id, at) "
+                "SELECT * FROM unnest($1::text[], $2::float8[]) ON CONFLICT DO NOTHING",
+                [event_id for event_id, _ in self._inbox],
+                [at for _, at in self._inbox],
+            )
+            self._inbox = []
+        if self._outbox:
+            await self._conn.execute(
+                f"INSERT INTO {self._s}.outbox (id, topic, body, due_at, leased_until) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[], "
+                "$5::float8[])",
+                [r.id for r, _ in self._outbox],
+                [r.topic for r, _ in self._outbox],
+                [r.body for r, _ in self._outbox],
+                [r.due_at for r, _ in self._outbox],
+                [claimed_until for _, claimed_until in self._outbox],
+            )
+            self._outbox = []
+
+    # documents -------------------------------------------------------------------------------
 
     def _key(self, kind: str, key: str) -> int:
         return _lock_key(self._schema, "state", kind, key)
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
         if self._lock_documents:
-            doc = await self._conn.fetchval(
+            doc = await self._fetchval(
                 f"SELECT {self._s}.locked_get($1, $2, $3)", self._key(kind, key), kind, key
             )
         else:
-            doc = await self._conn.fetchval(
+            doc = await self._fetchval(
                 f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
             )
         return cast("dict[str, Any] | None", doc)
@@ -208,7 +282,7 @@ class _PostgresTx(StoreTx):
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         upsert = "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc"
         if self._lock_documents:
-            await self._conn.execute(
+            await self._execute(
                 f"INSERT INTO {self._s}.state (kind, key, doc) "
                 f"SELECT $1::text, $2::text, $3::jsonb FROM pg_advisory_xact_lock($4) {upsert}",
                 kind,
@@ -217,7 +291,7 @@ class _PostgresTx(StoreTx):
                 self._key(kind, key),
             )
         else:
-            await self._conn.execute(
+            await self._execute(
                 f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) {upsert}",
                 kind,
                 key,
@@ -226,11 +300,11 @@ class _PostgresTx(StoreTx):
 
     async def delete(self, kind: str, key: str) -> bool:
         if self._lock_documents:
-            found = await self._conn.fetchval(
+            found = await self._fetchval(
                 f"SELECT {self._s}.locked_delete($1, $2, $3)", self._key(kind, key), kind, key
             )
             return bool(found)
-        status = await self._conn.execute(
+        status = await self._execute(
             f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
         )
         return _count(status) > 0
@@ -241,7 +315,7 @@ class _PostgresTx(StoreTx):
         if not self._lock_documents:
             params: list[Any] = [kind, limit]
             clause = _where(where, params)
-            rows = await self._conn.fetch(
+            rows = await self._fetch(
                 f"SELECT key, doc FROM {self._s}.state WHERE kind = $1{clause} "
                 "ORDER BY key LIMIT $2",
                 *params,
@@ -263,7 +337,7 @@ class _PostgresTx(StoreTx):
             clause = _where(where, params)
             keys: list[str] = [
                 row["key"]
-                for row in await self._conn.fetch(
+                for row in await self._fetch(
                     f"SELECT key FROM {self._s}.state WHERE kind = $1 "
                     f"AND ($2::text IS NULL OR key > $2){clause} ORDER BY key LIMIT $3",
                     *params,
@@ -271,12 +345,12 @@ class _PostgresTx(StoreTx):
             ]
             if not keys:
                 break
-            await self._conn.execute(
+            await self._execute(
                 f"SELECT {self._s}.lock_all($1::bigint[])", [self._key(kind, k) for k in keys]
             )
             params = [kind, keys]
             clause = _where(where, params)
-            rows = await self._conn.fetch(
+            rows = await self._fetch(
                 f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND key = ANY($2::text[])"
                 f"{clause} ORDER BY key",
                 *params,
@@ -290,59 +364,69 @@ class _PostgresTx(StoreTx):
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         params: list[Any] = [kind]
         clause = _where(where, params)
-        value = await self._conn.fetchval(
+        value = await self._fetchval(
             f"SELECT count(*) FROM {self._s}.state WHERE kind = $1{clause}", *params
         )
         return int(value)
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        async with self._conn.transaction():  # nested: a SAVEPOINT
+        self._savepoints += 1
+        frame = _Frame(f"sp{self._savepoints}", list(self._inbox), list(self._outbox))
+        self._frames.append(frame)
+        try:
             yield
+        except BaseException as exc:
+            self._frames.pop()
+            self._inbox, self._outbox = frame.inbox, frame.outbox
+            if frame.opened and isinstance(exc, Exception):
+                # (a cancelled task skips this: the whole transaction is rolled back anyway)
+                self._unreleased = None  # it was inside this savepoint: gone with it
+                await self._conn.execute(
+                    f"ROLLBACK TO SAVEPOINT {frame.name}; RELEASE SAVEPOINT {frame.name}"
+                )
+            raise
+        else:
+            self._frames.pop()
+            if frame.opened:
+                self._unreleased = frame.name  # releasing it releases any left inside it
+
+    # inbox -----------------------------------------------------------------------------------
 
     async def seen(self, event_id: str) -> bool:
+        if any(e == event_id for e, _ in self._inbox):
+            return True
         if self._lock_documents:
             # Waits while another transaction handles this very event, then sees its outcome.
             lock = _lock_key(self._schema, "inbox", event_id)
             return bool(
-                await self._conn.fetchval(f"SELECT {self._s}.locked_seen($1, $2)", lock, event_id)
+                await self._fetchval(f"SELECT {self._s}.locked_seen($1, $2)", lock, event_id)
             )
         return bool(
-            await self._conn.fetchval(
+            await self._fetchval(
                 f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)", event_id
             )
         )
 
     async def remember(self, event_id: str, at: float) -> None:
-        await self._conn.execute(
-            f"INSERT INTO {self._s}.inbox (event_id, at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            event_id,
-            at,
-        )
+        self._inbox.append((event_id, at))
+
+    # outbox ----------------------------------------------------------------------------------
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
-        if not rows:
-            return
-        await self._conn.execute(
-            f"INSERT INTO {self._s}.outbox (id, topic, body, due_at, leased_until) "
-            "SELECT id, topic, body, due_at, $5 "
-            "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[]) "
-            "AS r (id, topic, body, due_at)",
-            [r.id for r in rows],
-            [r.topic for r in rows],
-            [r.body for r in rows],
-            [r.due_at for r in rows],
-            claimed_until,
-        )
+        self._outbox += [(row, claimed_until) for row in rows]
 
     async def forget_outbox(self, ids: Sequence[str]) -> None:
-        if ids:
-            await self._conn.execute(
-                f"DELETE FROM {self._s}.outbox WHERE id = ANY($1::text[])", list(ids)
-            )
+        if not ids:
+            return
+        forgotten = set(ids)
+        self._outbox = [(row, claim) for row, claim in self._outbox if row.id not in forgotten]
+        await self._execute(f"DELETE FROM {self._s}.outbox WHERE id = ANY($1::text[])", list(ids))
+
+    # timers ----------------------------------------------------------------------------------
 
     async def set_timer(self, timer: Timer) -> None:
-        await self._conn.execute(
+        await self._execute(
             f"INSERT INTO {self._s}.timers (name, key, due_at, data) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data",
             timer.name,
@@ -353,9 +437,9 @@ class _PostgresTx(StoreTx):
 
     async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
         if names is None:
-            status = await self._conn.execute(f"DELETE FROM {self._s}.timers WHERE key = $1", key)
+            status = await self._execute(f"DELETE FROM {self._s}.timers WHERE key = $1", key)
         else:
-            status = await self._conn.execute(
+            status = await self._execute(
                 f"DELETE FROM {self._s}.timers WHERE key = $1 AND name = ANY($2::text[])",
                 key,
                 list(names),
@@ -364,7 +448,7 @@ class _PostgresTx(StoreTx):
 
     async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
         # SKIP LOCKED: a timer another replica is taking (or changing) right now is left to it.
-        rows = await self._conn.fetch(
+        rows = await self._fetch(
             f"DELETE FROM {self._s}.timers WHERE (name, key) IN ("
             f"SELECT name, key FROM {self._s}.timers WHERE due_at <= $1 "
             "ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED) "
@@ -398,6 +482,7 @@ class PostgresStore(Store):
                 min_size=1,
                 max_size=self.settings.pool_size,
                 init=_init_connection,
+                reset=_reset_connection,
             )
         except (
             asyncpg.InvalidCatalogNameError,
@@ -431,7 +516,9 @@ class PostgresStore(Store):
         async with self._get_pool().acquire() as conn, conn.transaction():
             if self.settings.locking == "service":
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
-            yield _PostgresTx(conn, self)
+            tx = _PostgresTx(conn, self)
+            yield tx
+            await tx.flush()
 
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
         s = self.schema_sql
@@ -494,3 +581,11 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
         decoder=lambda data: orjson.loads(data[1:]),
         format="binary",
     )
+
+
+async def _reset_connection(conn: asyncpg.Connection[Any]) -> None:
+    # The store keeps no session state (its locks are transaction-scoped, it never LISTENs nor
+    # SETs), so asyncpg's reset query, a round trip on every release, is not needed. Only an
+    # interrupted transaction must not be handed on.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")

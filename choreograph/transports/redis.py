@@ -28,6 +28,7 @@ import math
 import os
 import re
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -71,6 +72,8 @@ _MOVE_LIMIT = 500
 _REAP_IDLE_MS = 600_000
 """A consumer holding nothing and silent for this long is a member that is gone: forget it."""
 _ACK_CHUNK = 4000
+_FRAME = struct.Struct(">II")
+_RECORD = struct.Struct(">IIII")
 _DEAD_LETTER_ID = re.compile(r"^([A-Za-z0-9_-]{1,100}):(\d+-\d+)$")
 
 
@@ -173,37 +176,54 @@ def translate_error(exc: rx.RedisError) -> ChoreographError:
 
 # Lua --------------------------------------------------------------------------------------------
 
-# Shared by the scripts: append an entry; frame entries for the client. A frame is
-# "<entry id> <attempt> <len id> <len topic> <len body> <len group>\n" + id + topic + body + group,
-# all concatenated into one reply, which the client parses far faster than nested replies.
+# Entries hold one field ``m``, the message record: four big-endian uint32 (the lengths of the
+# message id, topic, body and target group) then those four strings, exactly as the client packs
+# them for publish; and ``a``, the attempt, only when it is above 1 (after a retry or a give-back).
+# Reads return the entries framed in one string: per entry two uint32 (length of the entry id,
+# attempt), the entry id, the record. One field per entry and one string per reply keep both
+# Redis's Lua work and the client's parsing small. Dead letters are stored readable, field by field.
 _LUA_LIB = """
-local function add(stream, id, topic, body, target, attempt)
-  local args = {stream, '*', 'id', id, 'topic', topic, 'body', body}
-  if target and target ~= '' then args[#args + 1] = 'group'; args[#args + 1] = target end
-  if attempt and tonumber(attempt) > 1 then
-    args[#args + 1] = 'attempt'; args[#args + 1] = attempt
-  end
-  return redis.call('XADD', unpack(args))
+local function record(id, topic, body, target)
+  return struct.pack('>IIII', #id, #topic, #body, #target) .. id .. topic .. body .. target
+end
+local function unrecord(r)
+  local li, lt, lb, lg, s = struct.unpack('>IIII', r, 1)
+  local id = string.sub(r, s, s + li - 1); s = s + li
+  local topic = string.sub(r, s, s + lt - 1); s = s + lt
+  return id, topic, string.sub(r, s, s + lb - 1), string.sub(r, s + lb, s + lb + lg - 1)
+end
+local function add(stream, rec, attempt)
+  attempt = tonumber(attempt) or 1
+  if attempt > 1 then return redis.call('XADD', stream, '*', 'm', rec, 'a', attempt) end
+  return redis.call('XADD', stream, '*', 'm', rec)
 end
 local function fields(f)
   local m = {}
   for j = 1, #f, 2 do m[f[j]] = f[j + 1] end
   return m
 end
-local function frame(out, eid, f, extra)
+local function entry(f)
+  if #f == 2 and f[1] == 'm' then return f[2], 1 end
   local m = fields(f)
-  local id, topic, body, target = m['id'] or '', m['topic'] or '', m['body'] or '', m['group'] or ''
-  local attempt = (tonumber(m['attempt']) or 1) + extra
-  out[#out + 1] = eid .. ' ' .. attempt .. ' ' .. #id .. ' ' .. #topic .. ' ' .. #body .. ' '
-    .. #target .. '\\n' .. id .. topic .. body .. target
-  return #body + #id
+  return m['m'] or record('', '', '', ''), tonumber(m['a']) or 1
+end
+local function frame(out, eid, f, extra)
+  local rec, attempt = entry(f)
+  local k = #out
+  out[k + 1] = struct.pack('>II', #eid, attempt + extra)
+  out[k + 2] = eid
+  out[k + 3] = rec
+  return #rec + #eid + 8
 end
 local function owned(stream, group, eid, consumer)
   return #redis.call('XPENDING', stream, group, eid, eid, 1, consumer) > 0
 end
-local function settle(stream, group, eid)
+local function take(stream, group, eid)
+  local e = redis.call('XRANGE', stream, eid, eid)
   redis.call('XACK', stream, group, eid)
   redis.call('XDEL', stream, eid)
+  if #e == 0 then return nil end
+  return entry(e[1][2])
 end
 local function now_us()
   local t = redis.call('TIME')
@@ -222,33 +242,29 @@ for i = 3, #ARGV do redis.call('SADD', ARGV[1] .. 't:' .. ARGV[i], ARGV[2]) end
 return 1
 """
 
-# ARGV: prefix, packed messages ("<len id> <len topic> <len body> <len group>\n" + the four)
+# ARGV: prefix, the records of the messages, one after the other
 _PUBLISH = """
 local prefix, data = ARGV[1], ARGV[2]
 local pos, size, cache, added = 1, #data, {}, 0
 while pos <= size do
-  local nl = string.find(data, '\\n', pos, true)
-  local li, lt, lb, lg = string.match(string.sub(data, pos, nl - 1), '^(%d+) (%d+) (%d+) (%d+)$')
-  local s = nl + 1
-  local id = string.sub(data, s, s + li - 1); s = s + li
-  local topic = string.sub(data, s, s + lt - 1); s = s + lt
-  local body = string.sub(data, s, s + lb - 1); s = s + lb
-  local target = string.sub(data, s, s + lg - 1); s = s + lg
-  pos = s
-  if target ~= '' then
-    add(prefix .. 'g:' .. target, id, topic, body, target, nil)
+  local li, lt, lb, lg, s = struct.unpack('>IIII', data, pos)
+  local last = s + li + lt + lb + lg - 1
+  local rec = string.sub(data, pos, last)
+  if lg > 0 then
+    redis.call('XADD', prefix .. 'g:' .. string.sub(data, last - lg + 1, last), '*', 'm', rec)
     added = added + 1
   else
-    local groups = cache[topic]
-    if not groups then
-      groups = redis.call('SMEMBERS', prefix .. 't:' .. topic)
-      cache[topic] = groups
+    local topic = string.sub(data, s + li, s + li + lt - 1)
+    local streams = cache[topic]
+    if not streams then
+      streams = redis.call('SMEMBERS', prefix .. 't:' .. topic)
+      for k = 1, #streams do streams[k] = prefix .. 'g:' .. streams[k] end
+      cache[topic] = streams
     end
-    for k = 1, #groups do
-      add(prefix .. 'g:' .. groups[k], id, topic, body, nil, nil)
-    end
-    added = added + #groups
+    for k = 1, #streams do redis.call('XADD', streams[k], '*', 'm', rec) end
+    added = added + #streams
   end
+  pos = last + 1
 end
 return added
 """
@@ -268,8 +284,7 @@ while n < want and bytes < budget do
   end
   n = n + #entries
   if #entries < step then break end
-  local average = bytes / n
-  step = math.max(1, math.min(want - n, math.floor((budget - bytes) / math.max(average, 1))))
+  step = math.max(1, math.min(want - n, math.floor((budget - bytes) * n / bytes)))
 end
 return table.concat(out)
 """
@@ -283,7 +298,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', n
                        'LIMIT', 0, __MOVE_LIMIT__)
 for i = 1, #due do
   local r = cmsgpack.unpack(due[i])
-  add(ARGV[1] .. 'g:' .. r[1], r[3], r[4], r[5], r[6], r[2])
+  add(ARGV[1] .. 'g:' .. r[1], r[3], r[2])
   if redis.call('HINCRBY', KEYS[3], r[1], -1) <= 0 then redis.call('HDEL', KEYS[3], r[1]) end
   redis.call('ZREM', KEYS[2], due[i])
 end
@@ -294,15 +309,15 @@ else
   local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   if head[2] then wait = math.max(0, tonumber(head[2]) - now) end
 end
-local out, want = {}, tonumber(ARGV[5])
+local out, got, want = {}, 0, tonumber(ARGV[5])
 local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])
 for i = 1, #consumers do
   local c = fields(consumers[i])
   local name, pending = c['name'], tonumber(c['pending'])
-  if pending > 0 and #out < want then
+  if pending > 0 and got < want then
     local lease = tonumber(string.match(name, '~(%d+)$')) or tonumber(ARGV[4])
     local expired = redis.call('XPENDING', KEYS[1], ARGV[2], 'IDLE', lease, '-', '+',
-                               want - #out, name)
+                               want - got, name)
     if #expired > 0 then
       local ids, counts = {}, {}
       for j = 1, #expired do
@@ -312,7 +327,10 @@ for i = 1, #consumers do
       local claimed = redis.call('XCLAIM', KEYS[1], ARGV[2], ARGV[3], lease, unpack(ids))
       for j = 1, #claimed do
         local e = claimed[j]
-        if e then frame(out, e[1], e[2], counts[e[1]]) end
+        if e then
+          frame(out, e[1], e[2], counts[e[1]])
+          got = got + 1
+        end
       end
     end
   elseif pending == 0 and tonumber(c['idle']) > tonumber(ARGV[6]) and name ~= ARGV[3] then
@@ -333,17 +351,14 @@ return n
 _RETRY = """
 local group, me, eid = ARGV[1], ARGV[2], ARGV[3]
 if not owned(KEYS[1], group, eid, me) then return 0 end
-local e = redis.call('XRANGE', KEYS[1], eid, eid)
-settle(KEYS[1], group, eid)
-if #e == 0 then return 0 end
-local m = fields(e[1][2])
+local rec = take(KEYS[1], group, eid)
+if not rec then return 0 end
 local delay = tonumber(ARGV[5])
 if delay <= 0 then
-  add(KEYS[1], m['id'], m['topic'], m['body'], m['group'], ARGV[4])
+  add(KEYS[1], rec, ARGV[4])
 else
-  local record = cmsgpack.pack({group, ARGV[4], m['id'], m['topic'], m['body'], m['group'] or '',
-                                eid})
-  redis.call('ZADD', KEYS[2], string.format('%.0f', now_us() + delay), record)
+  local due = string.format('%.0f', now_us() + delay)
+  redis.call('ZADD', KEYS[2], due, cmsgpack.pack({group, ARGV[4], rec, eid}))
   redis.call('HINCRBY', KEYS[3], group, 1)
 end
 return 1
@@ -354,14 +369,12 @@ return 1
 _DEAD_LETTER = """
 local group, me, eid = ARGV[1], ARGV[2], ARGV[3]
 if not owned(KEYS[1], group, eid, me) then return 0 end
-local e = redis.call('XRANGE', KEYS[1], eid, eid)
-if #e > 0 then
-  local m = fields(e[1][2])
-  redis.call('XADD', KEYS[2], '*', 'id', m['id'] or '', 'topic', m['topic'] or '',
-             'body', m['body'] or '', 'group', group, 'reason', ARGV[5], 'error_type', ARGV[6],
-             'error', ARGV[7], 'attempts', ARGV[4], 'failed_at', ARGV[8])
-end
-settle(KEYS[1], group, eid)
+local rec = take(KEYS[1], group, eid)
+if not rec then return 0 end
+local id, topic, body = unrecord(rec)
+redis.call('XADD', KEYS[2], '*', 'id', id, 'topic', topic, 'body', body, 'group', group,
+           'reason', ARGV[5], 'error_type', ARGV[6], 'error', ARGV[7], 'attempts', ARGV[4],
+           'failed_at', ARGV[8])
 return 1
 """
 
@@ -371,14 +384,9 @@ return 1
 _RELEASE = """
 local group, me = ARGV[1], ARGV[2]
 for i = 3, #ARGV, 2 do
-  local eid = ARGV[i]
-  if owned(KEYS[1], group, eid, me) then
-    local e = redis.call('XRANGE', KEYS[1], eid, eid)
-    if #e > 0 then
-      local m = fields(e[1][2])
-      add(KEYS[1], m['id'], m['topic'], m['body'], m['group'], ARGV[i + 1])
-    end
-    settle(KEYS[1], group, eid)
+  if owned(KEYS[1], group, ARGV[i], me) then
+    local rec = take(KEYS[1], group, ARGV[i])
+    if rec then add(KEYS[1], rec, ARGV[i + 1]) end
   end
 end
 if #redis.call('XPENDING', KEYS[1], group, '-', '+', 1, me) == 0 then
@@ -392,9 +400,9 @@ _REPLAY = """
 local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #e == 0 then return 0 end
 local m = fields(e[1][2])
-local body = m['body']
+local body = m['body'] or ''
 if ARGV[3] == '1' then body = ARGV[4] end
-add(KEYS[2], m['id'], m['topic'], body, ARGV[2], nil)
+add(KEYS[2], record(m['id'] or '', m['topic'] or '', body, ARGV[2]), 1)
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 """
@@ -412,31 +420,42 @@ return redis.call('XLEN', KEYS[1]) - pending[1] + delayed
 def _decode_frames(buf: bytes) -> list[Delivery]:
     """Parse the framed entries a script returned (see ``_LUA_LIB``)."""
     deliveries: list[Delivery] = []
+    append = deliveries.append
+    frame = _FRAME.unpack_from
+    header = _RECORD.unpack_from
     pos, end = 0, len(buf)
     while pos < end:
-        nl = buf.index(b"\n", pos)
-        eid, attempt, li, lt, lb, lg = buf[pos:nl].split(b" ")
-        a = nl + 1
-        b = a + int(li)
-        c = b + int(lt)
-        d = c + int(lb)
-        pos = d + int(lg)
-        target = buf[d:pos].decode() if pos > d else None
-        message = Message(buf[a:b].decode(), buf[b:c].decode(), buf[c:d], target)
-        deliveries.append(Delivery(message, int(attempt), eid))
+        le, attempt = frame(buf, pos)
+        a = pos + 8
+        b = a + le
+        li, lt, lb, lg = header(buf, b)
+        c = b + 16
+        d = c + li
+        e = d + lt
+        f = e + lb
+        pos = f + lg
+        target = buf[f:pos].decode() if lg else None
+        append(
+            Delivery(
+                Message(buf[c:d].decode(), buf[d:e].decode(), buf[e:f], target), attempt, buf[a:b]
+            )
+        )
     return deliveries
 
 
+def _decode_record(record: bytes) -> Message:
+    li, lt, lb, lg = _RECORD.unpack_from(record)
+    c = 16
+    d = c + li
+    e = d + lt
+    f = e + lb
+    target = record[f : f + lg].decode() if lg else None
+    return Message(record[c:d].decode(), record[d:e].decode(), record[e:f], target)
+
+
 def _decode_entry(eid: bytes, entry: dict[bytes, bytes]) -> Delivery:
-    """One entry as redis-py parses an XREADGROUP reply (first delivery: attempt as stored)."""
-    target = entry.get(b"group")
-    message = Message(
-        entry.get(b"id", b"").decode(),
-        entry.get(b"topic", b"").decode(),
-        entry.get(b"body", b""),
-        target.decode() if target else None,
-    )
-    return Delivery(message, int(entry.get(b"attempt", b"1")), eid)
+    """One entry as redis-py parses an XREADGROUP reply (a first delivery: attempt as stored)."""
+    return Delivery(_decode_record(entry.get(b"m", b"\0" * 16)), int(entry.get(b"a", b"1")), eid)
 
 
 def _stream_id_key(eid: str) -> tuple[int, int]:
@@ -645,6 +664,7 @@ class RedisTransport(Transport):
     async def publish(self, messages: Sequence[Message]) -> None:
         self._redis()
         limit = self.max_message_bytes
+        pack = _RECORD.pack
         chunks: list[bytes] = []
         parts: list[bytes] = []
         size = 0
@@ -655,9 +675,7 @@ class RedisTransport(Transport):
             i = m.id.encode()
             t = m.topic.encode()
             g = check_group(m.group).encode() if m.group else b""
-            parts.append(
-                b"%d %d %d %d\n%s%s%s%s" % (len(i), len(t), len(body), len(g), i, t, body, g)
-            )
+            parts += (pack(len(i), len(t), len(body), len(g)), i, t, body, g)
             size += len(body) + 64
             if size >= _PUBLISH_CHUNK_BYTES:
                 chunks.append(b"".join(parts))

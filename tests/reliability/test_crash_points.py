@@ -51,7 +51,7 @@ def start_ledger(transport: str, store: str, crash_at: str | None) -> subprocess
             "1",
             "--middleware",
             "tests.reliability.crash_app:crash_middleware",
-        ],  # fmt: skip
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -76,9 +76,7 @@ REDIS = Broker(
     ),
     stop="redis-cli -p 6379 shutdown nosave",
 )
-RABBITMQ = Broker(
-    "RabbitMQ", 5672, start="rabbitmq-server -detached", stop="rabbitmqctl stop"
-)
+RABBITMQ = Broker("RabbitMQ", 5672, start="rabbitmq-server -detached", stop="rabbitmqctl stop")
 POSTGRES = Broker(
     "PostgreSQL",
     5432,
