@@ -46,17 +46,52 @@ def _where(where: dict[str, Any] | None) -> tuple[str, list[Any]]:
         return "", []
     clauses, params = [], []
     for field, value in where.items():
-        if not field.replace("_", "").isalnum():
-            raise ValueError(f"invalid field name {field!r}")
-        clauses.append(f" AND json_extract(doc, '$.{field}') IS ?")
+        if value is None:
+            clauses.append(f" AND json_extract(doc, '$.{field}') IS NULL")
+            continue
+        clauses.append(f" AND json_extract(doc, '$.{field}') = ?")
         params.append(int(value) if isinstance(value, bool) else value)
     return "".join(clauses), params
 
 
+def _check_fields(where: dict[str, Any] | None) -> None:
+    for field in where or ():
+        if not field.replace("_", "").isalnum():
+            raise ValueError(f"invalid field name {field!r}: use letters, digits and '_'")
+
+
 class _SqliteTx(StoreTx):
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, indexed: set[str]) -> None:
         self._db = db
         self._savepoints = 0
+        self._indexed = indexed
+        # Inbox and outbox rows are written in one statement each at commit (see flush);
+        # a savepoint rolled back drops the rows added inside it.
+        self._inbox: list[tuple[str, float]] = []
+        self._inbox_ids: set[str] = set()
+        self._outbox: list[tuple[str, str, bytes, float, float]] = []
+
+    def flush(self) -> None:
+        if self._inbox:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO inbox (event_id, at) VALUES (?, ?)", self._inbox
+            )
+        if self._outbox:
+            self._db.executemany(
+                "INSERT INTO outbox (id, topic, body, due_at, leased_until) VALUES (?, ?, ?, ?, ?)",
+                self._outbox,
+            )
+
+    def _index(self, where: dict[str, Any] | None) -> None:
+        """Queries by a field get an expression index on it, made the first time it is asked."""
+        _check_fields(where)
+        for field in where or ():
+            if field not in self._indexed:
+                self._db.execute(
+                    f"CREATE INDEX IF NOT EXISTS state_by_{field} "
+                    f"ON state (kind, json_extract(doc, '$.{field}'))"
+                )
+                self._indexed.add(field)
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
         row = self._db.execute(
@@ -77,17 +112,22 @@ class _SqliteTx(StoreTx):
     async def find(
         self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
     ) -> list[tuple[str, dict[str, Any]]]:
+        self._index(where)
         clause, params = _where(where)
+        # Without statistics the planner prefers the primary key; the field's index is far better.
+        hint = f" INDEXED BY state_by_{next(iter(where))}" if where else ""
         rows = self._db.execute(
-            f"SELECT key, doc FROM state WHERE kind = ?{clause} ORDER BY key LIMIT ?",
+            f"SELECT key, doc FROM state{hint} WHERE kind = ?{clause} ORDER BY key LIMIT ?",
             (kind, *params, limit),
         ).fetchall()
         return [(key, orjson.loads(doc)) for key, doc in rows]
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        self._index(where)
         clause, params = _where(where)
+        hint = f" INDEXED BY state_by_{next(iter(where))}" if where else ""
         row = self._db.execute(
-            f"SELECT count(*) FROM state WHERE kind = ?{clause}", (kind, *params)
+            f"SELECT count(*) FROM state{hint} WHERE kind = ?{clause}", (kind, *params)
         ).fetchone()
         return int(row[0])
 
@@ -95,28 +135,33 @@ class _SqliteTx(StoreTx):
     async def savepoint(self) -> AsyncIterator[None]:
         self._savepoints += 1
         name = f"sp{self._savepoints}"
+        marks = (len(self._inbox), len(self._outbox))
         self._db.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self._db.execute(f"ROLLBACK TO {name}")
             self._db.execute(f"RELEASE {name}")
+            for event_id, _ in self._inbox[marks[0] :]:
+                self._inbox_ids.discard(event_id)
+            del self._inbox[marks[0] :]
+            del self._outbox[marks[1] :]
             raise
         else:
             self._db.execute(f"RELEASE {name}")
 
     async def seen(self, event_id: str) -> bool:
+        if event_id in self._inbox_ids:
+            return True
         row = self._db.execute("SELECT 1 FROM inbox WHERE event_id = ?", (event_id,)).fetchone()
         return row is not None
 
     async def remember(self, event_id: str, at: float) -> None:
-        self._db.execute("INSERT OR IGNORE INTO inbox (event_id, at) VALUES (?, ?)", (event_id, at))
+        self._inbox.append((event_id, at))
+        self._inbox_ids.add(event_id)
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
-        self._db.executemany(
-            "INSERT INTO outbox (id, topic, body, due_at, leased_until) VALUES (?, ?, ?, ?, ?)",
-            [(r.id, r.topic, r.body, r.due_at, claimed_until) for r in rows],
-        )
+        self._outbox.extend((r.id, r.topic, r.body, r.due_at, claimed_until) for r in rows)
 
     async def forget_outbox(self, ids: Sequence[str]) -> None:
         self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
@@ -154,6 +199,7 @@ class SqliteStore(Store):
         self._busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self._indexed: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, service: str) -> Self:
@@ -193,8 +239,10 @@ class SqliteStore(Store):
         async with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTx(db, self._indexed)
             try:
-                yield _SqliteTx(db)
+                yield tx
+                tx.flush()
             except BaseException:
                 db.execute("ROLLBACK")
                 raise

@@ -204,3 +204,27 @@ async def test_a_redelivered_event_does_not_run_its_handler_twice() -> None:
         await h.settle()
         assert behaviour["calls"] == {"o8": 1}
         assert len(h.published(Paid)) == 1
+
+
+async def test_a_service_can_be_added_and_removed_while_the_others_run() -> None:
+    auditor = Service("auditor")
+    audited: list[str] = []
+
+    @auditor.on(Shipped)
+    async def audit(event: Shipped, ctx: Context) -> None:
+        audited.append(event.order_id)
+
+    async with Harness(shop()) as h:
+        await h.publish(Order(order_id="before", amount=1))
+        await h.wait_for(Shipped, where=lambda e: e.data["order_id"] == "before")
+        await h.runtime.add_service(auditor)
+        await h.publish(Order(order_id="during", amount=1))
+        await h.wait_for(Shipped, where=lambda e: e.data["order_id"] == "during")
+        await h.settle()
+        await h.runtime.remove_service("auditor")
+        await h.publish(Order(order_id="after", amount=1))
+        await h.wait_for(Shipped, where=lambda e: e.data["order_id"] == "after")
+        await h.settle()
+        assert audited == ["during"]
+        # its group keeps what arrived while it was away
+        assert await h.transport.lag("auditor") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,55 @@ async def test_a_pending_deadline_survives_a_restart_and_fires_on_time(tmp_path:
             await clock.advance(1)
         (fired,) = await failures.receive(10, 0)
         assert b"no Confirmed in time" in fired.message.body
+
+
+async def test_the_cli_lists_and_cancels_pending_deadlines(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from choreograph.cli import main
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    store = f"sqlite:///{tmp_path}/{{service}}.db"
+    settings = WorkerSettings(poll_interval=3600, housekeeping_interval=0.5)
+
+    def runtime() -> Runtime:
+        return Runtime(deadline_app(), transport=bus, store=store, clock=clock, settings=settings)
+
+    async with runtime() as first:
+        await first.publish(Started(key="a"), source="test", correlation_id="tx-a")
+        await first.publish(Started(key="b"), source="test", correlation_id="tx-b")
+        await clock.advance(1)
+
+    runner = CliRunner()
+    listed = await asyncio.to_thread(
+        runner.invoke, main, ["timers", "list", "-s", "watcher", "--store", store, "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
+    assert sorted(line.split('"key":"')[1][:4] for line in listed.output.splitlines()) == [
+        "tx-a",
+        "tx-b",
+    ]
+    cancelled = await asyncio.to_thread(
+        runner.invoke,
+        main,
+        [
+            "timers",
+            "cancel",
+            "deadline:confirmation_late",
+            "tx-a",
+            "-s",
+            "watcher",
+            "--store",
+            store,
+        ],  # fmt: skip
+    )
+    assert cancelled.exit_code == 0, cancelled.output
+
+    await bus.connect()
+    failures = await bus.subscribe("observer", ["Failed"])
+    async with runtime():
+        for _ in range(40):
+            await clock.advance(1)
+        fired = await failures.receive(10, 0)
+    assert [d.message.body.count(b"tx-b") for d in fired] == [1]
