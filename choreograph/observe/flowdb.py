@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from choreograph.errors import ConfigurationError
 from choreograph.transport import redact
@@ -240,10 +240,22 @@ class _PgTx(Tx):
 
 
 class PostgresFlowDb(FlowDb):
-    """PostgreSQL through asyncpg (a small pool), for a recorder shared by a whole deployment."""
+    """PostgreSQL through asyncpg (a small pool), for a recorder shared by a whole deployment.
+
+    ``?schema=name`` keeps the tables in their own schema (created if needed); other query
+    options go to asyncpg.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
+        parts = urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        schemas = [v for k, v in query if k == "schema"]
+        self.schema = schemas[-1] if schemas else None
+        if self.schema is not None and not _SCHEMA.match(self.schema):
+            raise ConfigurationError(f"invalid schema name {self.schema!r} in {redact(url)}")
+        rest = urlencode([(k, v) for k, v in query if k != "schema"])
+        self._dsn = urlunsplit(parts._replace(query=rest))
         self._pool: Any = None
 
     async def open(self) -> None:
@@ -255,11 +267,18 @@ class PostgresFlowDb(FlowDb):
             raise ConfigurationError(
                 f"a PostgreSQL recorder database needs: pip install 'choreograph[postgres]' ({exc})"
             ) from None
-        dsn = self.url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        self._pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+        settings = {"search_path": self.schema} if self.schema else {}
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=4, server_settings=settings
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ConfigurationError(f"cannot open {redact(self.url)}: {exc}") from None
         # Two recorders starting at once must not race on CREATE TABLE.
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(7261530)")
+            if self.schema:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             for statement in SCHEMA:
                 await conn.execute(statement)
 
@@ -274,6 +293,9 @@ class PostgresFlowDb(FlowDb):
             await self.open()
         async with self._pool.acquire() as conn, conn.transaction():
             yield _PgTx(conn)
+
+
+_SCHEMA = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def flowdb_from_url(url: str | None = None) -> FlowDb:

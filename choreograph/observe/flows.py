@@ -106,7 +106,8 @@ def expectations(
     ``pending`` (no handling reported yet), ``unknown`` (that service reports nothing: no
     RecorderMiddleware), ``waiting`` (a join missing parts), ``silent`` (handled, but emitted none
     of the events it declares), and for timers ``open``, ``overdue``, ``met``, ``expired``,
-    ``cancelled``. ``blocking`` marks what keeps an unfinished transaction from ending.
+    ``cancelled``; ``incomplete`` is a join that never completed in an ended transaction.
+    ``blocking`` marks what keeps an unfinished transaction from ending.
     """
     found: list[Row] = []
     seen_types = {e["type"] for e in events}
@@ -130,7 +131,7 @@ def expectations(
                         "service": step.service,
                         "step": step.name,
                         "kind": "join",
-                        "status": "waiting",
+                        "status": "incomplete" if ended else "waiting",
                         "detail": f"has {', '.join(t for t in step.triggers if t in seen_types)}; "
                         f"waiting for {', '.join(missing)}",
                         "blocking": not ended,

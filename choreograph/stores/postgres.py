@@ -101,6 +101,7 @@ def _lock_key(*parts: str) -> int:
 # The schema, created under an advisory lock so that replicas starting together do not race on
 # the catalog. Text columns sort bytewise (COLLATE "C"), as in SQLite, whatever the database's
 # collation: find() returns documents "by key order" everywhere.
+_SCHEMA_VERSION = "choreograph store, schema 1"
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.state (
@@ -148,6 +149,7 @@ DECLARE lk BIGINT;
 BEGIN
     FOREACH lk IN ARRAY lks LOOP PERFORM pg_advisory_xact_lock(lk); END LOOP;
 END $$ LANGUAGE plpgsql;
+COMMENT ON SCHEMA {s} IS '{version}';
 """
 
 
@@ -491,15 +493,25 @@ class PostgresStore(Store):
         ) as exc:
             raise ConfigurationError(f"store {redact(self.url)}: {exc}") from None
         try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1)", _lock_key(self.settings.schema, "ddl")
-                )
-                await conn.execute(_SCHEMA.format(s=self.schema_sql))
+            async with pool.acquire() as conn:
+                await self._create_schema(conn)
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
+
+    async def _create_schema(self, conn: asyncpg.Connection[Any]) -> None:
+        """Create the schema unless it is there: DDL on tables in use would wait for (and could
+        deadlock with) the transactions of running replicas, even when it changes nothing."""
+        version = "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1"
+        if await conn.fetchval(version, self.settings.schema) == _SCHEMA_VERSION:
+            return
+        async with conn.transaction():  # replicas starting together create it once
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", _lock_key(self.settings.schema, "ddl")
+            )
+            if await conn.fetchval(version, self.settings.schema) != _SCHEMA_VERSION:
+                await conn.execute(_SCHEMA.format(s=self.schema_sql, version=_SCHEMA_VERSION))
 
     async def close(self) -> None:
         if self._pool is not None:

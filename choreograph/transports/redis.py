@@ -310,7 +310,8 @@ else
   if head[2] then wait = math.max(0, tonumber(head[2]) - now) end
 end
 local out, got, want = {}, 0, tonumber(ARGV[5])
-local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])
+local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[2])
+if consumers.err then return redis.error_reply('NOGROUP ' .. consumers.err) end
 for i = 1, #consumers do
   local c = fields(consumers[i])
   local name, pending = c['name'], tonumber(c['pending'])
@@ -520,15 +521,13 @@ class RedisTransport(Transport):
         }
         try:
             info = await self._call(client.info, "connect", budget=self.settings.connect_timeout)
+            version = str(info.get("redis_version", "0"))
+            if tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < (6, 2):
+                raise ConfigurationError(f"the redis transport needs Redis >= 6.2, not {version}")
         except BaseException:
             self._client = None
             await client.aclose()
             raise
-        version = str(info.get("redis_version", "0"))
-        if tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < (6, 2):
-            self._client = None
-            await client.aclose()
-            raise ConfigurationError(f"the redis transport needs Redis 6.2 or later, not {version}")
 
     def _pool(self) -> BlockingConnectionPool:
         s = self.settings
@@ -590,6 +589,7 @@ class RedisTransport(Transport):
         """Run ``op``, retrying while Redis is unreachable (up to ``budget``, by default
         ``reconnect_timeout``), restoring this transport's declarations after a reconnect or when
         Redis lost them (a restart without persistence), and translating errors."""
+        self._redis()  # closed transports refuse
         budget = self.settings.reconnect_timeout if budget is None else budget
         failing_since: float | None = None
         backoff = 0.05
@@ -625,6 +625,13 @@ class RedisTransport(Transport):
             except rx.RedisError as exc:
                 raise translate_error(exc) from exc
 
+    async def _script(
+        self, name: str, keys: list[Any], args: list[Any], what: str, *, retry: bool = True
+    ) -> Any:
+        self._redis()
+        script = self._scripts[name]
+        return await self._call(lambda: script(keys=keys, args=args), what, retry=retry)
+
     async def _redeclare(self) -> None:
         for group, topics in list(self._declared.items()):
             await self._scripts["declare"](
@@ -653,11 +660,10 @@ class RedisTransport(Transport):
         self._redis()
         known = self._declared.setdefault(group, set())
         known.update(topics)
-        await self._call(
-            lambda: self._scripts["declare"](
-                keys=[self._groups_key, self._stream(group)],
-                args=[self._prefix, group, *sorted(topics)],
-            ),
+        await self._script(
+            "declare",
+            [self._groups_key, self._stream(group)],
+            [self._prefix, group, *sorted(topics)],
             "declare_group",
         )
 
@@ -682,12 +688,8 @@ class RedisTransport(Transport):
                 parts, size = [], 0
         if parts:
             chunks.append(b"".join(parts))
-        script = self._scripts["publish"]
         for chunk in chunks:
-            await self._call(
-                lambda chunk=chunk: script(args=[self._prefix, chunk]),  # type: ignore[misc]
-                "publish",
-            )
+            await self._script("publish", [], [self._prefix, chunk], "publish")
         if chunks:
             await self._wait_replicas("publish")
 
@@ -754,11 +756,10 @@ class RedisTransport(Transport):
         if parsed is None:
             return False
         group, eid = parsed.groups()
-        done = await self._call(
-            lambda: self._scripts["replay"](
-                keys=[self._dlq(group), self._stream(group)],
-                args=[eid, group, "0" if body is None else "1", body or b""],
-            ),
+        done = await self._script(
+            "replay",
+            [self._dlq(group), self._stream(group)],
+            [eid, group, "0" if body is None else "1", body or b""],
             "replay",
         )
         if done:
@@ -775,12 +776,8 @@ class RedisTransport(Transport):
         return bool(removed)
 
     async def lag(self, group: str) -> int | None:
-        self._redis()
-        value = await self._call(
-            lambda: self._scripts["lag"](
-                keys=[self._stream(group), self._delayed_counts_key], args=[group]
-            ),
-            "lag",
+        value = await self._script(
+            "lag", [self._stream(group), self._delayed_counts_key], [group], "lag"
         )
         return None if value < 0 else int(value)
 
@@ -806,7 +803,7 @@ class RedisSubscription(Subscription):
         self._next_due: float | None = None
         self._max_block = bus.settings.socket_timeout / 2
 
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         if self._closed:
             raise TransportError("subscription is closed")
         if max_messages <= 0:
@@ -838,7 +835,7 @@ class RedisSubscription(Subscription):
 
     async def _hand_out(self, got: list[Delivery]) -> list[Delivery]:
         if self._closed:  # closed while this read was in flight: give them back
-            await self._release(got)
+            await self._give_back(got)
             return []
         held = self._held
         for delivery in got:
@@ -846,12 +843,10 @@ class RedisSubscription(Subscription):
         return got
 
     async def _read(self, count: int) -> list[Delivery]:
-        script = self._bus._scripts["read"]
-        blob = await self._bus._call(
-            lambda: script(
-                keys=[self._stream],
-                args=[self.group, self._consumer, count, _READ_BUDGET_BYTES],
-            ),
+        blob = await self._bus._script(
+            "read",
+            [self._stream],
+            [self.group, self._consumer, count, _READ_BUDGET_BYTES],
             "receive",
         )
         return _decode_frames(blob) if blob else []
@@ -870,20 +865,11 @@ class RedisSubscription(Subscription):
         return [_decode_entry(eid, entry) for eid, entry in reply[0][1] if entry]
 
     async def _housekeep(self, want: int) -> list[Delivery]:
-        script = self._bus._scripts["housekeep"]
         bus = self._bus
-        wait_us, blob = await bus._call(
-            lambda: script(
-                keys=[self._stream, bus._delayed_key, bus._delayed_counts_key],
-                args=[
-                    bus._prefix,
-                    self.group,
-                    self._consumer,
-                    self._lease_ms,
-                    want,
-                    _REAP_IDLE_MS,
-                ],
-            ),
+        wait_us, blob = await bus._script(
+            "housekeep",
+            [self._stream, bus._delayed_key, bus._delayed_counts_key],
+            [bus._prefix, self.group, self._consumer, self._lease_ms, want, _REAP_IDLE_MS],
             "receive",
         )
         now = time.monotonic()
@@ -898,15 +884,9 @@ class RedisSubscription(Subscription):
         if not deliveries:
             return
         handles = [d.handle for d in deliveries]
-        script = self._bus._scripts["ack"]
         for start in range(0, len(handles), _ACK_CHUNK):
             chunk = handles[start : start + _ACK_CHUNK]
-            await self._bus._call(
-                lambda chunk=chunk: script(  # type: ignore[misc]
-                    keys=[self._stream], args=[self.group, *chunk]
-                ),
-                "ack",
-            )
+            await self._bus._script("ack", [self._stream], [self.group, *chunk], "ack")
         held = self._held
         for handle in handles:
             held.pop(handle, None)
@@ -914,11 +894,10 @@ class RedisSubscription(Subscription):
     async def retry(self, delivery: Delivery, delay: float) -> None:
         bus = self._bus
         delay_us = max(0, math.ceil(delay * 1_000_000))
-        await bus._call(
-            lambda: bus._scripts["retry"](
-                keys=[self._stream, bus._delayed_key, bus._delayed_counts_key],
-                args=[self.group, self._consumer, delivery.handle, delivery.attempt + 1, delay_us],
-            ),
+        await bus._script(
+            "retry",
+            [self._stream, bus._delayed_key, bus._delayed_counts_key],
+            [self.group, self._consumer, delivery.handle, delivery.attempt + 1, delay_us],
             "retry",
         )
         self._held.pop(delivery.handle, None)
@@ -929,34 +908,22 @@ class RedisSubscription(Subscription):
 
     async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
         bus = self._bus
-        await bus._call(
-            lambda: bus._scripts["dead_letter"](
-                keys=[self._stream, bus._dlq(self.group)],
-                args=[
-                    self.group,
-                    self._consumer,
-                    delivery.handle,
-                    delivery.attempt,
-                    failure.reason,
-                    failure.error_type,
-                    failure.error,
-                    repr(time.time()),
-                ],
-            ),
-            "dead_letter",
-        )
+        args = [self.group, self._consumer, delivery.handle, delivery.attempt]
+        args += [failure.reason, failure.error_type, failure.error, repr(time.time())]
+        await bus._script("dead_letter", [self._stream, bus._dlq(self.group)], args, "dead_letter")
         self._held.pop(delivery.handle, None)
         await bus._wait_replicas("dead_letter")
 
-    async def _release(self, deliveries: Collection[Delivery]) -> None:
+    async def _give_back(self, deliveries: Collection[Delivery]) -> None:
+        """Put unsettled deliveries back at the end of the stream, attempt unchanged, and leave
+        the consumer group. If Redis cannot be reached, their lease brings them back instead."""
         args: list[Any] = [self.group, self._consumer]
         for d in deliveries:
             args += (d.handle, d.attempt)
-        await self._bus._call(
-            lambda: self._bus._scripts["release"](keys=[self._stream], args=args),
-            "close",
-            retry=False,
-        )
+        try:
+            await self._bus._script("release", [self._stream], args, "close", retry=False)
+        except ChoreographError as exc:
+            log.warning("redis: could not give back %d deliveries: %s", len(deliveries), exc)
 
     async def close(self) -> None:
         if self._closed:
@@ -964,9 +931,5 @@ class RedisSubscription(Subscription):
         self._closed = True
         self._bus._subscriptions.discard(self)
         held, self._held = self._held, {}
-        if self._bus._client is None:
-            return
-        try:
-            await self._release(held.values())
-        except ChoreographError as exc:  # their leases will bring them back
-            log.warning("redis: could not give back %d deliveries on close: %s", len(held), exc)
+        if self._bus._client is not None:
+            await self._give_back(held.values())

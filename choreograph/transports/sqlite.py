@@ -17,9 +17,11 @@ How it works
     another member cannot settle that other member's delivery.
 
     Calls run on the event-loop thread, without a thread hop: they take microseconds. An idle
-    ``receive`` polls ``PRAGMA data_version`` (which changes when another connection commits) with a
-    backoff from ``min_poll_interval`` to ``poll_interval``, and runs a query only when something
-    changed or a retry or lease comes due; publishes through the same transport wake it at once.
+    ``receive`` polls ``PRAGMA data_version`` (which changes when another connection commits) and
+    runs a query only when something changed or a retry or lease comes due. The wait between polls
+    starts at ``min_poll_interval`` after the member received something and doubles up to
+    ``poll_interval`` while it receives nothing; publishes through the same transport object wake
+    its members at once.
 
 Time is the wall clock (``time.time()``), shared by every process on the machine.
 """
@@ -31,7 +33,7 @@ import sqlite3
 import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -64,7 +66,7 @@ class SqliteSettings(TransportSettings):
     path: str = "choreograph.db"
     busy_timeout: float = 5.0
     """Seconds a write waits for another process' write lock before failing with TransportError."""
-    poll_interval: float = 0.05
+    poll_interval: float = 0.02
     """Longest wait, in seconds, between two checks for new messages while idle."""
     min_poll_interval: float = 0.002
     """Shortest wait between two checks, right after activity; the wait doubles up to
@@ -104,22 +106,30 @@ class SqliteSettings(TransportSettings):
             raise ConfigurationError(
                 "sqlite:///:memory: cannot be shared by connections; use memory:// instead"
             )
-        if any(key == "path" for key, _ in parse_qsl(parts.query)):
-            raise ConfigurationError("the sqlite path goes in the URL path, not in the query")
+        options = sorted(f.name for f in fields(cls) if f.name not in ("url", "path"))
+        for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in options:
+                raise ConfigurationError(
+                    f"unknown option {key!r} in transport URL {redact(url)}; "
+                    f"known: {', '.join(options)} (the file is the URL's path)"
+                )
         return replace(super().from_url(url), path=path)
 
 
 class _Schema:
-    """The SQL of one namespace (every table name carries the namespace prefix)."""
+    """The SQL of one namespace: every table name carries the namespace prefix, quoted (a
+    namespace may hold '-')."""
 
     def __init__(self, ns: str) -> None:
+        queue, groups = f'"{ns}_queue"', f'"{ns}_groups"'
+        bindings, dead = f'"{ns}_bindings"', f'"{ns}_dead_letters"'
         self.create = f"""
-            CREATE TABLE IF NOT EXISTS {ns}_groups (grp TEXT PRIMARY KEY) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS {ns}_bindings (
+            CREATE TABLE IF NOT EXISTS {groups} (grp TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS {bindings} (
                 topic TEXT NOT NULL, grp TEXT NOT NULL, PRIMARY KEY (topic, grp)
             ) WITHOUT ROWID;
-            CREATE TABLE IF NOT EXISTS {ns}_queue (
-                did INTEGER PRIMARY KEY,
+            CREATE TABLE IF NOT EXISTS {queue} (
+                did INTEGER PRIMARY KEY AUTOINCREMENT,
                 grp TEXT NOT NULL,
                 available_at REAL NOT NULL,
                 attempt INTEGER NOT NULL DEFAULT 0,
@@ -129,8 +139,8 @@ class _Schema:
                 published_at REAL NOT NULL,
                 body BLOB NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS {ns}_queue_due ON {ns}_queue (grp, available_at);
-            CREATE TABLE IF NOT EXISTS {ns}_dead_letters (
+            CREATE INDEX IF NOT EXISTS "{ns}_queue_due" ON {queue} (grp, available_at);
+            CREATE TABLE IF NOT EXISTS {dead} (
                 dlid INTEGER PRIMARY KEY AUTOINCREMENT,
                 grp TEXT NOT NULL,
                 id TEXT NOT NULL,
@@ -142,16 +152,13 @@ class _Schema:
                 attempts INTEGER NOT NULL,
                 failed_at REAL NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS {ns}_dead_letters_grp ON {ns}_dead_letters (grp, dlid);
+            CREATE INDEX IF NOT EXISTS "{ns}_dead_letters_grp" ON {dead} (grp, dlid);
         """
-        queue = f"{ns}_queue"
         insert = f"INSERT INTO {queue} (grp, available_at, id, topic, published_at, body)"
-        self.declare_group = f"INSERT OR IGNORE INTO {ns}_groups (grp) VALUES (?)"
-        self.bind = f"INSERT OR IGNORE INTO {ns}_bindings (topic, grp) VALUES (?, ?)"
+        self.declare_group = f"INSERT OR IGNORE INTO {groups} (grp) VALUES (?)"
+        self.bind = f"INSERT OR IGNORE INTO {bindings} (topic, grp) VALUES (?, ?)"
         # one statement per message fans it out to every group bound to its topic
-        self.fan_out = (
-            f"{insert} SELECT grp, ?1, ?2, ?3, ?1, ?4 FROM {ns}_bindings WHERE topic = ?3"
-        )
+        self.fan_out = f"{insert} SELECT grp, ?1, ?2, ?3, ?1, ?4 FROM {bindings} WHERE topic = ?3"
         self.to_group = f"{insert} VALUES (?, ?, ?, ?, ?, ?)"
         self.next_due = (
             f"SELECT available_at FROM {queue} WHERE grp = ? ORDER BY available_at LIMIT 1"
@@ -166,19 +173,17 @@ class _Schema:
             f"UPDATE {queue} SET available_at = ?, leased = 0 WHERE did = ? AND attempt = ?"
         )
         self.bury = (
-            f"INSERT INTO {ns}_dead_letters "
+            f"INSERT INTO {dead} "
             "(grp, id, topic, body, reason, error_type, error, attempts, failed_at) "
             f"SELECT grp, id, topic, body, ?, ?, ?, attempt, ? FROM {queue} "
             "WHERE did = ? AND attempt = ?"
         )
         dead_columns = "dlid, grp, id, topic, body, reason, error_type, error, attempts, failed_at"
-        self.dead_all = f"SELECT {dead_columns} FROM {ns}_dead_letters ORDER BY dlid LIMIT ?"
-        self.dead_of = (
-            f"SELECT {dead_columns} FROM {ns}_dead_letters WHERE grp = ? ORDER BY dlid LIMIT ?"
-        )
-        self.dead_one = f"SELECT grp, id, topic, body FROM {ns}_dead_letters WHERE dlid = ?"
-        self.forget_dead = f"DELETE FROM {ns}_dead_letters WHERE dlid = ?"
-        self.group_known = f"SELECT 1 FROM {ns}_groups WHERE grp = ?"
+        self.dead_all = f"SELECT {dead_columns} FROM {dead} ORDER BY dlid LIMIT ?"
+        self.dead_of = f"SELECT {dead_columns} FROM {dead} WHERE grp = ? ORDER BY dlid LIMIT ?"
+        self.dead_one = f"SELECT grp, id, topic, body FROM {dead} WHERE dlid = ?"
+        self.forget_dead = f"DELETE FROM {dead} WHERE dlid = ?"
+        self.group_known = f"SELECT 1 FROM {groups} WHERE grp = ?"
         self.lag = (
             f"SELECT count(*) FROM {queue} WHERE grp = ?1 AND (leased = 0 OR available_at <= ?2)"
         )
@@ -208,12 +213,30 @@ class SqliteTransport(Transport):
                 f"cannot open the sqlite bus {path!r}: directory {str(Path(path).parent)!r} "
                 "does not exist"
             )
+        # A process opening a fresh file can find it busy without SQLite's busy handler being
+        # called (switching to WAL, WAL recovery): try again until busy_timeout has passed.
+        give_up = time.monotonic() + self.settings.busy_timeout
+        while True:
+            try:
+                self._db = self._open(path)
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy:
+                    raise ConfigurationError(
+                        f"cannot open the sqlite bus {path!r}: {exc}"
+                    ) from None
+                if time.monotonic() > give_up:
+                    raise TransportError(f"the sqlite bus {path!r} is locked: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                raise ConfigurationError(f"cannot use {path!r} as a sqlite bus: {exc}") from None
+            await asyncio.sleep(0.01)
+
+    def _open(self, path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None)
         try:
-            db = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise ConfigurationError(f"cannot open the sqlite bus {path!r}: {exc}") from None
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
             db.execute("PRAGMA journal_size_limit=67108864")
             db.execute("BEGIN IMMEDIATE")
@@ -221,12 +244,10 @@ class SqliteTransport(Transport):
                 if statement.strip():
                     db.execute(statement)
             db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
+        except BaseException:
             db.close()
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-                raise TransportError(f"the sqlite bus {path!r} is locked: {exc}") from exc
-            raise ConfigurationError(f"cannot use {path!r} as a sqlite bus: {exc}") from None
-        self._db = db
+            raise
+        return db
 
     async def close(self) -> None:
         for sub in list(self._subscriptions):
@@ -242,6 +263,8 @@ class SqliteTransport(Transport):
             db.executemany(self._sql.bind, [(topic, group) for topic in topics])
 
     async def publish(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
         limit = self.max_message_bytes
         for message in messages:
             if len(message.body) > limit:
@@ -391,7 +414,9 @@ def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
 
 
 def _dead_letter_key(dead_letter_id: str) -> int | None:
-    return int(dead_letter_id) if dead_letter_id.isdigit() and len(dead_letter_id) < 19 else None
+    """The row id a dead-letter id names, or None when it cannot name one (so: no such letter)."""
+    valid = dead_letter_id.isascii() and dead_letter_id.isdigit() and len(dead_letter_id) < 19
+    return int(dead_letter_id) if valid else None
 
 
 class SqliteSubscription(Subscription):
@@ -404,18 +429,19 @@ class SqliteSubscription(Subscription):
         self._lease = lease
         self._held: set[tuple[int, int]] = set()
         self._wakeup = asyncio.Event()
+        self._interval = bus.settings.min_poll_interval
         self._closed = False
 
     def _wake(self) -> None:
         self._wakeup.set()
 
-    # the contract names the parameter ``timeout``
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         if self._closed:
             raise TransportError("subscription is closed")
+        if max_messages < 1:
+            return []
         settings = self._bus.settings
         deadline = time.monotonic() + timeout
-        interval = settings.min_poll_interval
         next_due = 0.0  # epoch seconds; 0 forces a first check
         version = -1
         while True:
@@ -425,19 +451,22 @@ class SqliteSubscription(Subscription):
                 version = seen
                 deliveries, next_due = self._bus._claim(self.group, max_messages, self._lease)
                 if deliveries:
+                    # busy: look again soon; commits for other groups do not count as activity
+                    self._interval = settings.min_poll_interval
                     self._held.update(d.handle for d in deliveries)
                     return deliveries
-                interval = settings.min_poll_interval
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 return []
-            wait = min(interval, remaining, max(0.0, next_due - time.time()))
+            wait = min(self._interval, remaining, max(0.0, next_due - time.time()))
             try:
                 async with asyncio.timeout(wait):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
-            interval = min(interval * 2, settings.poll_interval)
+            if self._closed:  # closed while waiting (maybe with its transport)
+                return []
+            self._interval = min(self._interval * 2, settings.poll_interval)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:

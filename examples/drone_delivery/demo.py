@@ -62,6 +62,15 @@ def sample_request(number: int, *, heavy: bool = False) -> dict[str, object]:
     }
 
 
+def isolated(transport_url: str) -> str:
+    """A broker URL with a namespace of its own, so that a demo never sees an earlier run's
+    events (the stores start fresh, the broker does not)."""
+    if transport_url.startswith(("sqlite:", "memory:")) or "namespace=" in transport_url:
+        return transport_url
+    separator = "&" if "?" in transport_url else "?"
+    return f"{transport_url}{separator}namespace=demo-{uuid.uuid4().hex[:8]}"
+
+
 def _fresh_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
@@ -145,7 +154,7 @@ async def run_demo(
     knobs = knobs or Knobs.from_env()
     await asyncio.to_thread(_fresh_dir, data_dir)
     store_url = f"sqlite:///{data_dir}/{{service}}.db"
-    transport_url = transport_url or f"sqlite:///{data_dir}/bus.db"
+    transport_url = isolated(transport_url or f"sqlite:///{data_dir}/bus.db")
     app = create_app(knobs)
     console.print(
         f"[bold]drone delivery[/]: {deliveries} deliveries on [cyan]{transport_url}[/], "

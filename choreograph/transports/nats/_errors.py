@@ -1,0 +1,70 @@
+"""nats-py's exceptions, translated into choreograph's (one table, tested row by row)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import nats.errors as ne
+import nats.js.errors as jse
+
+from choreograph.errors import ChoreographError, ConfigurationError, TransportError
+
+# (nats-py exception types, choreograph exception, what it means); the first match wins, so the
+# more specific types come first.
+ERROR_TABLE: list[tuple[tuple[type[BaseException], ...], type[ChoreographError], str]] = [
+    (
+        (ne.AuthorizationError, ne.InvalidUserCredentialsError),
+        ConfigurationError,
+        "the server refused the credentials",
+    ),
+    (
+        (ne.SecureConnRequiredError, ne.SecureConnWantedError),
+        ConfigurationError,
+        "TLS is required on one side and not enabled on the other",
+    ),
+    (
+        (jse.ServiceUnavailableError, jse.NoStreamResponseError, ne.NoRespondersError),
+        TransportError,
+        "JetStream did not answer (starting, recovering, or not enabled)",
+    ),
+    ((jse.NotFoundError,), TransportError, "not found on the server"),
+    ((jse.APIError,), TransportError, "JetStream refused the request"),
+    ((ne.NoServersError,), TransportError, "no NATS server could be reached"),
+    ((ne.ConnectionClosedError,), TransportError, "the connection is closed"),
+    (
+        (ne.OutboundBufferLimitError,),
+        TransportError,
+        "the outgoing buffer is full while reconnecting",
+    ),
+    ((ne.MaxPayloadError,), TransportError, "the message exceeds the server's max_payload"),
+    ((ne.StaleConnectionError,), TransportError, "the connection went stale"),
+    ((ne.TimeoutError, asyncio.TimeoutError), TransportError, "the server did not answer in time"),
+    ((ne.Error,), TransportError, "the NATS client failed"),
+    ((OSError,), TransportError, "network error"),
+]
+
+TRANSLATED: tuple[type[BaseException], ...] = tuple(
+    kind for kinds, _, _ in ERROR_TABLE for kind in kinds
+)
+
+
+def translate(exc: BaseException, doing: str) -> ChoreographError:
+    """The choreograph exception for a nats-py (or network) exception raised while ``doing``."""
+    if isinstance(exc, ChoreographError):
+        return exc
+    for kinds, target, meaning in ERROR_TABLE:
+        if isinstance(exc, kinds):
+            detail = str(exc) or type(exc).__name__
+            return target(f"NATS: {doing}: {meaning} ({type(exc).__name__}: {detail})")
+    return TransportError(f"NATS: {doing}: {type(exc).__name__}: {exc}")
+
+
+@contextmanager
+def translated(doing: str) -> Iterator[None]:
+    """Re-raise nats-py and network errors as choreograph errors (chained to the original)."""
+    try:
+        yield
+    except TRANSLATED as exc:
+        raise translate(exc, doing) from exc

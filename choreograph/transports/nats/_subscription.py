@@ -1,0 +1,385 @@
+"""A member of a group: pulls from the group's durable consumers, hands over, settles.
+
+Pulling, and why it is shaped this way
+    A member sends pull requests only for messages it is about to hand over, so a message is
+    never delivered to a member that did not ask for it (a delivery counts as an attempt in
+    JetStream, and a message sitting unasked in a member's buffer would wait there for its lease).
+    It still keeps the pipe full when there is a backlog:
+
+    * ``receive`` with nothing buffered sends, per consumer, a *lingering* request
+      ``{batch, no_wait, expires}``: the server holds it until a message comes, then sends what
+      is there (up to ``batch``) and ends it at once;
+    * when ``receive`` hands over a batch and the consumer reported more waiting (the
+      ``num_pending`` of the last delivery), it sends a *prefetch* request ``{batch, no_wait}``:
+      the next batch streams in while the caller handles this one, and the request ends as soon
+      as the backlog is drained (no message published later is taken by it).
+
+    At most one request per consumer is outstanding per member, so counting deliveries tells
+    exactly when it is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import nats.errors as ne
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSub
+
+from choreograph.errors import TransportError
+from choreograph.transport import Delivery, Failure, Message, Subscription
+from choreograph.transports.nats._errors import translated
+from choreograph.transports.nats._names import dead_letter_header, message_id
+
+if TYPE_CHECKING:
+    from choreograph.transports.nats._transport import NatsTransport
+
+log = logging.getLogger("choreograph.transports.nats")
+
+_LINGER_GRACE = 1.0
+"""Seconds past its ``expires`` after which an unanswered request is presumed lost."""
+_PREFETCH_LOST = 3.0
+"""Seconds after which an unfinished prefetch request is presumed lost."""
+_BACKOFF = 0.05
+"""Seconds before asking a consumer again after the server refused a request."""
+_MIN_EXPIRES = 0.01
+_IDLE_POLL = 0.05
+"""While a member works through one consumer's backlog, it asks each other consumer at least this
+often (seconds) whether it has something, so no topic of the group is starved."""
+_KEEP_MIN = 0.2
+_PROGRESS = b"+WPI"
+_ACK = b""
+_NAK = b"-NAK"
+_TERM = b"+TERM"
+
+
+class _Request:
+    __slots__ = ("delivered", "inbox", "lingering", "lost_at", "remaining")
+
+    def __init__(self, inbox: str, batch: int, lingering: bool, lost_at: float) -> None:
+        self.inbox = inbox
+        self.remaining = batch
+        self.delivered = 0
+        self.lingering = lingering
+        self.lost_at = lost_at
+
+
+class _Consumer:
+    __slots__ = ("asked_at", "backlog", "name", "next_request", "not_before", "request")
+
+    def __init__(self, name: str, next_request: str) -> None:
+        self.name = name
+        self.next_request = next_request
+        self.request: _Request | None = None
+        self.backlog = 0
+        """``num_pending`` of the last delivery: messages the server still had for us."""
+        self.not_before = 0.0
+        self.asked_at = 0.0
+
+
+class NatsSubscription(Subscription):
+    def __init__(
+        self,
+        transport: NatsTransport,
+        group: str,
+        topics: frozenset[str],
+        consumers: list[str],
+        lease: float,
+    ) -> None:
+        self._transport = transport
+        self._client = transport._client
+        self.group = group
+        self.topics = topics
+        names = transport._names
+        self._consumers = {name: _Consumer(name, names.next_request(name)) for name in consumers}
+        self._by_inbox: dict[str, _Consumer] = {}
+        self._buffer: deque[tuple[Msg, list[str], float]] = deque()
+        self._unsettled: dict[str, tuple[Msg, float]] = {}
+        """Handed over and not settled yet, by ack subject, with the time they arrived."""
+        self._lease = lease
+        self._keeper: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+        self._arrivals = 0
+        self._inbox = ""
+        self._sub: NatsSub | None = None
+        self._request_ids = 0
+        self._closed = False
+
+    async def start(self) -> None:
+        nc = self._client.nc
+        self._inbox = nc.new_inbox()
+        with translated(f"subscribing member of {self.group}"):
+            self._sub = await nc.subscribe(self._inbox + ".*", cb=self._on_message)
+        self._client.on_reconnect.add(self._on_reconnect)
+        shortest = min(
+            self._transport._ack_waits.get(name, self._lease) for name in self._consumers
+        )
+        if self._lease > shortest + _KEEP_MIN:
+            self._keeper = asyncio.create_task(self._keep(shortest))
+
+    async def _keep(self, ack_wait: float) -> None:
+        """Extend, with in-progress acks, what this member holds, up to its own lease: the
+        group's consumers expire deliveries after the shortest lease any member asked for."""
+        interval = max(_KEEP_MIN, ack_wait / 3)
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if not self._client.connected.is_set():
+                continue
+            until = loop.time() - self._lease + ack_wait
+            held = [m for m, _, t in self._buffer if t > until]
+            held += [m for m, t in self._unsettled.values() if t > until]
+            try:
+                await self._client.send([msg.reply for msg in held], _PROGRESS)
+            except (ne.Error, OSError, TransportError) as exc:
+                log.debug("extending leases in %s failed: %s", self.group, exc)
+
+    # arrivals ----------------------------------------------------------------------------
+
+    async def _on_message(self, msg: Msg) -> None:
+        reply = msg.reply
+        if reply:
+            tokens = reply.split(".")
+            consumer = self._consumers.get(tokens[3] if len(tokens) == 9 else tokens[5])
+            if consumer is not None:
+                request = consumer.request
+                if request is not None:
+                    request.delivered += 1
+                    request.remaining -= 1
+                    if request.remaining <= 0:
+                        self._end(consumer)
+            self._buffer.append((msg, tokens, asyncio.get_running_loop().time()))
+        else:
+            # a status ending one of our requests: 404 no messages, 408 expired or drained,
+            # 409/503 refused (then wait a little before asking that consumer again)
+            consumer = self._by_inbox.get(msg.subject)
+            if consumer is not None:
+                headers = msg.headers or {}
+                status = headers.get("Status", "")
+                request = consumer.request
+                if status not in ("404", "408") or (
+                    "Pending" in headers.get("Description", "")  # 408 Requests Pending
+                    and request is not None
+                    and request.delivered == 0
+                ):
+                    consumer.not_before = asyncio.get_running_loop().time() + _BACKOFF
+                    log.debug("pull from %s answered %s", consumer.name, headers)
+                self._end(consumer)
+        self._arrivals += 1
+        self._arrived.set()
+
+    def _end(self, consumer: _Consumer) -> None:
+        if consumer.request is not None:
+            self._by_inbox.pop(consumer.request.inbox, None)
+            consumer.request = None
+
+    def _on_reconnect(self) -> None:
+        # pull requests died with the old connection (or the old server): forget them
+        for consumer in self._consumers.values():
+            self._end(consumer)
+        self._arrivals += 1
+        self._arrived.set()
+
+    # pulling -----------------------------------------------------------------------------
+
+    async def _pull(self, consumer: _Consumer, batch: int, expires: float | None) -> None:
+        now = asyncio.get_running_loop().time()
+        self._request_ids += 1
+        inbox = f"{self._inbox}.{self._request_ids}"
+        if expires is None:
+            payload = b'{"batch":%d,"no_wait":true}' % batch
+            lost_at = now + _PREFETCH_LOST
+        else:
+            payload = b'{"batch":%d,"no_wait":true,"expires":%d}' % (batch, int(expires * 1e9))
+            lost_at = now + expires + _LINGER_GRACE
+        consumer.request = _Request(inbox, batch, expires is not None, lost_at)
+        consumer.asked_at = now
+        self._by_inbox[inbox] = consumer
+        try:
+            await self._client.nc.publish(consumer.next_request, payload, reply=inbox)
+        except (ne.Error, OSError, TransportError) as exc:
+            log.debug("pull request to %s not sent: %s", consumer.name, exc)
+            self._end(consumer)
+            consumer.not_before = now + _BACKOFF
+
+    def _can_pull(self, consumer: _Consumer, now: float) -> bool:
+        request = consumer.request
+        if request is not None and now > request.lost_at:
+            self._end(consumer)
+            request = None
+        return request is None and now >= consumer.not_before
+
+    async def _linger(self, batch: int, remaining: float) -> None:
+        if remaining < _MIN_EXPIRES or not self._client.connected.is_set():
+            return
+        now = asyncio.get_running_loop().time()
+        for consumer in self._consumers.values():
+            if self._can_pull(consumer, now):
+                await self._pull(consumer, batch, remaining)
+
+    async def _prefetch(self, batch: int) -> None:
+        """Ask, without lingering, for what is already waiting: at once where the last delivery
+        reported a backlog, and now and then elsewhere."""
+        if len(self._buffer) >= batch or not self._client.connected.is_set():
+            return
+        now = asyncio.get_running_loop().time()
+        for consumer in self._consumers.values():
+            if self._can_pull(consumer, now) and (
+                consumer.backlog > 0 or now - consumer.asked_at >= _IDLE_POLL
+            ):
+                await self._pull(consumer, batch, None)
+
+    def _streaming(self) -> bool:
+        """Is a request delivering right now (so waiting a moment fills the batch)?"""
+        now = asyncio.get_running_loop().time()
+        for consumer in self._consumers.values():
+            request = consumer.request
+            if (
+                request is not None
+                and (not request.lingering or request.delivered > 0)
+                and now <= request.lost_at
+            ):
+                return True
+        return False
+
+    async def _wait(self, until: float, seen: int) -> None:
+        if self._arrivals != seen or self._closed:
+            return
+        self._arrived.clear()
+        timeout = until - asyncio.get_running_loop().time()
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+
+    # the contract ----------------------------------------------------------------------------
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if self._closed:
+            raise TransportError(f"NATS: the subscription of {self.group} is closed")
+        want = max(1, max_messages)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            if self._closed:
+                return []
+            seen = self._arrivals
+            now = loop.time()
+            if self._buffer:
+                if len(self._buffer) < want and now < deadline and self._streaming():
+                    await self._wait(deadline, seen)
+                    continue
+                out = self._hand_over(want)
+                await self._prefetch(want)
+                return out
+            if now >= deadline:
+                await self._prefetch(want)
+                return []
+            await self._linger(want, deadline - now)
+            await self._wait(deadline, seen)
+
+    def _hand_over(self, count: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        buffer = self._buffer
+        names = self._transport._names
+        unsettled = self._unsettled
+        consumers = self._consumers
+        for _ in range(min(count, len(buffer))):
+            msg, tokens, arrived = buffer.popleft()
+            v1 = len(tokens) == 9
+            topic, group = names.parse_subject(msg.subject)
+            event_id = message_id(msg.headers, f"nats:{tokens[5] if v1 else tokens[7]}")
+            unsettled[msg.reply] = (msg, arrived)
+            out.append(
+                Delivery(
+                    Message(event_id, topic, msg.data, group),
+                    int(tokens[4] if v1 else tokens[6]),
+                    msg,
+                )
+            )
+            consumer = consumers.get(tokens[3] if v1 else tokens[5])
+            if consumer is not None:
+                consumer.backlog = int(tokens[8] if v1 else tokens[10])
+        return out
+
+    async def _settle(self, deliveries: Sequence[Delivery], payload: bytes, doing: str) -> None:
+        unsettled = self._unsettled
+        replies = [delivery.handle.reply for delivery in deliveries]
+        for reply in replies:
+            unsettled.pop(reply, None)
+        with translated(f"{doing} in {self.group}"):
+            await self._client.send(replies, payload)
+            if self._transport.settings.ack_flush and self._client.connected.is_set():
+                await self._client.nc.flush(
+                    timeout=math.ceil(self._transport.settings.request_timeout)
+                )
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await self._settle(deliveries, _ACK, "acknowledging")
+
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        if delay > 0:
+            nanos = int((delay + self._transport.settings.retry_margin) * 1e9)
+            payload = b'-NAK {"delay":%d}' % nanos
+        else:
+            payload = _NAK
+        await self._settle([delivery], payload, "scheduling a retry")
+
+    async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
+        msg: Msg = delivery.handle
+        tokens = msg.reply.split(".")
+        stream_seq = tokens[5] if len(tokens) == 9 else tokens[7]
+        names = self._transport._names
+        header = dead_letter_header(
+            delivery.message, self.group, failure, delivery.attempt, self._transport._now()
+        )
+        headers = {
+            # the same delivery dead-lettered twice (after a crash) is stored once
+            "Nats-Msg-Id": f"dl/{self.group}/{stream_seq}/{delivery.attempt}",
+            "Choreograph-Dead-Letter": header,
+        }
+        # stored in the dead letters first: a crash in between duplicates, never loses
+        await self._client.publish([(names.dlq_subject(self.group), msg.data, headers)])
+        await self._settle([delivery], _TERM, "dead-lettering")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._arrived.set()
+        self._client.on_reconnect.discard(self._on_reconnect)
+        self._transport._subscriptions.discard(self)
+        sub, self._sub = self._sub, None
+        if sub is not None and self._client.is_open:
+            try:
+                # stop the server delivering to us, and take in what was already on its way
+                if self._client.connected.is_set():
+                    drained = sub.drain()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(drained, self._transport.settings.request_timeout)
+                else:
+                    await sub.unsubscribe()
+            except (ne.Error, OSError) as exc:
+                log.debug("draining the member of %s failed: %s", self.group, exc)
+        if self._keeper is not None:
+            self._keeper.cancel()
+        give_back = [held[0] for held in self._buffer] + [m for m, _ in self._unsettled.values()]
+        self._buffer.clear()
+        self._unsettled.clear()
+        if not give_back or not self._client.is_open:
+            return
+        try:
+            await self._client.send([msg.reply for msg in give_back], _NAK)
+            if self._client.connected.is_set():
+                await self._client.nc.flush(
+                    timeout=math.ceil(self._transport.settings.request_timeout)
+                )
+        except (ne.Error, OSError, TransportError) as exc:
+            # they come back when their lease runs out
+            log.debug("giving back %d deliveries of %s failed: %s", len(give_back), self.group, exc)

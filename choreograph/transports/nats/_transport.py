@@ -1,0 +1,392 @@
+"""The ``nats://`` transport: streams, groups as durable consumers, publishing, dead letters."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Collection, Sequence
+from typing import Any, Self
+
+from nats.js.errors import APIError, NotFoundError
+
+from choreograph.envelope import MAX_EVENT_BYTES
+from choreograph.errors import ConfigurationError, PayloadTooLarge, TransportError
+from choreograph.transport import (
+    DeadLetter,
+    Failure,
+    Message,
+    Transport,
+    check_group,
+    redact,
+)
+from choreograph.transports.nats._client import Client, Outgoing
+from choreograph.transports.nats._errors import translated
+from choreograph.transports.nats._names import (
+    DEAD_LETTER_HEADER,
+    MAX_ID_CHARS,
+    Names,
+    message_headers,
+    parse_dead_letter_header,
+    parse_headers,
+)
+from choreograph.transports.nats._settings import NatsSettings
+from choreograph.transports.nats._subscription import NatsSubscription
+
+_NANOS = 1_000_000_000
+_HEADROOM = 64 * 1024
+"""Bytes of the server's max_payload kept for headers (ids, dead-letter records)."""
+_NO_MESSAGE = frozenset({10037})
+"""JetStream error codes meaning "no message at that sequence" (get)."""
+
+
+class NatsTransport(Transport):
+    """The bus on NATS JetStream (nats-server >= 2.9, one filter subject per consumer).
+
+    See ``docs/transport-nats.md`` for the guarantees, the ordering it gives, the settings and how
+    to run it in production.
+    """
+
+    scheme = "nats"
+
+    def __init__(self, settings: NatsSettings | None = None) -> None:
+        self.settings = settings or NatsSettings(url="nats://127.0.0.1:4222")
+        self._names = Names(self.settings.namespace)
+        self._client = Client(self.settings)
+        self._subscriptions: set[NatsSubscription] = set()
+        self._ack_waits: dict[str, float] = {}
+        """Consumers known to exist, with the lease (ack_wait) they were last given here."""
+        self._groups: dict[str, set[str]] = {}
+        self._streams_ready = False
+        self.max_message_bytes = MAX_EVENT_BYTES
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(NatsSettings.from_url(url))
+
+    def __repr__(self) -> str:
+        return f"NatsTransport({redact(self.settings.url)!r})"
+
+    @staticmethod
+    def _now() -> float:
+        return time.time()
+
+    # connection ---------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._client.is_open and self._streams_ready:
+            return
+        await self._client.open()
+        server_limit = self._client.nc.max_payload - _HEADROOM
+        self.max_message_bytes = max(1024, min(MAX_EVENT_BYTES, server_limit))
+        with translated("creating the streams"):
+            await self._ensure_streams()
+        self._streams_ready = True
+
+    async def close(self) -> None:
+        for sub in list(self._subscriptions):
+            await sub.close()
+        self._streams_ready = False
+        self._ack_waits.clear()
+        await self._client.close()
+
+    def _check_open(self) -> None:
+        if not (self._client.is_open and self._streams_ready):
+            raise TransportError("NATS: the transport is not connected (call connect() first)")
+
+    async def _ensure_streams(self) -> None:
+        names, s = self._names, self.settings
+        replicas, storage = s.replicas, s.storage
+        await self._ensure_stream(
+            {
+                "name": names.events,
+                "description": f"choreograph events of namespace {names.namespace}",
+                "subjects": names.event_subjects,
+                "retention": s.retention,
+                "storage": storage,
+                "num_replicas": replicas,
+                "max_age": int(s.max_age * _NANOS),
+                "max_bytes": s.max_bytes,
+                "max_msg_size": -1,
+                "discard": "new",
+                "duplicate_window": int(s.duplicate_window * _NANOS),
+            }
+        )
+        await self._ensure_stream(
+            {
+                "name": names.dlq,
+                "description": f"choreograph dead letters of namespace {names.namespace}",
+                "subjects": names.dlq_subjects,
+                "retention": "limits",
+                "storage": storage,
+                "num_replicas": replicas,
+                "max_age": int(s.dlq_max_age * _NANOS),
+                "discard": "new",
+                "duplicate_window": int(min(s.duplicate_window, 120) * _NANOS),
+            }
+        )
+
+    async def _ensure_stream(self, config: dict[str, Any]) -> None:
+        name = config["name"]
+        try:
+            info = await self._client.api(f"STREAM.INFO.{name}")
+        except NotFoundError:
+            try:
+                await self._client.api(f"STREAM.CREATE.{name}", config)
+                return
+            except APIError as exc:
+                if exc.err_code != 10058:  # created meanwhile by another process
+                    raise TransportError(f"NATS: cannot create stream {name}: {exc}") from exc
+                info = await self._client.api(f"STREAM.INFO.{name}")
+        existing = info.get("config", {})
+        missing = set(config["subjects"]) - set(existing.get("subjects") or [])
+        if missing or existing.get("retention") != config["retention"]:
+            raise ConfigurationError(
+                f"stream {name} exists on the server with another configuration "
+                f"(subjects {existing.get('subjects')}, retention {existing.get('retention')}); "
+                f"expected subjects {config['subjects']}, retention {config['retention']}: "
+                "use another namespace or delete the stream"
+            )
+
+    # groups -------------------------------------------------------------------------------------
+
+    def _consumer_config(self, group: str, topic: str | None, ack_wait: float) -> dict[str, Any]:
+        names, s = self._names, self.settings
+        if topic is None:
+            name = names.group_consumer(group)
+            subject = names.group_filter(group)
+            what = f"group {group}: messages sent to it alone (replays)"
+        else:
+            name = names.topic_consumer(group, topic)
+            subject = names.topic_subject(topic)
+            what = f"group {group}: topic {topic[:200]}"
+        return {
+            "durable_name": name,
+            "description": f"choreograph {what}",
+            "filter_subject": subject,
+            "deliver_policy": "new",
+            "ack_policy": "explicit",
+            "ack_wait": int(ack_wait * _NANOS),
+            "max_deliver": s.max_deliver,
+            "max_ack_pending": s.max_ack_pending,
+            "replay_policy": "instant",
+            "num_replicas": s.replicas,
+            "mem_storage": s.storage == "memory",
+        }
+
+    async def _declare(self, group: str, topics: Collection[str], lease: float | None) -> list[str]:
+        """Create the group's consumers that are missing; with ``lease``, set their ack_wait."""
+        check_group(group)
+        self._check_open()
+        wanted: list[str | None] = [None, *sorted(set(topics))]
+        names: list[str] = []
+        for topic in wanted:
+            config = self._consumer_config(group, topic, lease or self.settings.ack_wait)
+            name = config["durable_name"]
+            names.append(name)
+            known = self._ack_waits.get(name)
+            if known is not None and (lease is None or known <= lease + 1e-6):
+                continue
+            await self._ensure_consumer(name, config, lease)
+        self._groups.setdefault(group, set()).update(names)
+        return names
+
+    async def _ensure_consumer(
+        self, name: str, config: dict[str, Any], lease: float | None
+    ) -> None:
+        stream = self._names.events
+        request = {"stream_name": stream, "config": config}
+        try:
+            info = await self._client.api(f"CONSUMER.INFO.{stream}.{name}")
+        except NotFoundError:
+            info = await self._client.api(f"CONSUMER.DURABLE.CREATE.{stream}.{name}", request)
+        else:
+            current = info.get("config", {}).get("ack_wait", 0) / _NANOS
+            if lease is not None and lease < current - 1e-6:
+                # ack_wait is the consumer's, shared by the group's members and applied to what
+                # they already hold: the shortest lease asked for wins (a dead member's messages
+                # come back in time; a member wanting longer extends its own, see _Keeper)
+                info = await self._client.api(f"CONSUMER.DURABLE.CREATE.{stream}.{name}", request)
+        self._ack_waits[name] = info.get("config", {}).get("ack_wait", 0) / _NANOS
+
+    async def declare_group(self, group: str, topics: Collection[str]) -> None:
+        with translated(f"declaring group {group}"):
+            await self._declare(group, topics, None)
+
+    async def subscribe(
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
+    ) -> NatsSubscription:
+        if not lease > 0:
+            raise ConfigurationError(f"lease must be > 0 seconds, got {lease}")
+        with translated(f"declaring group {group}"):
+            consumers = await self._declare(group, topics, lease)
+        sub = NatsSubscription(self, group, frozenset(topics), consumers, lease)
+        await sub.start()
+        self._subscriptions.add(sub)
+        return sub
+
+    async def lag(self, group: str) -> int | None:
+        self._check_open()
+        with translated(f"reading the lag of {group}"):
+            return await self._lag(group)
+
+    async def _lag(self, group: str) -> int | None:
+        names = self._groups.get(group) or await self._list_consumers(group)
+        if not names:
+            return None
+        total = 0
+        for name in sorted(names):
+            try:
+                info = await self._client.api(f"CONSUMER.INFO.{self._names.events}.{name}")
+            except NotFoundError:
+                continue
+            total += int(info.get("num_pending", 0))
+        return total
+
+    async def _list_consumers(self, group: str) -> set[str]:
+        found: set[str] = set()
+        offset = 0
+        while True:
+            page = await self._client.api(
+                f"CONSUMER.NAMES.{self._names.events}", {"offset": offset}
+            )
+            batch = page.get("consumers") or []
+            found.update(n for n in batch if self._names.is_consumer_of(n, group))
+            offset += len(batch)
+            if not batch or offset >= int(page.get("total", 0)):
+                return found
+
+    # publishing ---------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        self._check_open()
+        for message in messages:
+            if len(message.body) > self.max_message_bytes:
+                raise PayloadTooLarge(
+                    f"message {message.id[:100]} is {len(message.body)} bytes; "
+                    f"the limit is {self.max_message_bytes}"
+                )
+            if len(message.id) > MAX_ID_CHARS:
+                raise PayloadTooLarge(
+                    f"message id of {len(message.id)} characters; the limit is {MAX_ID_CHARS}"
+                )
+            if message.group is not None:
+                check_group(message.group)
+        await self._client.publish([self._outgoing(m) for m in messages])
+
+    def _outgoing(self, message: Message, nonce: str | None = None) -> Outgoing:
+        names = self._names
+        if message.group is None:
+            subject = names.topic_subject(message.topic)
+        else:
+            subject = names.group_subject(message.group, message.topic)
+        return subject, message.body, message_headers(message, nonce)
+
+    # dead letters -------------------------------------------------------------------------------
+
+    async def _dead_letter_at(
+        self, seq: int, subject: str | None
+    ) -> tuple[int, DeadLetter | None] | None:
+        """The first dead-letter record at or after ``seq`` (on ``subject`` if given), or None.
+        Returns its sequence and the record (None when the message is not one of ours)."""
+        request: dict[str, Any] = {"seq": seq}
+        if subject is not None:
+            request["next_by_subj"] = subject
+        try:
+            answer = await self._client.api(f"STREAM.MSG.GET.{self._names.dlq}", request)
+        except NotFoundError:
+            return None
+        except APIError as exc:
+            if exc.err_code in _NO_MESSAGE:
+                return None
+            raise
+        raw = answer["message"]
+        found = int(raw["seq"])
+        headers = parse_headers(base64.b64decode(raw.get("hdrs") or ""))
+        record = parse_dead_letter_header(headers.get(DEAD_LETTER_HEADER, ""))
+        if record is None:
+            return found, None
+        body = base64.b64decode(raw.get("data") or "")
+        dead = DeadLetter(
+            id=str(found),
+            group=str(record.get("group", "")),
+            message=Message(record["id"], str(record.get("topic", "")), body),
+            failure=Failure(
+                str(record.get("reason", "")),
+                str(record.get("error_type", "")),
+                str(record.get("error", "")),
+            ),
+            attempts=int(record.get("attempts", 0)),
+            failed_at=float(record.get("failed_at", 0.0)),
+        )
+        return found, dead
+
+    async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        self._check_open()
+        if group is not None:
+            check_group(group)
+        subject = self._names.dlq_subject(group) if group else self._names.dlq_subjects[0]
+        found: list[DeadLetter] = []
+        seq = 1
+        with translated("listing dead letters"):
+            while len(found) < limit:
+                at = await self._dead_letter_at(seq, subject)
+                if at is None:
+                    break
+                seq, dead = at[0] + 1, at[1]
+                if dead is not None:
+                    found.append(dead)
+        return found
+
+    @staticmethod
+    def _sequence(dead_letter_id: str) -> int | None:
+        if not dead_letter_id.isdigit() or len(dead_letter_id) > 19:
+            return None
+        seq = int(dead_letter_id)
+        return seq if seq > 0 else None
+
+    async def _get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        seq = self._sequence(dead_letter_id)
+        if seq is None:
+            return None
+        at = await self._dead_letter_at(seq, None)
+        if at is None or at[0] != seq:
+            return None
+        return at[1]
+
+    async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
+        self._check_open()
+        with translated(f"replaying dead letter {dead_letter_id[:40]}"):
+            return await self._replay(dead_letter_id, body)
+
+    async def _replay(self, dead_letter_id: str, body: bytes | None) -> bool:
+        dead = await self._get_dead_letter(dead_letter_id)
+        if dead is None or not dead.group:
+            return False
+        original = dead.message
+        message = Message(
+            original.id, original.topic, original.body if body is None else body, dead.group
+        )
+        if len(message.body) > self.max_message_bytes:
+            raise PayloadTooLarge(
+                f"replayed body is {len(message.body)} bytes; the limit is {self.max_message_bytes}"
+            )
+        # published before the record is deleted: a crash in between replays twice, never loses
+        await self._client.publish([self._outgoing(message, f"replay-{dead.id}")])
+        await self._delete_dead_letter(int(dead.id))
+        return True
+
+    async def discard(self, dead_letter_id: str) -> bool:
+        self._check_open()
+        with translated(f"discarding dead letter {dead_letter_id[:40]}"):
+            if await self._get_dead_letter(dead_letter_id) is None:
+                return False
+            return await self._delete_dead_letter(int(dead_letter_id))
+
+    async def _delete_dead_letter(self, seq: int) -> bool:
+        try:
+            await self._client.api(f"STREAM.MSG.DELETE.{self._names.dlq}", {"seq": seq})
+        except APIError as exc:
+            if exc.code in (400, 404, 500) and "no message" in str(exc.description).lower():
+                return False
+            raise
+        return True

@@ -1,0 +1,142 @@
+"""The flow recorder: events, handlings and outcomes of each transaction, and queries on them."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+from choreograph.envelope import Envelope, encode
+from choreograph.observe.flows import flow_stats, load_transaction, stuck_transactions
+from choreograph.observe.model import FlowModel
+from choreograph.observe.recorder import REPORTS_TOPIC, Recorder
+from choreograph.transport import Delivery, Message
+from tests.observe.conftest import Recorded, place
+from tests.observe.shop import build_app
+from tests.support.brokers import POSTGRES
+
+
+async def test_completed_transaction_with_a_retry(recorded: Recorded) -> None:
+    await place(recorded.runtime, "o-1", sku="flaky")
+    await recorded.ended("o-1")
+    view = await load_transaction(recorded.recorder.db, "o-1", FlowModel(build_app()))
+    assert view is not None
+    assert view["status"] == "completed" and view["terminal"] == "OrderShipped"
+    types = [e["type"] for e in view["events"]]
+    assert types[0] == "OrderPlaced" and types[-1] == "OrderShipped"
+    assert sorted(types) == sorted(
+        ["OrderPlaced", "StockReserved", "PaymentCharged", "OrderShipped"]
+    )
+    placed = view["events"][0]
+    stock = [(h["attempt"], h["outcome"]) for h in placed["handlings"] if h["service"] == "stock"]
+    assert stock == [(1, "retry"), (2, "done")]
+    assert view["counts"]["retries"] == 1
+    assert view["stuck_at"] == []
+    assert all(x["status"] in ("done", "met", "cancelled") for x in view["expected"]), view[
+        "expected"
+    ]
+
+
+async def test_failed_compensated_and_stuck(recorded: Recorded) -> None:
+    await place(recorded.runtime, "o-bad", sku="declined")
+    await place(recorded.runtime, "o-stuck", sku="silent")
+    await recorded.ended("o-bad")
+    db = recorded.recorder.db
+    model = FlowModel(build_app())
+    bad = await load_transaction(db, "o-bad", model)
+    assert bad is not None and bad["status"] == "failed"
+    assert bad["counts"]["compensations"] == 2
+    stuck = await stuck_transactions(db, 0.0, model=model)
+    assert [r["correlation_id"] for r in stuck] == ["o-stuck"]
+    waiting = " ".join(stuck[0]["waiting_for"])
+    assert "stock.reserve (silent" in waiting and "shipping.ship (waiting" in waiting
+    stats = await flow_stats(db, stuck_after=0.0)
+    assert stats["transactions"]["failed"] == 1 and stats["transactions"]["stuck"] == 1
+    assert stats["services"]["stock"]["compensations"] == 1
+
+
+# the database, on both backends ------------------------------------------------------------------
+
+PG_URL = os.environ.get("CHOREOGRAPH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/flows.db"
+        return
+    POSTGRES.require()
+    schema = "flows_" + uuid.uuid4().hex[:10]
+    yield f"{PG_URL}?schema={schema}"
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def delivery(envelope: Envelope) -> Delivery:
+    return Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt=1)
+
+
+async def test_recording_is_idempotent_and_summarised(db_url: str) -> None:
+    app = build_app()
+    placed = Envelope(
+        "e1", "OrderPlaced", "shop", "tx-1", {"order_id": "1", "sku": "ok", "amount": 1.0}
+    )
+    shipped = Envelope(
+        "e2", "OrderShipped", "shipping", "tx-1", {"order_id": "1"}, causationid="e1"
+    )
+    report = {
+        "id": "r1",
+        "event_id": "e1",
+        "event_type": "OrderPlaced",
+        "correlation_id": "tx-1",
+        "service": "stock",
+        "handler": "reserve",
+        "kind": "handler",
+        "attempt": 1,
+        "outcome": "retry",
+        "delay": 0.5,
+        "reason": "handler error",
+        "error_type": "RetryLater",
+        "error": "busy",
+        "note": None,
+        "emitted": [],
+        "started": time.time(),
+        "ended": time.time(),
+    }
+    reports = Envelope("r", REPORTS_TOPIC, "test", "r", {"reports": [report]})
+    recorder = Recorder(app, "memory://", db_url)
+    await recorder.db.open()
+    try:
+        batch = [delivery(placed), delivery(shipped), delivery(reports)]
+        await recorder.record(batch)
+        await recorder.record(batch)  # at-least-once: the same messages again
+
+        view = await load_transaction(recorder.db, "tx-1", FlowModel(app))
+        assert view is not None
+        assert view["status"] == "completed" and view["counts"]["events"] == 2
+        assert view["counts"]["retries"] == 1
+        assert [h["outcome"] for h in view["events"][0]["handlings"]] == ["retry"]
+        assert view["roots"] == ["e1"]
+        assert await stuck_transactions(recorder.db, 0.0) == []
+    finally:
+        await recorder.db.close()
+
+
+def test_database_urls() -> None:
+    from choreograph.errors import ConfigurationError
+    from choreograph.observe.flowdb import PostgresFlowDb, SqliteFlowDb, flowdb_from_url
+
+    assert isinstance(flowdb_from_url("sqlite:///flows.db"), SqliteFlowDb)
+    pg = flowdb_from_url("postgresql://u:secret@db/x?schema=obs&sslmode=disable")
+    assert isinstance(pg, PostgresFlowDb) and pg.schema == "obs"
+    for bad in ("mysql://x", "sqlite://host/x.db", "postgresql://db/x?schema=a;drop"):
+        with pytest.raises(ConfigurationError):
+            flowdb_from_url(bad)
