@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -39,6 +40,9 @@ app_option = click.option(
 
 
 def resolve_app(spec: str) -> App:
+    """Import the app; modules in the working directory are found as with ``python -m``."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return load_app(spec)
     except ChoreographError as exc:

@@ -246,7 +246,7 @@ class TracingMiddleware(Middleware):
 
     def _extract(self, envelope: Envelope) -> OtelContext | None:
         if not envelope.traceparent:
-            return None
+            return _synthetic_parent(envelope)
         carrier = {"traceparent": envelope.traceparent}
         if envelope.tracestate:
             carrier["tracestate"] = envelope.tracestate
@@ -263,6 +263,21 @@ class TracingMiddleware(Middleware):
         from opentelemetry import propagate
 
         propagate.inject(carrier, context)
+
+
+def _synthetic_parent(envelope: Envelope) -> OtelContext:
+    """A remote parent for an event published without trace context (``choreograph publish``,
+    a producer in another language): its trace id derives from the correlation id and its span
+    id from the event id, so every service handling it, and everything after, shares one trace."""
+    import hashlib
+
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    trace_id = int(hashlib.sha256(envelope.correlationid.encode()).hexdigest()[:32], 16) or 1
+    span_id = int(hashlib.sha256(envelope.id.encode()).hexdigest()[:16], 16) or 1
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1))
+    return trace.set_span_in_context(NonRecordingSpan(parent))
 
 
 def _with_carrier(envelope: Envelope, carrier: dict[str, str]) -> Envelope:

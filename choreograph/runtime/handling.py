@@ -20,6 +20,7 @@ from choreograph.context import Context, State
 from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_id
 from choreograph.errors import (
     InvalidMessage,
+    PayloadTooLarge,
     PermanentFailure,
     RetryLater,
     SchemaViolation,
@@ -57,6 +58,16 @@ class Route:
     deadline_starts: list[DeadlineSpec] = field(default_factory=list)
     deadline_stops: list[DeadlineSpec] = field(default_factory=list)
     terminal: bool = False
+
+    @property
+    def allowed(self) -> tuple[type[Event], ...]:
+        """What a handling of this type may emit."""
+        found: tuple[type[Event], ...] = ()
+        if self.handler is not None:
+            found += self.handler.emits
+        if self.join is not None:
+            found += self.join.emits
+        return found
 
     @property
     def name(self) -> str:
@@ -144,7 +155,7 @@ class Handling:
             async with tx.savepoint():
                 notes: list[str] = []
                 events = await self._run(ctx, lambda: self._react(ctx, route, event, notes))
-                emitted, ready = await self._emit(tx, ctx, events)
+                emitted, ready = await self._emit(tx, ctx, events, route.allowed)
                 await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
             return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
@@ -255,6 +266,7 @@ class Handling:
         attempt = int(data.get("attempt", 1))
         kind, _, name = timer.name.partition(":")
         ctx = Context(self.service.name, cause, attempt, State(tx), self.clock, name)
+        ctx.extras["timer"] = timer.name
         spec: DeadlineSpec | JoinSpec | None = (
             self.service.deadlines.get(name) if kind == "deadline" else self.service.joins.get(name)
         )
@@ -264,7 +276,7 @@ class Handling:
             async with tx.savepoint():
                 notes: list[str] = []
                 events = await self._run(ctx, lambda: self._expire(ctx, spec, timer, notes))
-                emitted, ready = await self._emit(tx, ctx, events)
+                emitted, ready = await self._emit(tx, ctx, events, spec.emits)
         except Exception as exc:
             policy = spec.retry or self.service.retry
             if not isinstance(exc, PermanentFailure) and not policy.gives_up(attempt):
@@ -345,8 +357,10 @@ class Handling:
         return envelope
 
     async def _emit(
-        self, tx: StoreTx, ctx: Context, events: list[Event]
+        self, tx: StoreTx, ctx: Context, events: list[Event], allowed: tuple[type[Event], ...]
     ) -> tuple[list[Envelope], list[Message]]:
+        if ctx.later:
+            _checked(ctx.handler, allowed, [event for event, _ in ctx.later])
         for event in events:
             if isinstance(event, self.app.terminal):
                 await self._end_transaction(ctx, event)
@@ -417,10 +431,24 @@ class Handling:
             # The same failure announced twice (crash before the dead-letter) has one id.
             id=str(uuid.uuid5(_FAILED_IDS, f"{self.service.name}/{name}/{ctx.event_id}"))
         )
-        row = OutboxRow(envelope.id, envelope.type, encode(envelope))
+        try:
+            body = encode(envelope, limit=self.max_event_bytes)
+        except PayloadTooLarge:
+            # The failed event was near the limit: announce it with its short fields only.
+            data = {**envelope.data, "data": _scalars(ctx.envelope.data)}
+            body = encode(envelope.evolve(data=data), limit=self.max_event_bytes)
+        row = OutboxRow(envelope.id, envelope.type, body)
         await tx.add_outbox([row], claimed_until=self.clock.now() + FAST_PATH_CLAIM)
         ready = [Message(row.id, row.topic, row.body)]
         return Outcome("dead_letter", failure=failure, emitted=[envelope], ready=ready)
+
+
+def _scalars(data: dict[str, Any], longest: int = 200) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in data.items()
+        if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= longest)
+    }
 
 
 def _bind(mw: Middleware, ctx: Context, call_next: Next) -> Next:

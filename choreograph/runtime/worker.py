@@ -130,6 +130,12 @@ class ServiceWorker:
                 log.warning("%s: transport error, retrying in %.1fs: %s", self.name, backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # A bug or an outage of the store: the batch was not settled, so its messages
+                # come back after their lease. Keep consuming rather than die silently.
+                log.exception("%s: batch failed, retrying in %.1fs", self.name, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _receive(self, subscription: Subscription) -> list[Delivery]:
         receive = asyncio.ensure_future(

@@ -1,28 +1,19 @@
 """``postgresql://user@host:port/db?schema=NAME`` service stores (``postgres://`` too).
 
 Each service owns one schema (default: its name, sanitized) holding the same four tables as the
-SQLite store: ``state``, ``inbox``, ``outbox`` and ``timers``. Replicas of a service share the
-schema; what keeps them from stepping on each other is chosen with ``locking=``:
+SQLite store: ``state``, ``inbox``, ``outbox`` and ``timers``. Replicas of a service share it.
 
-``service`` (default)
-    Every transaction first takes one lock per service (a transaction-scoped advisory lock), so
-    the handlings of all replicas and lanes run one batch at a time, exactly like the SQLite
-    store. Reads are as good as serializable; no deadlock is possible. Replicas still share the
-    relay and the timers (``claim_outbox`` and ``take_due_timers`` use ``SKIP LOCKED``) and take
-    over from each other at once.
+Concurrency: every transaction first takes one lock per service (a transaction-scoped advisory
+lock), so the batches of all lanes and replicas of a service run one after the other, exactly
+like on the SQLite store: whatever a handler reads stays true until it commits (``find`` then
+``put`` never reserves one document twice, a read-modify-write never loses an update, an event
+handled by one replica is seen by the other) and no deadlock is possible. Work outside handler
+transactions is shared between replicas without waiting: ``claim_outbox`` and
+``take_due_timers`` skip rows another replica holds (``FOR UPDATE SKIP LOCKED``). See
+``docs/stores.md`` for why documents are not locked one by one.
 
-``document``
-    Batches run in parallel. Each document a transaction reads or writes (``get``, ``put``,
-    ``delete``, and every document ``find`` returns) is locked until the commit, and so is each
-    event id it checks with ``seen``: a read-modify-write never loses an update, the same event
-    is never handled twice at once, and ``find`` followed by ``put`` never reserves one document
-    twice (``find`` waits for a locked match, re-reads it and tops up with further matches when
-    it no longer matches). ``count`` locks nothing. Two batches locking the same documents in
-    opposite orders deadlock: PostgreSQL aborts one statement after ``deadlock_timeout``, and
-    the runtime retries that message (the error happens in its savepoint).
-
-Other URL options: ``pool_size`` (most connections per store, default 5). All other query
-options are passed to asyncpg.
+URL options: ``schema``, ``pool_size`` (most connections of one store, default 5); all others
+are passed to asyncpg (e.g. ``sslmode``).
 """
 
 from __future__ import annotations
@@ -32,7 +23,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Self, cast
+from typing import Any, Self, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -42,7 +33,6 @@ from choreograph.errors import ConfigurationError
 from choreograph.store import OutboxRow, Store, StoreTx, Timer
 from choreograph.transport import redact
 
-Locking = Literal["service", "document"]
 _MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; we refuse them instead
 
 
@@ -53,7 +43,6 @@ class PostgresSettings:
     dsn: str
     """The URL asyncpg connects with (our own options removed)."""
     schema: str
-    locking: Locking = "service"
     pool_size: int = 5
 
     @classmethod
@@ -63,11 +52,6 @@ class PostgresSettings:
             raise ConfigurationError(f"not a PostgreSQL URL: {redact(url)!r}")
         options = dict(parse_qsl(parts.query, keep_blank_values=True))
         schema = schema_name(options.pop("schema", "") or service)
-        locking = options.pop("locking", "service")
-        if locking not in ("service", "document"):
-            raise ConfigurationError(
-                f"locking={locking!r} in {redact(url)!r}: use locking=service or locking=document"
-            )
         try:
             pool_size = int(options.pop("pool_size", "5"))
         except ValueError:
@@ -75,7 +59,7 @@ class PostgresSettings:
         if pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1 in {redact(url)!r}")
         dsn = parts._replace(query=urlencode(options)).geturl()
-        return cls(dsn, schema, cast(Locking, locking), pool_size)
+        return cls(dsn, schema, pool_size)
 
 
 def schema_name(name: str) -> str:
@@ -126,29 +110,6 @@ CREATE TABLE IF NOT EXISTS {s}.timers (
 );
 CREATE INDEX IF NOT EXISTS timers_due ON {s}.timers (due_at);
 CREATE INDEX IF NOT EXISTS timers_key ON {s}.timers (key);
--- locking=document: lock, then read in a new statement (so with a snapshot taken after the
--- wait: a VOLATILE plpgsql function takes one per statement), in one round trip.
-CREATE OR REPLACE FUNCTION {s}.locked_get(lk BIGINT, k TEXT, y TEXT) RETURNS JSONB AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(lk);
-    RETURN (SELECT doc FROM {s}.state WHERE kind = k AND key = y);
-END $$ LANGUAGE plpgsql;
-CREATE OR REPLACE FUNCTION {s}.locked_delete(lk BIGINT, k TEXT, y TEXT) RETURNS BOOLEAN AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(lk);
-    DELETE FROM {s}.state WHERE kind = k AND key = y;
-    RETURN FOUND;
-END $$ LANGUAGE plpgsql;
-CREATE OR REPLACE FUNCTION {s}.locked_seen(lk BIGINT, e TEXT) RETURNS BOOLEAN AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock(lk);
-    RETURN EXISTS (SELECT 1 FROM {s}.inbox WHERE event_id = e);
-END $$ LANGUAGE plpgsql;
-CREATE OR REPLACE FUNCTION {s}.lock_all(lks BIGINT[]) RETURNS VOID AS $$
-DECLARE lk BIGINT;
-BEGIN
-    FOREACH lk IN ARRAY lks LOOP PERFORM pg_advisory_xact_lock(lk); END LOOP;
-END $$ LANGUAGE plpgsql;
 COMMENT ON SCHEMA {s} IS '{version}';
 """
 

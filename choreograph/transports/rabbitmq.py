@@ -31,7 +31,7 @@ import struct
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -714,6 +714,7 @@ class RabbitMQSubscription(Subscription):
         self._leases: deque[tuple[float, Delivery]] = deque()
         self._arrived = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._settle_lock = asyncio.Lock()
         self._receivers = 0
         self._last_receive = 0.0
         self._closed = False
@@ -805,8 +806,8 @@ class RabbitMQSubscription(Subscription):
         try:
             while not self._buffer and not self._closed:
                 if self._ctag is None and self._bus._ready.is_set():
-                    try:
-                        await self._activate()
+                    try:  # shielded: a cancelled AMQP call would close the channel
+                        await _shielded(self._activate())
                     except Exception as exc:
                         if self._bus._ready.is_set():
                             raise translate(exc, f"consuming from {self._queue!r}") from exc
@@ -847,32 +848,29 @@ class RabbitMQSubscription(Subscription):
         handle.held = False
         return True
 
-    async def _settle(self, deliveries: Sequence[Delivery], *, requeue: bool | None = None) -> None:
-        """Ack (or, with ``requeue``, nack) claimed deliveries. Acks are grouped: one multiple-ack
-        covers every tag below the oldest delivery still outstanding."""
-        ch = self._ch
-        tags = sorted(
-            h.tag
-            for h in (cast(_Handle, d.handle) for d in deliveries)
-            if h.epoch == self._epoch and self._outstanding.pop(h.tag, None) is not None
-        )
-        if not tags or ch is None:
-            return
-        try:
-            if requeue is not None:
-                for tag in tags:
-                    await ch.basic_nack(tag, requeue=requeue)
-                return
-            oldest = next(iter(self._outstanding), None)
-            covered = [t for t in tags if oldest is None or t < oldest]
-            if covered:
-                await ch.basic_ack(covered[-1], multiple=len(covered) > 1)
-            for tag in tags[len(covered) :]:
-                await ch.basic_ack(tag)
-        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError) as exc:
-            # the channel is gone, and with it the broker's record of these deliveries: they
-            # come back (at-least-once), so this is not an error for the caller
-            log.info("RabbitMQ: settling on a lost channel (%s); they will be redelivered", exc)
+    async def _settle(self, deliveries: Sequence[Delivery], *, requeue: bool = False) -> None:
+        """Ack (or nack with requeue) claimed deliveries. One multiple-ack covers every tag below
+        the oldest delivery still outstanding; the rest are acked one by one. Settlements are
+        serialized and each is written at once: a multiple-ack must never overtake the nack of
+        a tag it covers (the broker would close the channel on the unknown tag)."""
+        async with self._settle_lock:
+            ch = self._ch
+            tags = sorted(
+                h.tag
+                for h in (cast(_Handle, d.handle) for d in deliveries)
+                if h.epoch == self._epoch and self._outstanding.pop(h.tag, None) is not None
+            )
+            if not tags or ch is None or ch.is_closed:
+                return  # a lost channel's deliveries are back in the queue already
+            frames: list[spec.Basic.Ack | spec.Basic.Nack]
+            if requeue:
+                frames = [spec.Basic.Nack(tag, requeue=True) for tag in tags]
+            else:
+                oldest = next(iter(self._outstanding), None)
+                covered = [t for t in tags if oldest is None or t < oldest]
+                frames = [spec.Basic.Ack(covered[-1], len(covered) > 1)] if covered else []
+                frames += [spec.Basic.Ack(tag) for tag in tags[len(covered) :]]
+            await ch.write_queue.put(ChannelFrame.marshall(ch.number, frames))
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         await self._settle([d for d in deliveries if self._claim(d)])
@@ -996,3 +994,10 @@ class RabbitMQSubscription(Subscription):
                     await ch.close()  # anything still unacked goes back to the queue
             self._ch, self._ctag = None, None
         self._bus._subscriptions.discard(self)
+
+
+async def _shielded(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run to completion even if the caller is cancelled (its error is then only logged)."""
+    task = asyncio.ensure_future(coroutine)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.shield(task)

@@ -46,7 +46,7 @@ def build(knobs: Knobs) -> Service:
         within=knobs.join_timeout,
         starts_on=DeliveryRequested,
         on_timeout=join_timed_out,
-        emits=[DeliveryScheduled, DeliveryFailed],
+        emits=[DeliveryScheduled, DroneArrived, DeliveryFailed],
     )
     async def schedule_delivery(parts: Parts, ctx: Context) -> DeliveryScheduled | None:
         package, drone = parts[PackageReady], parts[DroneScheduled]

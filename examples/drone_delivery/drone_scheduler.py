@@ -38,8 +38,8 @@ def build(knobs: Knobs) -> Service:
     ) -> DroneScheduled | DroneUnavailable | None:
         if knobs.silent_drone_scheduler:
             return None  # consumes and never answers: delivery's deadline must notice
-        if await ctx.state.get("failed", event.delivery_id) is not None:
-            return None  # the delivery failed before its request reached us: reserve nothing
+        if await ctx.state.get("ended", event.delivery_id) is not None:
+            return None  # the delivery ended before (this copy of) its request reached us
         maybe_fail(knobs, "drone-scheduler", event.delivery_id, ctx.attempt)
         await ensure_fleet(ctx)
         held = await ctx.state.find("drone", {"delivery": event.delivery_id}, limit=1)
@@ -64,11 +64,12 @@ def build(knobs: Knobs) -> Service:
 
     @scheduler.compensate(DeliveryFailed, undoes=reserve_drone)
     async def release_drone(event: DeliveryFailed, ctx: Context) -> None:
-        await ctx.state.put("failed", event.delivery_id, {"reason": event.reason})
+        await ctx.state.put("ended", event.delivery_id, {"outcome": "failed"})
         await free_drone(ctx, event.delivery_id)
 
     @scheduler.on(DeliveryCompleted)
     async def drone_back(event: DeliveryCompleted, ctx: Context) -> None:
+        await ctx.state.put("ended", event.delivery_id, {"outcome": "completed"})
         await free_drone(ctx, event.delivery_id)
 
     return scheduler

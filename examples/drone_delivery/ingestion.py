@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -84,8 +85,8 @@ def create_http_app(runtime: Runtime) -> Starlette:
     """The ASGI app; ``runtime`` must run the ``ingestion`` service."""
 
     async def read_json(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("application/json"):
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
             raise _Reject(415, "send the request as application/json")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -130,8 +131,9 @@ def create_http_app(runtime: Runtime) -> Starlette:
             doc = await uow.state.get("delivery", delivery_id)
             if doc is None:
                 return problem(404, f"no delivery {delivery_id}")
-            if doc["status"] in TERMINAL:
-                return problem(409, f"delivery {delivery_id} already {doc['status']}")
+            if doc["status"] in (*TERMINAL, "in_flight"):
+                status = doc["status"].replace("_", " ")
+                return problem(409, f"delivery {delivery_id} is already {status}")
             uow.emit(DeliveryCancelRequested(delivery_id=delivery_id))
         return JSONResponse({"delivery_id": delivery_id, "status": "cancel requested"}, 202)
 
@@ -146,13 +148,18 @@ def create_http_app(runtime: Runtime) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "services": sorted(runtime.workers)})
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return problem(exc.status_code, exc.detail)
+
     return Starlette(
+        exception_handlers={HTTPException: http_error},
         routes=[
             Route("/api/deliveryrequests", submit, methods=["POST"]),
             Route("/api/deliveryrequests/{delivery_id}", cancel, methods=["DELETE"]),
             Route("/api/deliveries/{delivery_id}", status, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
-        ]
+        ],
     )
 
 

@@ -23,8 +23,8 @@ def build(knobs: Knobs) -> Service:
     async def create_package(
         event: DeliveryRequested, ctx: Context
     ) -> PackageReady | PackageRejected | None:
-        if await ctx.state.get("failed", event.delivery_id) is not None:
-            return None  # the delivery failed before its request reached us: nothing to create
+        if await ctx.state.get("ended", event.delivery_id) is not None:
+            return None  # the delivery ended before (this copy of) its request reached us
         maybe_fail(knobs, "package", event.delivery_id, ctx.attempt)
         info = event.package
         reason = ""
@@ -48,13 +48,14 @@ def build(knobs: Knobs) -> Service:
 
     @package.compensate(DeliveryFailed, undoes=create_package)
     async def release_package(event: DeliveryFailed, ctx: Context) -> None:
-        await ctx.state.put("failed", event.delivery_id, {"reason": event.reason})
+        await ctx.state.put("ended", event.delivery_id, {"outcome": "failed"})
         for key, doc in await ctx.state.find("package", {"delivery_id": event.delivery_id}):
             if doc["status"] == "ready":
                 await ctx.state.put("package", key, {**doc, "status": "released"})
 
     @package.on(DeliveryCompleted)
     async def mark_delivered(event: DeliveryCompleted, ctx: Context) -> None:
+        await ctx.state.put("ended", event.delivery_id, {"outcome": "completed"})
         doc = await ctx.state.get("package", event.package_id)
         if doc is not None:
             await ctx.state.put("package", event.package_id, {**doc, "status": "delivered"})

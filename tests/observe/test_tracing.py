@@ -127,3 +127,30 @@ def test_configure_tracing_console_and_none() -> None:
     configure_tracing("none", set_global=False)
     with pytest.raises(Exception, match="unknown trace exporter"):
         configure_tracing("zipkin", set_global=False)
+
+
+async def test_an_event_published_without_trace_context_still_makes_one_trace(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from choreograph.envelope import Envelope, encode
+    from choreograph.transport import Message
+    from tests.observe.shop import OrderPlaced
+
+    app = build_app()
+    async with Runtime(
+        app, transport="memory://", store="memory://", middleware=[tracing(exporter)]
+    ) as runtime:
+        # as `choreograph publish` or a producer in another language would: no traceparent
+        data = OrderPlaced(order_id="o-raw", sku="ok", amount=1).to_data()
+        envelope = Envelope("raw-1", "OrderPlaced", "elsewhere", "o-raw", data)
+        await runtime.transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
+        await wait_for(
+            lambda: (
+                bool(by_name(exporter.get_finished_spans(), "process OrderShipped"))
+                or len(by_name(exporter.get_finished_spans(), "shipping process")) >= 2
+            )
+        )
+    spans = exporter.get_finished_spans()
+    assert len({s.context.trace_id for s in spans}) == 1
+    roots = by_name(spans, "process OrderPlaced")
+    assert len(roots) == 2 and len({s.parent.span_id for s in roots if s.parent}) == 1

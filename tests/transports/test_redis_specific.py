@@ -709,6 +709,47 @@ async def test_with_aof_always_everything_survives_a_redis_crash(
         await again.close()
 
 
+@pytest.mark.slow
+async def test_the_acl_user_of_the_docs_can_do_everything(
+    private_redis: Callable[[bool], PrivateRedis], namespace: str
+) -> None:
+    # given the ACL user documented in docs/transport-redis.md, for this test's namespace
+    doc = (Path(__file__).parents[2] / "docs" / "transport-redis.md").read_text()
+    block = doc.split("ACL SETUSER ", 1)[1].split("```", 1)[0]
+    rules = block.replace("${PASSWORD}", "s3cret").replace("{shop}", "{" + namespace + "}").split()
+    server = private_redis(False)
+    admin = redis_sync.Redis(port=server.port)
+    admin.execute_command("ACL", "SETUSER", *rules)
+    user = rules[0]
+
+    # when a transport runs as that user through publish, receive, retry, dead-letter, replay, lag
+    url = f"redis://{user}:s3cret@127.0.0.1:{server.port}/0?namespace={namespace}"
+    bus = RedisTransport.from_url(url)
+    await bus.connect()
+    try:
+        group, topic = _name("g"), _name("topic")
+        sub = await bus.subscribe(group, [topic], lease=0.3)
+        await bus.publish([_message(topic), _message(topic)])
+        first, second = await _receive(sub, 2, within=5)
+        await sub.ack([second])
+        await sub.retry(first, 0.1)
+        [retried] = await _receive(sub, 1, within=5)
+        await sub.dead_letter(retried, Failure("x", "ValueError", "y"))
+        [dead] = await bus.dead_letters(group)
+        assert await bus.replay(dead.id)
+        [replayed] = await _receive(sub, 1, within=5)
+        [expired] = await _receive(sub, 1, within=5)  # taken over when its lease ran out
+        await sub.ack([expired])
+        assert (retried.attempt, replayed.attempt, expired.attempt) == (2, 1, 2)
+        assert await bus.lag(group) == 0
+
+        # then nothing was refused; and the same user cannot touch keys outside its namespace
+        with pytest.raises(rx.NoPermissionError):
+            redis_sync.Redis(port=server.port, username=user, password="s3cret").set("x", "1")
+    finally:
+        await bus.close()
+
+
 async def test_wait_replicas_raises_when_too_few_replicas_confirm(make: Factory) -> None:
     # given a transport asking for one replica's confirmation, on a server with none
     bus = await make(wait_replicas=1, wait_timeout=0.1)
