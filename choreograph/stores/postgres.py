@@ -18,6 +18,7 @@ are passed to asyncpg (e.g. ``sslmode``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -168,8 +169,6 @@ class _PostgresTx(StoreTx):
     def __init__(self, conn: asyncpg.Connection[Any], store: PostgresStore) -> None:
         self._conn = conn
         self._s = store.schema_sql
-        self._schema = store.settings.schema
-        self._lock_documents = store.settings.locking == "document"
         self._inbox: list[tuple[str, float]] = []
         self._outbox: list[tuple[OutboxRow, float]] = []
         self._frames: list[_Frame] = []  # open savepoints, outermost first
@@ -228,45 +227,22 @@ class _PostgresTx(StoreTx):
 
     # documents -------------------------------------------------------------------------------
 
-    def _key(self, kind: str, key: str) -> int:
-        return _lock_key(self._schema, "state", kind, key)
-
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        if self._lock_documents:
-            doc = await self._fetchval(
-                f"SELECT {self._s}.locked_get($1, $2, $3)", self._key(kind, key), kind, key
-            )
-        else:
-            doc = await self._fetchval(
-                f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
-            )
+        doc = await self._fetchval(
+            f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+        )
         return cast("dict[str, Any] | None", doc)
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
-        upsert = "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc"
-        if self._lock_documents:
-            await self._execute(
-                f"INSERT INTO {self._s}.state (kind, key, doc) "
-                f"SELECT $1::text, $2::text, $3::jsonb FROM pg_advisory_xact_lock($4) {upsert}",
-                kind,
-                key,
-                doc,
-                self._key(kind, key),
-            )
-        else:
-            await self._execute(
-                f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) {upsert}",
-                kind,
-                key,
-                doc,
-            )
+        await self._execute(
+            f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) "
+            "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc",
+            kind,
+            key,
+            doc,
+        )
 
     async def delete(self, kind: str, key: str) -> bool:
-        if self._lock_documents:
-            found = await self._fetchval(
-                f"SELECT {self._s}.locked_delete($1, $2, $3)", self._key(kind, key), kind, key
-            )
-            return bool(found)
         status = await self._execute(
             f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
         )
@@ -275,54 +251,13 @@ class _PostgresTx(StoreTx):
     async def find(
         self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
     ) -> list[tuple[str, dict[str, Any]]]:
-        if not self._lock_documents:
-            params: list[Any] = [kind, limit]
-            clause = _where(where, params)
-            rows = await self._fetch(
-                f"SELECT key, doc FROM {self._s}.state WHERE kind = $1{clause} "
-                "ORDER BY key LIMIT $2",
-                *params,
-            )
-            return [(row["key"], row["doc"]) for row in rows]
-        return await self._find_locked(kind, where, limit)
-
-    async def _find_locked(
-        self, kind: str, where: dict[str, Any] | None, limit: int
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Lock the candidates (in key order, so that two finds never deadlock each other), then
-        re-read them: a candidate another transaction changed meanwhile may no longer match, in
-        which case further candidates are taken, so a reservation finds the next free one."""
-        found: list[tuple[str, dict[str, Any]]] = []
-        after: str | None = None
-        while len(found) < limit:
-            want = limit - len(found)
-            params: list[Any] = [kind, after, want]
-            clause = _where(where, params)
-            keys: list[str] = [
-                row["key"]
-                for row in await self._fetch(
-                    f"SELECT key FROM {self._s}.state WHERE kind = $1 "
-                    f"AND ($2::text IS NULL OR key > $2){clause} ORDER BY key LIMIT $3",
-                    *params,
-                )
-            ]
-            if not keys:
-                break
-            await self._execute(
-                f"SELECT {self._s}.lock_all($1::bigint[])", [self._key(kind, k) for k in keys]
-            )
-            params = [kind, keys]
-            clause = _where(where, params)
-            rows = await self._fetch(
-                f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND key = ANY($2::text[])"
-                f"{clause} ORDER BY key",
-                *params,
-            )
-            found += [(row["key"], row["doc"]) for row in rows]
-            if len(keys) < want:
-                break
-            after = keys[-1]
-        return found
+        params: list[Any] = [kind, limit]
+        clause = _where(where, params)
+        rows = await self._fetch(
+            f"SELECT key, doc FROM {self._s}.state WHERE kind = $1{clause} ORDER BY key LIMIT $2",
+            *params,
+        )
+        return [(row["key"], row["doc"]) for row in rows]
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         params: list[Any] = [kind]
@@ -357,14 +292,8 @@ class _PostgresTx(StoreTx):
     # inbox -----------------------------------------------------------------------------------
 
     async def seen(self, event_id: str) -> bool:
-        if any(e == event_id for e, _ in self._inbox):
+        if any(seen_id == event_id for seen_id, _ in self._inbox):
             return True
-        if self._lock_documents:
-            # Waits while another transaction handles this very event, then sees its outcome.
-            lock = _lock_key(self._schema, "inbox", event_id)
-            return bool(
-                await self._fetchval(f"SELECT {self._s}.locked_seen($1, $2)", lock, event_id)
-            )
         return bool(
             await self._fetchval(
                 f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)", event_id
@@ -430,6 +359,7 @@ class PostgresStore(Store):
         self.settings = settings
         self.schema_sql = f'"{settings.schema}"'
         self._service_lock = _lock_key(settings.schema, "service")
+        self._local = asyncio.Lock()
         self._pool: asyncpg.Pool[Any] | None = None
 
     @classmethod
@@ -486,9 +416,10 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTx]:
-        async with self._get_pool().acquire() as conn, conn.transaction():
-            if self.settings.locking == "service":
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
+        # Lanes of this process queue here rather than each holding a connection while waiting
+        # for the lock of the service, which serialises them with the other replicas.
+        async with self._local, self._get_pool().acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
             tx = _PostgresTx(conn, self)
             yield tx
             await tx.flush()
