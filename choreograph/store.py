@@ -61,7 +61,11 @@ class StoreTx(ABC):
     async def find(
         self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Documents of ``kind`` whose top-level fields equal ``where``'s, by key order."""
+        """Documents of ``kind`` whose top-level fields equal ``where``'s, by key order.
+
+        ``where`` values are JSON scalars (str, int, float, bool, None); a field of that name
+        holding a list or an object never matches.
+        """
 
     @abstractmethod
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int: ...
@@ -85,7 +89,7 @@ class StoreTx(ABC):
 
     @abstractmethod
     async def forget_outbox(self, ids: Sequence[str]) -> None:
-        """Delete rows the caller has published."""
+        """Delete rows the caller has published (rows committed by an earlier transaction)."""
 
     # timers ------------------------------------------------------------------------------------
     @abstractmethod

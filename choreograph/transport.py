@@ -260,6 +260,8 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "nats": ("choreograph.transports.nats", "NatsTransport", "nats"),
     "amqp": ("choreograph.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
     "redis": ("choreograph.transports.redis", "RedisTransport", "redis"),
+    "rediss": ("choreograph.transports.redis", "RedisTransport", "redis"),
+    "amqps": ("choreograph.transports.rabbitmq", "RabbitMQTransport", "rabbitmq"),
 }
 
 DEFAULT_TRANSPORT_URL = "sqlite:///choreograph.db"

@@ -339,7 +339,8 @@ class _PostgresTx(StoreTx):
         return _count(status)
 
     async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
-        # SKIP LOCKED: a timer another replica is taking (or changing) right now is left to it.
+        # Transactions of a service take turns, but a timer being cancelled right now (by
+        # cancel_timer, outside them) is skipped rather than waited for.
         rows = await self._fetch(
             f"DELETE FROM {self._s}.timers WHERE (name, key) IN ("
             f"SELECT name, key FROM {self._s}.timers WHERE due_at <= $1 "

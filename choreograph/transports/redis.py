@@ -72,6 +72,8 @@ _MOVE_LIMIT = 500
 _REAP_IDLE_MS = 600_000
 """A consumer holding nothing and silent for this long is a member that is gone: forget it."""
 _ACK_CHUNK = 4000
+_CLAIM_LIMIT = 1000
+"""Both stay well under what one Lua ``unpack`` can spread into a command's arguments."""
 _FRAME = struct.Struct(">II")
 _RECORD = struct.Struct(">IIII")
 _DEAD_LETTER_ID = re.compile(r"^([A-Za-z0-9_-]{1,100}):(\d+-\d+)$")
@@ -588,7 +590,8 @@ class RedisTransport(Transport):
     ) -> T:
         """Run ``op``, retrying while Redis is unreachable (up to ``budget``, by default
         ``reconnect_timeout``), restoring this transport's declarations after a reconnect or when
-        Redis lost them (a restart without persistence), and translating errors."""
+        Redis lost them (a restart without persistence), and translating errors. With
+        ``retry=False`` (giving back on close) it tries once and restores nothing."""
         self._redis()  # closed transports refuse
         budget = self.settings.reconnect_timeout if budget is None else budget
         failing_since: float | None = None
@@ -615,7 +618,7 @@ class RedisTransport(Transport):
                 await asyncio.sleep(min(backoff, max(0.0, failing_since + budget - now)))
                 backoff = min(backoff * 2, 1.0)
             except rx.ResponseError as exc:
-                if "NOGROUP" in str(exc) and not restored and self._declared:
+                if retry and "NOGROUP" in str(exc) and not restored and self._declared:
                     # The group vanished: Redis restarted without persistence, or was flushed.
                     log.warning("redis: consumer group missing during %s; declaring again", what)
                     restored = True
@@ -866,10 +869,11 @@ class RedisSubscription(Subscription):
 
     async def _housekeep(self, want: int) -> list[Delivery]:
         bus = self._bus
+        claim = min(want, _CLAIM_LIMIT)
         wait_us, blob = await bus._script(
             "housekeep",
             [self._stream, bus._delayed_key, bus._delayed_counts_key],
-            [bus._prefix, self.group, self._consumer, self._lease_ms, want, _REAP_IDLE_MS],
+            [bus._prefix, self.group, self._consumer, self._lease_ms, claim, _REAP_IDLE_MS],
             "receive",
         )
         now = time.monotonic()
@@ -877,7 +881,7 @@ class RedisSubscription(Subscription):
         self._next_due = None if wait < 0 else now + wait / 1e6
         claimed = _decode_frames(blob) if blob else []
         # More may be waiting when the pass was full: go again at once.
-        self._next_housekeeping = now if len(claimed) >= want else now + self._interval
+        self._next_housekeeping = now if len(claimed) >= claim else now + self._interval
         return claimed
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

@@ -1,9 +1,8 @@
 """Fixtures of the store contract suite: every store by URL, each test in its own database.
 
-``store_url`` is parametrized over ``memory``, ``sqlite``, and PostgreSQL in both locking modes
-(``postgres`` and ``postgres-document``, marked ``postgres``: they skip locally when the server is
-down and fail under ``CI=true``). Each PostgreSQL test gets a schema of its own, dropped afterwards.
-Run one store with, e.g.::
+``store_url`` is parametrized over ``memory``, ``sqlite`` and ``postgres`` (marked ``postgres``:
+it skips locally when the server is down and fails under ``CI=true``). Each PostgreSQL test gets
+schemas of its own, dropped afterwards. Run one store with, e.g.::
 
     .venv/bin/python -m pytest tests/stores -k postgres -q
 """
@@ -27,12 +26,11 @@ STORE_URLS: dict[str, str] = {
     "memory": "memory://",
     "sqlite": "sqlite:///{tmp}/s.db",
     "postgres": PG_URL + "?schema={ns}_{{service}}",
-    "postgres-document": PG_URL + "?schema={ns}_{{service}}&locking=document",
 }
 
 
 def is_postgres(name: str) -> bool:
-    return name.startswith("postgres")
+    return name == "postgres"
 
 
 @pytest.fixture(

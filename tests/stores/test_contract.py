@@ -278,21 +278,6 @@ async def test_sent_and_forgotten_rows_are_gone(store: Store) -> None:
     assert ids(await store.claim_outbox(NOW + 10, 10, 30)) == ["c", "d"]
 
 
-async def test_rows_forgotten_in_their_own_transaction_are_gone(store: Store) -> None:
-    async with store.transaction() as tx:
-        await tx.add_outbox(rows("a", "b"))
-        async with tx.savepoint():
-            await tx.add_outbox(rows("c", "d"))
-            await tx.forget_outbox(["a", "c"])
-        with pytest.raises(Boom):
-            async with tx.savepoint():
-                await tx.add_outbox(rows("e"))
-                await tx.forget_outbox(["b"])
-                raise Boom
-
-    assert ids(await store.claim_outbox(NOW, 10, 30)) == ["b", "d"]
-
-
 async def test_a_batch_of_hundreds_of_rows(store: Store) -> None:
     batch = rows(*(f"r{i:04}" for i in range(500)))
     async with store.transaction() as tx:

@@ -1,4 +1,4 @@
-"""What only the PostgreSQL store does: its URL, its schemas, and what its locks guarantee."""
+"""What only the PostgreSQL store does: its URL, its schema per service and how that is created."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import asyncio
 import re
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from choreograph.errors import ConfigurationError
-from choreograph.store import store_from_url
+from choreograph.store import Timer, store_from_url
 from choreograph.stores.postgres import PostgresSettings, PostgresStore, schema_name
 from tests.stores.conftest import PG_URL
 
@@ -19,14 +18,12 @@ from tests.stores.conftest import PG_URL
 
 def test_url_options_are_ours_or_passed_to_asyncpg() -> None:
     settings = PostgresSettings.from_url(
-        "postgresql://u@db.local:5433/app?schema=Drones-1&locking=document&pool_size=3"
-        "&sslmode=disable",
+        "postgresql://u@db.local:5433/app?schema=Drones-1&pool_size=3&sslmode=disable",
         "svc",
     )
     assert settings == PostgresSettings(
         dsn="postgresql://u@db.local:5433/app?sslmode=disable",
         schema="drones_1",
-        locking="document",
         pool_size=3,
     )
 
@@ -38,7 +35,7 @@ def test_url_options_are_ours_or_passed_to_asyncpg() -> None:
 def test_the_schema_defaults_to_the_sanitized_service_name(service: str, schema: str) -> None:
     store = store_from_url("postgres://127.0.0.1/test", service)
     assert isinstance(store, PostgresStore)
-    assert (store.settings.schema, store.settings.locking) == (schema, "service")
+    assert store.settings.schema == schema
     assert schema_name(service) == schema
 
 
@@ -50,7 +47,7 @@ def test_the_service_placeholder_names_one_schema_per_service() -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["locking=table", "pool_size=many", "pool_size=0", f"schema={'x' * 64}"],
+    ["pool_size=many", "pool_size=0", f"schema={'x' * 64}"],
 )
 def test_bad_options_are_configuration_errors_without_the_password(query: str) -> None:
     with pytest.raises(ConfigurationError) as error:
@@ -110,11 +107,8 @@ async def test_replicas_starting_together_create_the_schema_once(pg_namespace: s
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("locking", ["service", "document"])
-async def test_find_compares_lists_and_objects_for_equality(
-    pg_namespace: str, locking: str
-) -> None:
-    store = store_from_url(f"{PG_URL}?schema={pg_namespace}_{{service}}&locking={locking}", "s")
+async def test_find_compares_lists_and_objects_for_equality(pg_namespace: str) -> None:
+    store = store_from_url(f"{PG_URL}?schema={pg_namespace}_{{service}}", "s")
     await store.open()
     try:
         async with store.transaction() as tx:
@@ -129,42 +123,22 @@ async def test_find_compares_lists_and_objects_for_equality(
 
 
 @pytest.mark.postgres
-async def test_a_deadlock_fails_one_savepoint_and_both_transactions_commit(
-    pg_namespace: str,
-) -> None:
-    """locking=document: batches touching the same documents in opposite orders deadlock;
-    PostgreSQL fails one statement, in a handling's savepoint, so the runtime retries that one
-    message and both batches commit the rest."""
-    url = f"{PG_URL}?schema={pg_namespace}_{{service}}&locking=document"
-    a, b = store_from_url(url, "svc"), store_from_url(url, "svc")
-    await a.open()
-    await b.open()
-    both_hold_one = asyncio.Barrier(2)
-
-    async def batch(store: PostgresStore, first: str, second: str) -> str:
-        async with store.transaction() as tx:
-            await tx.put("doc", first, {"by": first})
-            await both_hold_one.wait()
-            try:
-                async with tx.savepoint():
-                    await tx.put("doc", second, {"by": first})
-            except asyncpg.DeadlockDetectedError:
-                return "retry"
-            return "done"
-
+async def test_a_replica_starting_does_not_wait_for_the_running_ones(pg_namespace: str) -> None:
+    """Opening a store whose schema exists runs no DDL (which would wait for, or deadlock with,
+    the transactions in flight)."""
+    url = f"{PG_URL}?schema={pg_namespace}_{{service}}"
+    running, starting = store_from_url(url, "svc"), store_from_url(url, "svc")
+    await running.open()
     try:
-        assert isinstance(a, PostgresStore) and isinstance(b, PostgresStore)
-        results = await asyncio.gather(batch(a, "x", "y"), batch(b, "y", "x"))
-        assert sorted(results) == ["done", "retry"]
-        winner = "x" if results[0] == "done" else "y"
-        async with a.transaction() as tx:
-            assert [(k, d["by"]) for k, d in await tx.find("doc")] == [
-                ("x", winner),
-                ("y", winner),
-            ]
+        async with running.transaction() as tx:
+            await tx.put("doc", "1", {})
+            await tx.set_timer(Timer("t", "k", 0.0, {}))
+            await tx.remember("e1", 0.0)
+            await asyncio.wait_for(starting.open(), timeout=5)
+            assert await starting.next_timer_due() is None  # not committed yet
     finally:
-        await a.close()
-        await b.close()
+        await running.close()
+        await starting.close()
 
 
 def test_the_urls_in_the_docs_are_valid() -> None:

@@ -116,11 +116,8 @@ async def place_orders(runtime: Runtime, orders: list[str]) -> None:
         await runtime.publish(OrderPlaced(order=order), source="test", correlation_id=order)
 
 
-@pytest.mark.parametrize("locking", ["service", "document"])
-async def test_replicas_on_postgres_handle_everything_exactly_once(
-    pg_namespace: str, locking: str
-) -> None:
-    store = f"{PG_URL}?schema={pg_namespace}_{{service}}&locking={locking}"
+async def test_replicas_on_postgres_handle_everything_exactly_once(pg_namespace: str) -> None:
+    store = f"{PG_URL}?schema={pg_namespace}_{{service}}"
     bus = MemoryTransport()
     replicas = [Runtime(APP, transport=bus, store=store, settings=SETTINGS) for _ in range(2)]
     orders = [f"o{i:02}" for i in range(20)]

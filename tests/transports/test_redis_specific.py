@@ -437,6 +437,28 @@ async def test_a_large_batch_is_sent_in_several_scripts_and_arrives_whole(make: 
     await sub.ack(got)
 
 
+async def test_thousands_of_expired_deliveries_are_taken_over_and_acked_at_once(
+    make: Factory,
+) -> None:
+    # given member A holding 5,000 messages with a 0.2 s lease
+    group, topic = _name("g"), _name("topic")
+    a = await (await make()).subscribe(group, [topic], lease=0.2)
+    await (await make()).publish([_message(topic) for _ in range(5000)])
+    held = await _receive(a, 5000, within=10)
+    assert len(held) == 5000
+
+    # when member B receives up to 10,000 at a time after the lease ran out, and acks them
+    b = await (await make()).subscribe(group, [topic], lease=60)
+    await asyncio.sleep(0.3)
+    got = await _receive(b, 5000, within=10)
+    await b.ack(got)
+
+    # then B got each once, as attempt 2, and nothing is left
+    assert sorted(d.message.id for d in got) == sorted(d.message.id for d in held)
+    assert {d.attempt for d in got} == {2}
+    assert await (await make()).lag(group) == 0
+
+
 async def test_oversized_message_is_refused_before_anything_is_sent(
     make: Factory, raw: redis_sync.Redis, namespace: str
 ) -> None:
@@ -719,7 +741,7 @@ async def test_the_acl_user_of_the_docs_can_do_everything(
     rules = block.replace("${PASSWORD}", "s3cret").replace("{shop}", "{" + namespace + "}").split()
     server = private_redis(False)
     admin = redis_sync.Redis(port=server.port)
-    admin.execute_command("ACL", "SETUSER", *rules)
+    admin.execute_command("ACL", "SETUSER", *rules)  # type: ignore[no-untyped-call]
     user = rules[0]
 
     # when a transport runs as that user through publish, receive, retry, dead-letter, replay, lag
