@@ -18,9 +18,13 @@ class Config:
     w3_seconds: float = 10.0
     repeat: int = 1
     quick: bool = False
+    profile_dir: Path | None = None
+    """When set, choreograph processes run under cProfile and write their statistics here."""
 
     @classmethod
-    def create(cls, workdir: Path, *, quick: bool, repeat: int = 1) -> Config:
+    def create(
+        cls, workdir: Path, *, quick: bool, repeat: int = 1, profile_dir: Path | None = None
+    ) -> Config:
         if quick:
             return cls(
                 workdir,
@@ -31,5 +35,6 @@ class Config:
                 w3_seconds=3.0,
                 repeat=repeat,
                 quick=True,
+                profile_dir=profile_dir,
             )
-        return cls(workdir, repeat=repeat)
+        return cls(workdir, repeat=repeat, profile_dir=profile_dir)

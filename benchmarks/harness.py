@@ -132,6 +132,14 @@ class Proc:
         fields = stat.rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _TICK
 
+    async def exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to end by itself."""
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def stop(self, timeout: float = 15.0) -> None:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -151,6 +159,7 @@ class Processes:
     """The children of one benchmark cell; all are stopped when the cell ends, even on error."""
 
     def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.children: list[Proc] = []
 
@@ -186,7 +195,6 @@ class Processes:
 
 @contextlib.asynccontextmanager
 async def processes(workdir: Path) -> AsyncIterator[Processes]:
-    workdir.mkdir(parents=True, exist_ok=True)
     procs = Processes(workdir)
     try:
         yield procs

@@ -52,7 +52,8 @@ async def _nats_version() -> str:
 
     nc = await nats.connect(NATS_URL, connect_timeout=2, max_reconnect_attempts=0)
     try:
-        return str(nc.connected_server_version)
+        version = nc.connected_server_version
+        return f"{version.major}.{version.minor}.{version.patch}"
     finally:
         await nc.close()
 
@@ -74,7 +75,8 @@ async def _rabbitmq_version() -> str:
     connection = await aio_pika.connect(AMQP_URL, timeout=5)
     try:
         properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
-        return str(properties.get("version", "?"))
+        version = properties.get("version", "?")
+        return version.decode() if isinstance(version, bytes) else str(version)
     finally:
         await connection.close()
 
@@ -110,7 +112,7 @@ async def describe() -> dict[str, str]:
     busy = await asyncio.to_thread(busy_share, 1.0)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-        "cpus": f"{os.cpu_count()} × {cpu_model()}",
+        "cpus": f"{os.cpu_count()} x {cpu_model()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "os": platform.platform(),
         "brokers": (

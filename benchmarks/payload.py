@@ -6,6 +6,8 @@ encoded before the clock starts, on every side: W1 measures moving messages, not
 
 from __future__ import annotations
 
+import asyncio
+
 from choreograph import App, Context, Event, Service
 from choreograph.envelope import Envelope, encode, new_id
 
@@ -29,15 +31,25 @@ def tick_bodies(count: int) -> list[tuple[str, bytes]]:
     return [tick_message(seq) for seq in range(count)]
 
 
-# The W1 "runtime" side: a service whose handler does nothing.
+# The W1 "runtime" side: a service whose handler does nothing but count.
+class Progress:
+    def __init__(self) -> None:
+        self.handled = 0
+        self.target = 0
+        self.first = asyncio.Event()
+        self.reached = asyncio.Event()
+
+
+progress = Progress()
 sink = Service("sink")
-handled = 0
 
 
 @sink.on(Tick)
 async def absorb(event: Tick, ctx: Context) -> None:
-    global handled
-    handled += 1
+    progress.handled += 1
+    progress.first.set()
+    if progress.handled >= progress.target:
+        progress.reached.set()
 
 
 sink_app = App("w1-sink", [sink])

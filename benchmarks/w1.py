@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from benchmarks.brokers import BROKER_URLS, cleanup, framework_url, fresh_namespace
 from benchmarks.config import Config
 from benchmarks.harness import Row, processes
+from benchmarks.profiling import child_env
 
 RAW = "benchmarks.w1_raw"
 FRAMEWORK = "benchmarks.w1_framework"
@@ -17,15 +19,20 @@ async def _pair(
     label: str,
     consumer: tuple[str, dict[str, Any]],
     producer: tuple[str, dict[str, Any]],
+    profile: bool = False,
 ) -> dict[str, float]:
     n = cfg.w1_events
     timeout = 60 + n / 500
     async with processes(cfg.workdir / label) as procs:
-        cons = await procs.child("consumer", consumer[0], consumer[1])
+        profile_dir = cfg.profile_dir if profile else None
+        env = child_env(profile_dir, f"{label}-consumer")
+        cons = await procs.child("consumer", consumer[0], consumer[1], env)
         await cons.message("ready", 60)
-        prod = await procs.child("producer", producer[0], producer[1])
+        env = child_env(profile_dir, f"{label}-producer")
+        prod = await procs.child("producer", producer[0], producer[1], env)
         produced = await prod.message("result", timeout)
         consumed = await cons.message("result", timeout)
+        await asyncio.gather(prod.exited(10), cons.exited(10))
     elapsed = consumed["t_end"] - produced["t_start"]
     return {
         "rate": n / elapsed,
@@ -95,6 +102,7 @@ async def framework(cfg: Config, transport: str, level: str) -> Row:
             f"w1-{level}-{transport}",
             (f"{FRAMEWORK}:{consumer_fn}", {"url": url, "n": n}),
             (f"{FRAMEWORK}:producer", {"url": url, "n": n}),
+            profile=True,
         )
     finally:
         await cleanup(transport, ns)

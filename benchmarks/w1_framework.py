@@ -58,11 +58,13 @@ async def runtime_consumer(
     runtime = Runtime(payload.sink_app, transport=url, store=store, settings=settings)
     async with runtime:
         worker = runtime.worker("sink")
+        payload.progress.target = n
         emit("ready")
-        while payload.handled == 0:
-            await asyncio.sleep(0.002)
+        await payload.progress.first.wait()
         t_first, cpu_first = time.time(), cpu_now()
-        while payload.handled < n or worker.inflight:
-            await asyncio.sleep(0.002)
+        await payload.progress.reached.wait()
+        while worker.inflight:  # noqa: ASYNC110 - the last batch is being settled
+            await asyncio.sleep(0.001)
         t_end, cpu = time.time(), cpu_now() - cpu_first
-        emit("result", t_first=t_first, t_end=t_end, cpu=cpu, count=payload.handled)
+        count = payload.progress.handled
+        emit("result", t_first=t_first, t_end=t_end, cpu=cpu, count=count)

@@ -3,7 +3,8 @@
 * NATS JetStream: file stream, durable pull consumer, explicit ack; the producer gathers publish
   acks (``publish_async``); the consumer keeps pull requests of 500 open (a continuous pull).
 * Redis Streams: pipelined XADD; XREADGROUP COUNT 500, one XACK per batch.
-* RabbitMQ: durable queue, persistent messages, confirms awaited in windows of 500; the consumer
+* RabbitMQ: durable queue, persistent messages, confirms awaited in windows of 500 (two windows
+  in flight); the consumer
   has prefetch 500 and acks with ``multiple`` every 100 messages.
 * SQLite: WAL, synchronous=NORMAL, inserts in transactions of 100, claims by
   ``UPDATE … RETURNING`` batches of 100, deletes on ack.
@@ -219,13 +220,20 @@ async def amqp_producer(url: str, ns: str, n: int, queue_type: str = "classic") 
     emit("ready")
     meter = Meter()
     persistent = aio_pika.DeliveryMode.PERSISTENT
+    windows: deque[asyncio.Future[Any]] = deque()
     for start in range(0, n, BATCH):
-        await asyncio.gather(
-            *(
-                exchange.publish(aio_pika.Message(b, delivery_mode=persistent), routing_key)
-                for b in bodies[start : start + BATCH]
+        windows.append(
+            asyncio.gather(
+                *(
+                    exchange.publish(aio_pika.Message(b, delivery_mode=persistent), routing_key)
+                    for b in bodies[start : start + BATCH]
+                )
             )
         )
+        if len(windows) > 1:  # two windows in flight: the broker never waits for us
+            await windows.popleft()
+    while windows:
+        await windows.popleft()
     emit("result", t_start=meter.start, t_end=time.time(), cpu=meter.cpu())
     await connection.close()
 
@@ -280,7 +288,9 @@ async def sqlite_producer(path: str, n: int) -> None:
     meter = Meter()
     for start in range(0, n, SQLITE_BATCH):
         db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT INTO q (body) VALUES (?)", ((b,) for b in bodies[start : start + SQLITE_BATCH]))
+        db.executemany(
+            "INSERT INTO q (body) VALUES (?)", ((b,) for b in bodies[start : start + SQLITE_BATCH])
+        )
         db.execute("COMMIT")
     emit("result", t_start=meter.start, t_end=time.time(), cpu=meter.cpu())
     db.close()

@@ -9,6 +9,7 @@ from typing import Any
 from benchmarks.brokers import NATS_URL, cleanup, framework_url, fresh_namespace
 from benchmarks.config import Config
 from benchmarks.harness import Proc, Row, processes
+from benchmarks.profiling import service_argv
 
 HOPS = (
     ("payments", "OrderPlaced", "PaymentCaptured"),
@@ -24,9 +25,13 @@ async def _measure(cfg: Config, client: Proc, services: list[Proc]) -> dict[str,
     await client.message("throughput_start", 60)
     before = [s.cpu_seconds() for s in services]
     await client.message("throughput_end", timeout)
-    cpu = [s.cpu_seconds() - b for s, b in zip(services, before, strict=True)]
+    after = [s.cpu_seconds() for s in services]
+    cpu = [a - b for a, b in zip(after, before, strict=True)]
     result = await client.message("result", timeout + cfg.w2_seconds)
     result["cpu"] = cpu
+    # CPU share of the services while the open-loop phase ran (and drained)
+    busy = sum(s.cpu_seconds() for s in services) - sum(after)
+    result["latency_phase_cores"] = busy / result["latency_seconds"]
     return result
 
 
@@ -53,7 +58,10 @@ def _row(transport: str, side: str, result: dict[str, Any], *, baseline: bool = 
         p50_ms=result["p50_ms"],
         p99_ms=result["p99_ms"],
         cpu_s=sum(cpu),
-        cpu_detail="services " + " / ".join(f"{c:.2f}" for c in cpu) + f" ({per_tx_us:.0f} µs/tx)",
+        cpu_detail=(
+            "services " + " / ".join(f"{c:.2f}" for c in cpu) + f" ({per_tx_us:.0f} µs/tx); "
+            f"{result['latency_phase_cores']:.2f} cores busy at {result['rate']:.0f} tx/s"
+        ),
         baseline=baseline,
         extra=result,
     )
@@ -103,7 +111,9 @@ async def nats_side(cfg: Config, side: str) -> Row:
     return _row("nats", label, result, baseline=side in ("raw", "faststream"))
 
 
-async def choreograph_side(cfg: Config, transport: str, store: str) -> Row:
+async def choreograph_side(
+    cfg: Config, transport: str, store: str, batch_size: int = 500, concurrency: int = 2
+) -> Row:
     """``store``: ``memory`` (messaging alone) or ``sqlite`` (a durable store per service)."""
     ns = fresh_namespace("w2c")
     url = framework_url(transport, ns, str(cfg.workdir / f"{ns}-bus.db"))
@@ -115,9 +125,10 @@ async def choreograph_side(cfg: Config, transport: str, store: str) -> Row:
                 argv = [
                     CHOREOGRAPH, "run", "--app", "benchmarks.w2_app:app", "--service", name,
                     "--transport", url, "--store", store_url,
-                    "--batch-size", "500", "--concurrency", "2",
+                    "--batch-size", str(batch_size), "--concurrency", str(concurrency),
                 ]  # fmt: skip
-                services.append(await procs.spawn(name, argv))
+                label = f"w2-{transport}-{store}-{name}"
+                services.append(await procs.spawn(name, service_argv(cfg.profile_dir, label, argv)))
             for service in services:
                 await service.output_containing("running", 60)
             client = await procs.child(

@@ -1,7 +1,7 @@
 """The W2 client process: publishes ``OrderPlaced`` and times each ``OrderCompleted``.
 
 Phase 1 (throughput): N orders published as fast as the bus takes them (batches of 500, publish
-acks awaited per batch), while completions are counted; tx/s = N / (last completion − first
+acks awaited per batch), while completions are counted; tx/s = N / (last completion - first
 publish). Phase 2 (latency): open loop at a fixed rate; each order carries its *scheduled*
 publish time, so a stalled publisher shows up as latency instead of hiding it.
 
@@ -12,6 +12,7 @@ The client speaks either raw nats-py (for the raw and FastStream sides, which sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -129,10 +130,8 @@ class Receiver:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{phase}: {self.counts.get(phase, 0)} of {count} completed")
             self.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), 1.0)
-            except TimeoutError:
-                pass
 
 
 async def client(
@@ -168,6 +167,7 @@ async def client(
         if delay > 0:
             await asyncio.sleep(delay)
     await receiver.wait("l", total, timeout)
+    latency_seconds = time.time() - t0
     p50, p99 = latency_summary(receiver.latencies["l"])
     emit(
         "result",
@@ -176,6 +176,8 @@ async def client(
         p50_ms=p50,
         p99_ms=p99,
         latency_count=total,
+        latency_seconds=latency_seconds,
+        rate=rate,
         max_ms=max(receiver.latencies["l"]) * 1000,
     )
     receiving.cancel()

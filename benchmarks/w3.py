@@ -14,6 +14,7 @@ from typing import Any
 from benchmarks.brokers import cleanup, framework_url, fresh_namespace
 from benchmarks.config import Config
 from benchmarks.harness import Proc, Row, processes
+from benchmarks.profiling import service_argv
 from benchmarks.w2 import CHOREOGRAPH
 from choreograph.store import store_from_url
 from examples.drone_delivery.app import create_app
@@ -51,11 +52,12 @@ async def create_fleet(store_template: str, size: int) -> float:
 
 
 async def _settled(store_template: str, expected: int, timeout: float = 20.0) -> str:
-    """Wait until every drone is free again; say whether the stores are consistent."""
+    """Wait until ingestion saw every outcome and every drone is free again; say whether the
+    stores are consistent (what ``inspect_state`` checks)."""
     deadline = time.monotonic() + timeout
     while True:
         snap = await snapshot(store_template)
-        if snap.drones_reserved == 0 and snap.packages_unreleased == 0:
+        if snap.terminal >= expected and snap.drones_reserved == 0:
             break
         if time.monotonic() > deadline:
             break
@@ -84,10 +86,12 @@ async def run(cfg: Config, transport: str, layout: str) -> Row:
             services: list[Proc] = []
             if layout == "one":
                 argv = [CHOREOGRAPH, "run", "--app", APP, *common]
+                argv = service_argv(cfg.profile_dir, f"w3-{transport}-one", argv)
                 services.append(await procs.spawn("all-services", argv, env))
             else:
                 for name in create_app(the_knobs).services:
                     argv = [CHOREOGRAPH, "run", "--app", APP, "--service", name, *common]
+                    argv = service_argv(cfg.profile_dir, f"w3-{transport}-each-{name}", argv)
                     services.append(await procs.spawn(name, argv, env))
             for service in services:
                 await service.output_containing("running", 60)
@@ -95,9 +99,12 @@ async def run(cfg: Config, transport: str, layout: str) -> Row:
                 "client",
                 "benchmarks.w3_client:client",
                 {
-                    "url": url, "n": deliveries, "rate": cfg.w3_rate,
-                    "seconds": cfg.w3_seconds, "timeout": timeout,
-                },  # fmt: skip
+                    "url": url,
+                    "n": deliveries,
+                    "rate": cfg.w3_rate,
+                    "seconds": cfg.w3_seconds,
+                    "timeout": timeout,
+                },
             )
             await client.message("throughput_start", 60)
             before = [s.cpu_seconds() for s in services]
@@ -120,5 +127,5 @@ async def run(cfg: Config, transport: str, layout: str) -> Row:
         cpu_s=sum(cpu),
         cpu_detail=f"{detail} ({per_delivery_ms:.2f} ms/delivery)",
         note=f"{state}; fleet of {the_knobs.fleet_size} written in {fleet_seconds:.1f}s",
-        extra={**result, "cpu": cpu},
+        extra={**result, "cpu": cpu, "count": deliveries},
     )

@@ -31,6 +31,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
     outcomes: dict[str, int] = {}
     latencies: list[float] = []
     done: dict[str, float] = {}
+    all_ended = asyncio.Event()
 
     async def count() -> None:
         from choreograph.envelope import decode
@@ -50,6 +51,8 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
                     latencies.append(now - at)
             if deliveries:
                 await subscription.ack(deliveries)
+            if not scheduled:
+                all_ended.set()
 
     async def submit(first: int, last: int, phase: str, at: float | None) -> None:
         messages = []
@@ -65,11 +68,15 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
             messages.append(Message(envelope.id, envelope.type, encode(envelope)))
         await transport.publish(messages)
 
-    async def wait_all(deadline: float) -> None:
-        while scheduled and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        if scheduled:
-            raise TimeoutError(f"{len(scheduled)} deliveries did not end within {timeout:.0f}s")
+    async def wait_all() -> None:
+        deadline = time.monotonic() + timeout
+        while scheduled:
+            all_ended.clear()
+            try:
+                await asyncio.wait_for(all_ended.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                left = len(scheduled)
+                raise TimeoutError(f"{left} deliveries did not end within {timeout:.0f}s") from None
 
     counting = asyncio.create_task(count())
     emit("ready")
@@ -77,7 +84,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
     t_start = time.time()
     for first in range(0, n, BATCH):
         await submit(first, min(n, first + BATCH), "t", None)
-    await wait_all(time.monotonic() + timeout)
+    await wait_all()
     elapsed = max(done.values()) - t_start
     emit("throughput_end")
     result = {"rate": n / elapsed, "outcomes": dict(outcomes)}
@@ -94,7 +101,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
             delay = t0 + sent / rate - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await wait_all(time.monotonic() + timeout)
+        await wait_all()
         result["p50_ms"], result["p99_ms"] = latency_summary(latencies)
         result["outcomes"] = dict(outcomes)
     emit("result", **result)

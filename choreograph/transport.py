@@ -114,7 +114,12 @@ class Subscription(ABC):
 
     @abstractmethod
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Settle as done: the messages are never delivered to this group again."""
+        """Settle as done: the messages are never delivered to this group again.
+
+        A settlement (ack, retry, dead-letter) arriving after the lease ran out and another
+        member took the message may be ignored: the message is then handled again, which the
+        runtime's inbox makes harmless.
+        """
 
     @abstractmethod
     async def retry(self, delivery: Delivery, delay: float) -> None:
@@ -131,7 +136,8 @@ class Subscription(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Stop receiving. Unsettled deliveries go back to the group (at once where the bus
-        allows it, else when their lease runs out)."""
+        allows it, else when their lease runs out); whether the give-back counts as an attempt
+        depends on the transport (``docs/transports.md``). Idempotent."""
 
 
 class Transport(ABC):

@@ -105,12 +105,13 @@ class MemoryTransport(Transport):
         return found[:limit]
 
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
-        dead = self._dead.pop(dead_letter_id, None)
+        dead = self._dead.get(dead_letter_id)
         if dead is None:
             return False
         message = dead.message
-        replayed = Message(message.id, message.topic, body or message.body, group=dead.group)
-        await self.publish([replayed])
+        new_body = message.body if body is None else body
+        await self.publish([Message(message.id, message.topic, new_body, group=dead.group)])
+        del self._dead[dead_letter_id]
         return True
 
     async def discard(self, dead_letter_id: str) -> bool:

@@ -1,22 +1,11 @@
-"""``amqp://`` and ``amqps://`` — RabbitMQ (AMQP 0-9-1), for production.
+"""``amqp://`` and ``amqps://`` — RabbitMQ (AMQP 0-9-1) 3.10+, no plugin needed.
 
-What this module creates on the broker, ``ns`` being the ``namespace`` setting::
-
-    {ns}.events     topic exchange   publish(): routing key = topic; each group queue is bound to
-                                     it once per declared topic
-    {ns}.groups     topic exchange   messages for one group only (replays, retries, give-backs):
-                                     the routing key ends with the group's name; each group
-                                     queue is bound with ``#.<group>``
-    {ns}.g.<group>  quorum queue     the group's messages; its members compete for them
-    {ns}.delay.<k>  topic exchange   the delayed-retry ladder, k = 0..31, declared on first use:
-                    + quorum queue   queue k holds a message for 2**k ms (x-message-ttl), then
-                                     dead-letters it, at least once, to exchange k-1 (queue 0:
-                                     to {ns}.groups). The routing key spells the delay in binary,
-                                     so a retry after d ms visits one queue per 1-bit of d, waits
-                                     exactly d ms in total, and is never early.
-    {ns}.dlq        stream           dead letters and tombstones, read from its first offset
-
-Guarantees, ordering, limits and settings are documented in ``docs/transport-rabbitmq.md``.
+On the broker, ``ns`` being the namespace: a topic exchange ``ns.events`` (routing key = topic), a
+topic exchange ``ns.groups`` (messages for one group: replays, retries, give-backs), one quorum
+queue ``ns.g.<group>`` per group, the retry ladder ``ns.delay.<k>`` (k = 0..31: a quorum queue
+holding messages 2**k ms, then dead-lettering them, at least once, to rung k-1; a delay of d ms
+visits the rungs of the 1-bits of d), and a stream ``ns.dlq`` of dead letters and tombstones.
+Guarantees, ordering, limits and settings: ``docs/transport-rabbitmq.md``.
 """
 
 from __future__ import annotations
@@ -67,6 +56,7 @@ _REASON, _ERROR_TYPE, _ERROR = (
     "x-choreograph-error",
 )
 _ATTEMPTS, _FAILED_AT = "x-choreograph-attempts", "x-choreograph-failed-at-ms"
+_WINDOW_BYTES = 4 << 20  # a publish window also stops at this many bytes of bodies
 _MAX_ERROR_BYTES = 16_384  # failure text travels in a header frame, which must fit in frame_max
 DELAY_LEVELS = 32
 """Rungs of the retry ladder: the longest retry delay is 2**32 - 1 ms (about 49.7 days)."""
@@ -266,12 +256,14 @@ class RabbitMQTransport(Transport):
         self._ctl: aiormq.Channel | None = None
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
+        self._connect_lock = asyncio.Lock()
         self._channel_lock = asyncio.Lock()
         self._delay_lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._subscriptions: set[RabbitMQSubscription] = set()
         self._declared: dict[str, set[str]] = {}
         self._delay_top = -1
+        self._dlq_declared = False
         self._closed = True
 
     @classmethod
@@ -287,16 +279,17 @@ class RabbitMQTransport(Transport):
     # connection ---------------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        if not self._closed:
-            return
-        where = redact(self.settings.url)
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await self._open()
-        except Exception as exc:
-            raise translate(exc, f"connecting to {where}") from exc
-        self._closed = False
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"amqp {where}")
+        async with self._connect_lock:
+            if not self._closed:
+                return
+            where = redact(self.settings.url)
+            try:
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await self._open()
+            except Exception as exc:
+                raise translate(exc, f"connecting to {where}") from exc
+            self._closed = False
+            self._supervisor = asyncio.create_task(self._supervise(), name=f"amqp {where}")
 
     async def _open(self) -> None:
         conn = aiormq.Connection(
@@ -315,6 +308,7 @@ class RabbitMQTransport(Transport):
         self._conn = conn
         self._declared.clear()
         self._delay_top = -1
+        self._dlq_declared = False
         self._lost.clear()
         conn.closing.add_done_callback(lambda f: self._on_connection_closed(conn, f))
         self._ready.set()
@@ -329,10 +323,21 @@ class RabbitMQTransport(Transport):
     async def _declare_base(self, ch: aiormq.Channel) -> None:
         for exchange in (self._events, self._groups_ex):
             await ch.exchange_declare(exchange, exchange_type="topic", durable=True)
+
+    async def _declare_dlq(self) -> None:
+        """Create the dead-letter stream on first use (a stream holds files open on the broker:
+        namespaces that never dead-letter do not pay for one)."""
+        if self._dlq_declared:
+            return
         arguments: dict[str, Any] = {"x-queue-type": "stream"}
         if self.settings.dlq_max_age:
             arguments["x-max-age"] = self.settings.dlq_max_age
-        await ch.queue_declare(self._dlq, durable=True, arguments=arguments)
+        try:
+            ch = await self._channel("ctl", self._deadline())
+            await ch.queue_declare(self._dlq, durable=True, arguments=arguments)
+        except Exception as exc:
+            raise translate(exc, f"declaring the dead-letter stream {self._dlq!r}") from exc
+        self._dlq_declared = True
 
     async def _supervise(self) -> None:
         """Reconnect after the connection drops, then let every member consume again."""
@@ -502,9 +507,12 @@ class RabbitMQTransport(Transport):
         loop = asyncio.get_running_loop()
         deadline = self._deadline()
         pending = outs
-        window = self.settings.publish_window
         while pending:
-            chunk, pending = pending[:window], pending[window:]
+            size, count = 0, 0
+            while count < min(len(pending), self.settings.publish_window) and size < _WINDOW_BYTES:
+                size += len(pending[count].body)
+                count += 1
+            chunk, pending = pending[:count], pending[count:]
             failed, why = await self._send_window(chunk, mandatory, deadline)
             if failed:
                 if loop.time() >= deadline:
@@ -559,6 +567,9 @@ class RabbitMQTransport(Transport):
     async def _scan(self) -> dict[str, DeadLetter]:
         """Read the dead-letter stream from its start to a marker written now: the live dead
         letters, oldest first (a tombstone removes the record it names)."""
+        if not self._dlq_declared and await self._length(self._dlq) is None:
+            return {}  # nothing was ever dead-lettered in this namespace
+        self._dlq_declared = True
         marker = uuid.uuid4().hex
         props = spec.Basic.Properties(delivery_mode=2, message_id=marker, headers={_KIND: "marker"})
         await self._send([_Out("", self._dlq, _rich_header(props, 0), b"", marker)], mandatory=True)
@@ -638,19 +649,44 @@ class RabbitMQTransport(Transport):
         return True
 
     async def lag(self, group: str) -> int | None:
+        return await self._length(self.queue(group))
+
+    async def _length(self, queue: str) -> int | None:
+        """Ready messages in ``queue`` (a passive declare), None if it does not exist."""
         try:
             conn = await self._connection(self._deadline())
             ch = await conn.channel(publisher_confirms=False)
             try:
-                ok = await ch.queue_declare(self.queue(group), passive=True)
+                ok = await ch.queue_declare(queue, passive=True)
             finally:
                 with contextlib.suppress(Exception):
                     await ch.close()
         except amqp_errors.ChannelNotFoundEntity:
             return None
         except Exception as exc:
-            raise translate(exc, f"reading the length of {self.queue(group)!r}") from exc
+            raise translate(exc, f"reading the length of {queue!r}") from exc
         return ok.message_count
+
+    async def delete_namespace(self, groups: Collection[str] = ()) -> None:
+        """Delete this namespace from the broker, messages included: the queues of ``groups`` and
+        of every group this transport declared, the retry ladder, the dead letters and the
+        exchanges. For tests, demos and decommissioning. (AMQP cannot list queues: name the
+        groups that only other processes declared.)"""
+        try:
+            ch = await self._channel("ctl", self._deadline())
+            for group in {*self._declared, *groups}:
+                await ch.queue_delete(self.queue(group))
+            await ch.queue_delete(self._dlq)
+            for level in range(DELAY_LEVELS):
+                await ch.queue_delete(self._delay(level))
+                await ch.exchange_delete(self._delay(level))
+            for exchange in (self._events, self._groups_ex):
+                await ch.exchange_delete(exchange)
+        except Exception as exc:
+            raise translate(exc, f"deleting namespace {self.settings.namespace!r}") from exc
+        self._declared.clear()
+        self._delay_top = -1
+        self._dlq_declared = False
 
     # members ------------------------------------------------------------------------------------
 
@@ -848,6 +884,11 @@ class RabbitMQSubscription(Subscription):
         handle.held = False
         return True
 
+    def _hold_again(self, delivery: Delivery) -> None:
+        """A settlement failed: the delivery is the application's again, with a fresh lease."""
+        cast(_Handle, delivery.handle).held = True
+        self._leases.append((asyncio.get_running_loop().time() + self._lease, delivery))
+
     async def _settle(self, deliveries: Sequence[Delivery], *, requeue: bool = False) -> None:
         """Ack (or nack with requeue) claimed deliveries. One multiple-ack covers every tag below
         the oldest delivery still outstanding; the rest are acked one by one. Settlements are
@@ -887,7 +928,7 @@ class RabbitMQSubscription(Subscription):
             out = _Out(exchange, key, header, message.body, message.id)
             await self._bus._send([out], mandatory=True)
         except BaseException as exc:
-            cast(_Handle, delivery.handle).held = True
+            self._hold_again(delivery)
             if isinstance(exc, Exception):
                 raise translate(exc, f"retrying {message.id}") from exc
             raise
@@ -915,9 +956,10 @@ class RabbitMQSubscription(Subscription):
             "", self._bus._dlq, _rich_header(props, len(message.body)), message.body, message.id
         )
         try:
+            await self._bus._declare_dlq()
             await self._bus._send([out], mandatory=True)  # stored before it leaves the queue
         except BaseException as exc:
-            cast(_Handle, delivery.handle).held = True
+            self._hold_again(delivery)
             if isinstance(exc, Exception):
                 raise translate(exc, f"dead-lettering {message.id}") from exc
             raise
@@ -952,9 +994,13 @@ class RabbitMQSubscription(Subscription):
             try:
                 now = loop.time()
                 expired: list[Delivery] = []
-                while self._leases and self._leases[0][0] <= now:
-                    _, delivery = self._leases.popleft()
-                    if self._claim(delivery):
+                while self._leases:  # oldest first; settled ones go too, so this stays short
+                    until, delivery = self._leases[0]
+                    held = cast(_Handle, delivery.handle).held
+                    if held and until > now:
+                        break
+                    self._leases.popleft()
+                    if held and self._claim(delivery):
                         expired.append(delivery)
                 if expired:
                     log.info("RabbitMQ: %d leases of %s ran out", len(expired), self.group)
@@ -997,7 +1043,8 @@ class RabbitMQSubscription(Subscription):
 
 
 async def _shielded(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run to completion even if the caller is cancelled (its error is then only logged)."""
+    """Run to completion even if the caller is cancelled (an error is then dropped: the next
+    receive tries again)."""
     task = asyncio.ensure_future(coroutine)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     await asyncio.shield(task)

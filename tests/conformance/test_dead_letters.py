@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from choreograph.errors import PayloadTooLarge
 from choreograph.transport import Delivery, Failure, Subscription, Transport
 from tests.conformance._helpers import ids, message, messages, receive_for, receive_n, unique
 from tests.conftest import TransportFactory
@@ -187,3 +190,22 @@ async def test_dead_letters_of_all_groups_oldest_first_with_a_limit(
     everything = await bus.dead_letters(None, limit=1000)
     mine = [d.message.id for d in everything if d.group in (group_a, group_b)]
     assert mine == [first.message.id, second.id, third.message.id]
+
+
+async def test_replay_with_an_oversized_body_is_refused_and_keeps_the_dead_letter(
+    make_transport: TransportFactory,
+) -> None:
+    # given a dead letter
+    bus = await make_transport()
+    group, topic = unique("g"), unique("topic")
+    sub, _ = await _dead_letter_one(bus, group, topic)
+    [dead] = await bus.dead_letters(group)
+
+    # when it is replayed with a body over the limit, then it raises PayloadTooLarge
+    with pytest.raises(PayloadTooLarge):
+        await bus.replay(dead.id, body=b"x" * (bus.max_message_bytes + 1))
+
+    # and the dead letter is still there, unchanged, and nothing was delivered
+    [kept] = await bus.dead_letters(group)
+    assert (kept.id, kept.message.body) == (dead.id, dead.message.body)
+    assert await receive_for(sub, 0.3) == []

@@ -133,7 +133,7 @@ async def test_messages_and_pending_retry_survive_reopening_the_transport(
 @pytest.mark.broker_restart
 @pytest.mark.timeout(400)
 async def test_every_confirmed_publish_survives_a_broker_server_restart(
-    transport_name: str, make_transport: TransportFactory, request: pytest.FixtureRequest
+    transport_name: str, make_transport: TransportFactory
 ) -> None:
     if transport_name not in SERVER_TRANSPORTS:
         pytest.skip(f"{transport_name} has no server process to restart")
@@ -142,13 +142,8 @@ async def test_every_confirmed_publish_survives_a_broker_server_restart(
             "stops the shared broker server; runs under CI=true or CHOREOGRAPH_BROKER_RESTART=1"
         )
     if transport_name == "redis":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="this machine's Redis keeps nothing on disk (--save '' --appendonly no in "
-                "tests/support/brokers.py): a restart loses every message",
-                strict=False,
-            )
-        )
+        # Redis is durable only with its append-only file; this machine starts it without.
+        await _enable_redis_aof()
     broker = BROKERS[transport_name]
     # given a member subscribed, and a publisher publishing one message at a time in a loop
     bus = await make_transport()
@@ -202,6 +197,23 @@ async def test_every_confirmed_publish_survives_a_broker_server_restart(
         f"{len(missing)} of {len(confirmed)} confirmed messages lost "
         f"(publish failures while down: {sorted(set(failures))})"
     )
+
+
+async def _enable_redis_aof() -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(host="127.0.0.1", port=6379)
+    try:
+        await client.config_set("appendonly", "yes")
+        await client.config_set("appendfsync", "always")
+        for _ in range(300):
+            info = await client.info("persistence")
+            if info["aof_enabled"] and not info["aof_rewrite_in_progress"]:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("Redis did not turn its append-only file on")
+    finally:
+        await client.aclose()
 
 
 async def _wait_for(predicate: object, within: float, what: str) -> None:

@@ -71,8 +71,10 @@ REDIS = Broker(
     "Redis",
     6379,
     start=(
+        # With the append-only file on: restart tests turn it on before stopping the server.
         'redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" '
-        "--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log"
+        "--appendonly yes --appendfsync always --dir /var/lib/redis "
+        "--logfile /var/log/redis/ci.log"
     ),
     stop="redis-cli -p 6379 shutdown nosave",
 )

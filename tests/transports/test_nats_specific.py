@@ -9,9 +9,11 @@ and stop it by its process id: the shared server on 4222 is never touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -90,9 +92,10 @@ def _free_port() -> int:
 class PrivateServer:
     """A nats-server of this test alone, stopped and started by its process id."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *extra: str) -> None:
         self.port = _free_port()
         self.store = store
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -100,8 +103,9 @@ class PrivateServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        command = [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js"]
         self.process = subprocess.Popen(
-            [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            [*command, "-sd", str(self.store), *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -121,16 +125,88 @@ class PrivateServer:
             process.wait(timeout=30)
 
 
-@pytest.fixture
-def private_server(tmp_path: Path) -> Iterator[PrivateServer]:
-    if not Path(NATS_SERVER).exists():
-        message = f"nats-server binary not found at {NATS_SERVER}"
+def _require(path: str) -> None:
+    if not Path(path).exists():
+        message = f"{path} not found"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[PrivateServer]:
+    _require(NATS_SERVER)
     server = PrivateServer(tmp_path / "jetstream")
     server.start()
     yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[PrivateServer, Path]]:
+    """A private server with TLS, its certificate signed by a throw-away CA; yields the CA file."""
+    _require(NATS_SERVER)
+    openssl = shutil.which("openssl") or "/usr/bin/openssl"
+    _require(openssl)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=tmp_path, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=choreograph test CA",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    )
+    server = PrivateServer(
+        tmp_path / "jetstream",
+        "--tls",
+        "--tlscert",
+        str(tmp_path / "server.pem"),
+        "--tlskey",
+        str(tmp_path / "server.key"),
+    )
+    server.start()
+    yield server, tmp_path / "ca.pem"
     server.stop(signal.SIGKILL)
 
 
@@ -157,6 +233,12 @@ async def open_bus(namespace: str) -> AsyncIterator[Opener]:
         return bus
 
     yield open_
+    # leave nothing behind on the server: this namespace's two streams (and their consumers)
+    cleaners = {bus.settings.server_urls()[0]: bus for bus in opened if bus._client.is_open}
+    for bus in cleaners.values():
+        for stream in (bus._names.events, bus._names.dlq):
+            with contextlib.suppress(ChoreographError, jse.APIError):
+                await bus._client.api(f"STREAM.DELETE.{stream}")
     for bus in reversed(opened):
         await bus.close()
 
@@ -205,7 +287,7 @@ def test_scheme_selects_the_nats_transport() -> None:
         ("password_env=CHOREOGRAPH_SURELY_UNSET_VARIABLE", "CHOREOGRAPH_SURELY_UNSET_VARIABLE"),
         ("creds=/no/such/file.creds", "creds"),
         ("tls_cert_file=/etc/hostname", "tls_key_file"),
-        ("namespace=has.dot", "namespace"),
+        ("namespace=has.dot", "namespace .has.dot."),
         ("bogus=1", "bogus"),
         ("ack_flush=maybe", "ack_flush"),
     ],
@@ -237,6 +319,7 @@ TOPICS = [
     "choreograph",
     "a.b",
     "a_2Eb",
+    "a=2Eb",
     "a%2Eb",
     "with-dash_and_underscore",
     "prix-€",
@@ -245,6 +328,8 @@ TOPICS = [
     ">",
     "~",
     "%",
+    "=",
+    "==",
     "",
     "x" * 300,
 ]
@@ -254,7 +339,7 @@ TOPICS = [
 def test_a_topic_is_one_safe_subject_token_and_comes_back_intact(topic: str) -> None:
     token = topic_token(topic)
     assert token
-    assert not set(token) & set(". *>\t\r\n~")
+    assert not set(token) & set(". *>\t\r\n~%")
     assert token_topic(token) == topic
 
 
@@ -301,6 +386,7 @@ ERROR_CASES: list[tuple[BaseException, type[ChoreographError], str]] = [
     (ne.InvalidUserCredentialsError(), ConfigurationError, "credentials"),
     (ne.SecureConnRequiredError(), ConfigurationError, "TLS"),
     (ne.SecureConnWantedError(), ConfigurationError, "TLS"),
+    (ssl.SSLCertVerificationError(), ConfigurationError, "TLS certificate"),
     (jse.ServiceUnavailableError(), TransportError, "JetStream did not answer"),
     (jse.NoStreamResponseError(), TransportError, "JetStream did not answer"),
     (ne.NoRespondersError(), TransportError, "JetStream did not answer"),
@@ -438,6 +524,24 @@ async def test_interest_retention_keeps_a_message_until_every_group_settled_it(
 
 
 @pytest.mark.nats
+async def test_limits_retention_keeps_settled_messages_until_max_age(open_bus: Opener) -> None:
+    # given the limits retention with a max age shorter than the default duplicate window
+    bus = await open_bus(retention="limits", max_age=30, dlq_max_age=10)
+    group, topic = _unique("g"), _unique("t")
+    sub = await bus.subscribe(group, [topic])
+
+    # when a message is received and acked
+    await bus.publish([_msg(topic)])
+    await sub.ack(await _receive_n(sub, 1, 5))
+
+    # then the stream still holds it, and its duplicate window was fitted to max_age
+    info = await bus._client.api(f"STREAM.INFO.{bus._names.events}")
+    assert info["state"]["messages"] == 1
+    assert info["config"]["duplicate_window"] == 30 * 1_000_000_000
+    assert await _receive_for(sub, 0.3) == []
+
+
+@pytest.mark.nats
 async def test_dead_letter_keeps_odd_error_texts_exactly(open_bus: Opener) -> None:
     bus = await open_bus()
     group, topic = _unique("g"), _unique("t")
@@ -486,22 +590,45 @@ async def test_closing_gives_back_what_was_delivered_but_not_handed_over(open_bu
 
 @pytest.mark.nats
 async def test_a_member_with_a_longer_lease_keeps_its_messages(open_bus: Opener) -> None:
-    # given a group whose lease was lowered to 1 s by one member, and member A asking for 30 s
+    # given a group whose lease was lowered to 2 s by one member, and member A asking for 30 s
     group, topic = _unique("g"), _unique("t")
-    short = await (await open_bus()).subscribe(group, [topic], lease=1)
+    short = await (await open_bus()).subscribe(group, [topic], lease=2)
     await short.close()
     bus = await open_bus()
     a = await bus.subscribe(group, [topic], lease=30)
     await bus.publish([_msg(topic)])
     held = await _receive_n(a, 1, 5)
 
-    # when A holds it for 3 s (three times the group's ack_wait)
+    # when A holds it for 5 s (two and a half times the group's ack_wait)
     b = await (await open_bus()).subscribe(group, [topic], lease=30)
-    assert await _receive_for(b, 3) == []
+    assert await _receive_for(b, 5) == []
 
     # then it was never redelivered, and A can still ack it
     await a.ack(held)
     assert await _receive_for(b, 1.5) == []
+
+
+@pytest.mark.nats
+async def test_one_member_gets_a_topics_messages_in_publish_order(open_bus: Opener) -> None:
+    # given one member, and 2,000 messages of one topic published in batches of 500
+    bus = await open_bus()
+    group, topic = _unique("g"), _unique("t")
+    sub = await bus.subscribe(group, [topic])
+    sent = [_msg(topic) for _ in range(2000)]
+    for start in range(0, len(sent), 500):
+        await bus.publish(sent[start : start + 500])
+
+    # when it receives them in batches of various sizes (prefetching as it goes)
+    got: list[Delivery] = []
+    for size in [7, 500, 1, 333, 1000] * 10:
+        batch = await sub.receive(size, 2)
+        await sub.ack(batch)
+        got += batch
+        if len(got) >= len(sent):
+            break
+
+    # then they come in the order they were published
+    assert [d.message.id for d in got] == [m.id for m in sent]
 
 
 @pytest.mark.nats
@@ -554,21 +681,52 @@ async def test_the_public_client_path_behaves_like_the_fast_path(open_bus: Opene
 
 
 @pytest.mark.nats
-async def test_retry_margin_zero_gives_exact_delays_and_the_default_adds_one_second(
-    open_bus: Opener,
+@pytest.mark.parametrize(
+    ("margin", "delay", "sent"),
+    [
+        (0.0, 0.5, b'-NAK {"delay":500000000}'),
+        (1.0, 0.5, b'-NAK {"delay":1000000000}'),
+        (1.0, 1.5, b'-NAK {"delay":2500000000}'),
+        (0.2, 1.5, b'-NAK {"delay":1700000000}'),
+        (1.0, 0.0, b"-NAK"),
+        (1.0, -1.0, b"-NAK"),
+    ],
+)
+async def test_retry_margin_adds_at_most_the_delay_itself(
+    open_bus: Opener, monkeypatch: pytest.MonkeyPatch, margin: float, delay: float, sent: bytes
 ) -> None:
-    for margin, expected in ((0.0, 0.5), (1.0, 1.5)):
-        bus = await open_bus(retry_margin=margin)
-        group, topic = _unique("g"), _unique("t")
-        sub = await bus.subscribe(group, [topic], lease=30)
-        await bus.publish([_msg(topic)])
-        [delivery] = await _receive_n(sub, 1, 5)
-        await sub.retry(delivery, 0.5)
-        start = time.monotonic()
-        [again] = await _receive_n(sub, 1, 5)
-        waited = time.monotonic() - start
-        assert expected - 0.05 <= waited <= expected + 0.6, (margin, waited)
-        assert again.attempt == 2
+    # given a delivery, and the settlements the transport sends recorded
+    bus = await open_bus(retry_margin=margin)
+    group, topic = _unique("g"), _unique("t")
+    sub = await bus.subscribe(group, [topic], lease=30)
+    await bus.publish([_msg(topic)])
+    [delivery] = await _receive_n(sub, 1, 5)
+    recorded: list[bytes] = []
+    settle = bus._client.settle_confirmed
+
+    async def record(subject: str, payload: bytes, doing: str) -> None:
+        recorded.append(payload)
+        await settle(subject, payload, doing)
+
+    monkeypatch.setattr(bus._client, "settle_confirmed", record)
+
+    # when it is retried, then the nak carries the delay plus min(margin, delay)
+    await sub.retry(delivery, delay)
+    assert recorded == [sent]
+
+
+@pytest.mark.nats
+async def test_a_retry_comes_back_after_its_delay_and_margin(open_bus: Opener) -> None:
+    bus = await open_bus(retry_margin=0.4)
+    group, topic = _unique("g"), _unique("t")
+    sub = await bus.subscribe(group, [topic], lease=30)
+    await bus.publish([_msg(topic)])
+    [delivery] = await _receive_n(sub, 1, 5)
+    await sub.retry(delivery, 0.5)
+    start = time.monotonic()
+    [again] = await _receive_n(sub, 1, 5)
+    assert time.monotonic() - start >= 0.9 - 0.05
+    assert again.attempt == 2
 
 
 @pytest.mark.nats
@@ -586,7 +744,28 @@ async def test_a_stream_of_another_shape_is_a_configuration_error(
     await bus._client.api(f"STREAM.DELETE.{namespace}_dlq")
 
 
-# restarts of a private server --------------------------------------------------------------------
+# private servers: TLS, restarts -------------------------------------------------------------------
+
+
+@pytest.mark.nats
+async def test_tls_with_the_servers_ca_works_and_an_unknown_ca_is_refused_quickly(
+    tls_server: tuple[PrivateServer, Path], open_bus: Opener
+) -> None:
+    server, ca_file = tls_server
+
+    # given the CA on the URL, when connecting, then publishing and receiving work over TLS
+    bus = await open_bus(server.url, tls="true", tls_ca_file=str(ca_file))
+    group, topic = _unique("g"), _unique("t")
+    sub = await bus.subscribe(group, [topic])
+    sent = _msg(topic)
+    await bus.publish([sent])
+    assert [d.message.id for d in await _receive_n(sub, 1, 5)] == [sent.id]
+
+    # and without it, connecting fails at once with a ConfigurationError that says why
+    start = time.monotonic()
+    with pytest.raises(ConfigurationError, match="TLS certificate"):
+        await open_bus(server.url, connect_timeout=1)
+    assert time.monotonic() - start < 10
 
 
 @pytest.mark.nats

@@ -324,19 +324,10 @@ async def amqp() -> AsyncIterator[tuple[str, Opener]]:
     groups = {g for bus in opened for g in bus._declared}
     for bus in opened:
         await bus.close()
-    await _drop(ns, groups)
-
-
-async def _drop(ns: str, groups: set[str]) -> None:
-    async with aiormq.connect(BASE) as conn:
-        ch = await conn.channel()
-        for name in [f"{ns}.g.{g}" for g in groups] + [f"{ns}.dlq"]:
-            await ch.queue_delete(name)
-        for level in range(DELAY_LEVELS):
-            await ch.queue_delete(f"{ns}.delay.{level}")
-            await ch.exchange_delete(f"{ns}.delay.{level}")
-        for name in (f"{ns}.events", f"{ns}.groups"):
-            await ch.exchange_delete(name)
+    cleaner = RabbitMQTransport.from_url(f"{BASE}?namespace={ns}")
+    await cleaner.connect()
+    await cleaner.delete_namespace(groups)
+    await cleaner.close()
 
 
 def _messages(topic: str, count: int) -> list[Message]:
@@ -699,3 +690,96 @@ async def test_receive_after_close_and_publish_after_close_raise(
         await bus.publish(_messages("t", 1))
     await bus.connect()  # and it can be opened again
     await bus.publish(_messages("t", 1))
+
+
+@pytestmark_broker
+async def test_the_dead_letter_stream_exists_only_once_something_died(
+    amqp: tuple[str, Opener],
+) -> None:
+    # given a namespace where nothing was dead-lettered
+    ns, open_ = amqp
+    bus = await open_()
+    await bus.declare_group("g", ["t"])
+
+    # then listing, replaying and discarding work without creating the stream
+    assert await bus.dead_letters() == []
+    assert await bus.replay("x") is False
+    assert await bus.discard("x") is False
+    assert await bus._length(f"{ns}.dlq") is None
+
+
+@pytestmark_broker
+async def test_delete_namespace_removes_what_the_namespace_created(
+    amqp: tuple[str, Opener],
+) -> None:
+    # given a namespace with a group, a pending retry and a dead letter
+    ns, open_ = amqp
+    bus = await open_()
+    sub = await bus.subscribe("g", ["t"])
+    await bus.publish(_messages("t", 2))
+    first, second = await _receive(sub, 2)
+    await sub.retry(first, 60)
+    await sub.dead_letter(second, Failure("r", "E", "e"))
+
+    # when it is deleted (by another connection, naming the group)
+    other = await open_()
+    await other.delete_namespace(["g"])
+
+    # then its queues are gone
+    for queue in (f"{ns}.g.g", f"{ns}.dlq", f"{ns}.delay.15"):
+        assert await other._length(queue) is None, queue
+
+
+@pytestmark_broker
+async def test_acks_racing_lease_expiries_never_break_the_channel(
+    amqp: tuple[str, Opener],
+) -> None:
+    # given a member with a lease so short that leases run out while it acks
+    _, open_ = amqp
+    bus = await open_()
+    sub = await bus.subscribe("g", ["t"], lease=0.2)
+    await bus.publish(_messages("t", 300))
+    epoch = sub._epoch
+
+    # when the leases of batch A run out (the member nacks A's tags one by one) while it acks
+    # batch B, whose tags come right after A's, in small multiple-acks
+    for _ in range(5):
+        await sub.receive(20, 1.0)  # A, never settled
+        await asyncio.sleep(0.1)
+        b = await sub.receive(20, 1.0)
+        await asyncio.sleep(0.08)
+        for start in range(0, len(b), 3):
+            await sub.ack(b[start : start + 3])
+            await asyncio.sleep(0.004)
+        await asyncio.sleep(0.3)
+
+    # then the broker never closed its channel over an unknown delivery tag
+    assert sub._epoch == epoch
+    assert sub._ch is not None and not sub._ch.is_closed
+
+
+@pytestmark_broker
+async def test_a_publish_window_also_stops_at_4_mib_of_bodies(
+    amqp: tuple[str, Opener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a transport whose windows we watch
+    _, open_ = amqp
+    bus = await open_()
+    sub = await bus.subscribe("g", ["t"])
+    windows: list[int] = []
+    send_window = bus._send_window
+
+    async def watched(chunk: list[_Out], *args: object) -> tuple[list[_Out], object]:
+        windows.append(len(chunk))
+        return await send_window(chunk, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus, "_send_window", watched)
+
+    # when twenty bodies of 512 KiB are published in one call
+    big = [Message(uuid.uuid4().hex, "t", bytes(bus.max_message_bytes)) for _ in range(20)]
+    await bus.publish(big)
+
+    # then they went out in windows of at most 4 MiB (8 bodies), and all arrive
+    assert windows == [8, 8, 4]
+    got = await _receive(sub, 20, within=20)
+    assert _ids(got) == {m.id for m in big}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +24,11 @@ ERROR_TABLE: list[tuple[tuple[type[BaseException], ...], type[ChoreographError],
         (ne.SecureConnRequiredError, ne.SecureConnWantedError),
         ConfigurationError,
         "TLS is required on one side and not enabled on the other",
+    ),
+    (
+        (ssl.SSLCertVerificationError,),
+        ConfigurationError,
+        "the server's TLS certificate was not accepted (tls_ca_file? tls_verify?)",
     ),
     (
         (jse.ServiceUnavailableError, jse.NoStreamResponseError, ne.NoRespondersError),

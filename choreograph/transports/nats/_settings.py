@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from choreograph.errors import ConfigurationError
 from choreograph.transport import TransportSettings, redact
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class NatsSettings(TransportSettings):
     reconnect_wait: float = 0.5
     """Seconds between reconnection attempts (the client reconnects for ever)."""
     retry_margin: float = 1.0
-    """Seconds added to every delayed retry. The server keeps the due time of a pending retry
-    to the whole second across its own restart, so without this margin a retry pending while the
-    server restarts may come up to 1 s early. 0 gives exact delays while the server runs."""
+    """Seconds added to a delayed retry, at most the delay itself (``min(retry_margin, delay)``).
+    The server keeps the due time of a pending retry to the whole second across its own restart,
+    so without a margin a retry pending while the server restarts may come up to 1 s early. 0
+    gives exact delays while the server runs."""
     ack_flush: bool = True
     """ack/retry/dead-letter return once the server has processed the settlement (one round
     trip per call, not per message). Off: they return once the settlement is queued."""
@@ -81,6 +85,11 @@ class NatsSettings(TransportSettings):
     """Verify the server certificate and host name. Turn off only for tests."""
 
     def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.namespace):
+            raise ConfigurationError(
+                f"namespace {self.namespace!r}: use 1-100 letters, digits, '_' or '-' "
+                "(it prefixes stream names and subjects)"
+            )
         parts = urlsplit(self.url)
         if parts.scheme not in ("nats", "tls"):
             raise ConfigurationError(f"not a nats:// URL: {redact(self.url)}")
@@ -158,7 +167,9 @@ class NatsSettings(TransportSettings):
             "name": self.name or f"choreograph-{self.namespace}",
             "connect_timeout": self.connect_timeout,
             "reconnect_time_wait": self.reconnect_wait,
-            "max_reconnect_attempts": -1,
+            # a few attempts to connect at first (connect() fails fast); once connected, the
+            # client reconnects for ever (Client.open sets it)
+            "max_reconnect_attempts": 2,
             "allow_reconnect": True,
             # what may queue while reconnecting; publishes wait for the reconnection instead
             "pending_size": 8 * 1024 * 1024,

@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription as NatsSub
 from choreograph.errors import TransportError
 from choreograph.transport import Delivery, Failure, Message, Subscription
 from choreograph.transports.nats._errors import translated
-from choreograph.transports.nats._names import dead_letter_header, message_id
+from choreograph.transports.nats._names import ID_HEADER, dead_letter_header, message_id
 
 if TYPE_CHECKING:
     from choreograph.transports.nats._transport import NatsTransport
@@ -110,6 +110,7 @@ class NatsSubscription(Subscription):
         self._sub: NatsSub | None = None
         self._request_ids = 0
         self._closed = False
+        self._clock = asyncio.get_running_loop().time
 
     async def start(self) -> None:
         nc = self._client.nc
@@ -154,7 +155,7 @@ class NatsSubscription(Subscription):
                     request.remaining -= 1
                     if request.remaining <= 0:
                         self._end(consumer)
-            self._buffer.append((msg, tokens, asyncio.get_running_loop().time()))
+            self._buffer.append((msg, tokens, self._clock()))
         else:
             # a status ending one of our requests: 404 no messages, 408 expired or drained,
             # 409/503 refused (then wait a little before asking that consumer again)
@@ -294,7 +295,11 @@ class NatsSubscription(Subscription):
             msg, tokens, arrived = buffer.popleft()
             v1 = len(tokens) == 9
             topic, group = names.parse_subject(msg.subject)
-            event_id = message_id(msg.headers, f"nats:{tokens[5] if v1 else tokens[7]}")
+            headers = msg.headers
+            if headers is not None and len(headers) == 1 and ID_HEADER in headers:
+                event_id = headers[ID_HEADER]  # the common case, short cut
+            else:
+                event_id = message_id(headers, f"nats:{tokens[5] if v1 else tokens[7]}")
             unsettled[msg.reply] = (msg, arrived)
             out.append(
                 Delivery(
@@ -308,29 +313,35 @@ class NatsSubscription(Subscription):
                 consumer.backlog = int(tokens[8] if v1 else tokens[10])
         return out
 
-    async def _settle(self, deliveries: Sequence[Delivery], payload: bytes, doing: str) -> None:
-        unsettled = self._unsettled
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
         replies = [delivery.handle.reply for delivery in deliveries]
         for reply in replies:
-            unsettled.pop(reply, None)
-        with translated(f"{doing} in {self.group}"):
-            await self._client.send(replies, payload)
-            if self._transport.settings.ack_flush and self._client.connected.is_set():
-                await self._client.nc.flush(
-                    timeout=math.ceil(self._transport.settings.request_timeout)
-                )
-
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self._settle(deliveries, _ACK, "acknowledging")
+            self._unsettled.pop(reply, None)
+        settings = self._transport.settings
+        doing = f"acknowledging in {self.group}"
+        if settings.ack_flush:
+            loop = asyncio.get_running_loop()
+            await self._client.wait_connected(loop.time() + settings.publish_timeout, doing)
+        with translated(doing):
+            await self._client.send(replies, _ACK)
+            if settings.ack_flush:
+                # one round trip for the whole batch: the server has them when this returns
+                await self._client.nc.flush(timeout=math.ceil(settings.request_timeout))
 
     async def retry(self, delivery: Delivery, delay: float) -> None:
         if delay > 0:
-            nanos = int((delay + self._transport.settings.retry_margin) * 1e9)
+            margin = min(self._transport.settings.retry_margin, delay)
+            nanos = int((delay + margin) * 1e9)
             payload = b'-NAK {"delay":%d}' % nanos
         else:
             payload = _NAK
-        await self._settle([delivery], payload, "scheduling a retry")
+        reply = delivery.handle.reply
+        self._unsettled.pop(reply, None)
+        # confirmed one by one (retries are rare): once this returns, the server holds the due
+        # time, and no lease expiry can bring the message back before it
+        await self._client.settle_confirmed(reply, payload, f"scheduling a retry in {self.group}")
 
     async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
         msg: Msg = delivery.handle
@@ -345,9 +356,11 @@ class NatsSubscription(Subscription):
             "Nats-Msg-Id": f"dl/{self.group}/{stream_seq}/{delivery.attempt}",
             "Choreograph-Dead-Letter": header,
         }
-        # stored in the dead letters first: a crash in between duplicates, never loses
+        # stored in the dead letters first: a crash in between duplicates, never loses (and the
+        # server drops the duplicate record within its duplicate window, by Nats-Msg-Id)
         await self._client.publish([(names.dlq_subject(self.group), msg.data, headers)])
-        await self._settle([delivery], _TERM, "dead-lettering")
+        self._unsettled.pop(msg.reply, None)
+        await self._client.settle_confirmed(msg.reply, _TERM, f"dead-lettering in {self.group}")
 
     async def close(self) -> None:
         if self._closed:

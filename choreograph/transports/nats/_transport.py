@@ -39,6 +39,11 @@ _NO_MESSAGE = frozenset({10037})
 """JetStream error codes meaning "no message at that sequence" (get)."""
 
 
+def _window(duplicate_window: float, max_age: float) -> float:
+    """The server refuses a duplicate window longer than the stream's max age."""
+    return min(duplicate_window, max_age) if max_age > 0 else duplicate_window
+
+
 class NatsTransport(Transport):
     """The bus on NATS JetStream (nats-server >= 2.9, one filter subject per consumer).
 
@@ -108,7 +113,7 @@ class NatsTransport(Transport):
                 "max_bytes": s.max_bytes,
                 "max_msg_size": -1,
                 "discard": "new",
-                "duplicate_window": int(s.duplicate_window * _NANOS),
+                "duplicate_window": int(_window(s.duplicate_window, s.max_age) * _NANOS),
             }
         )
         await self._ensure_stream(
@@ -121,7 +126,9 @@ class NatsTransport(Transport):
                 "num_replicas": replicas,
                 "max_age": int(s.dlq_max_age * _NANOS),
                 "discard": "new",
-                "duplicate_window": int(min(s.duplicate_window, 120) * _NANOS),
+                "duplicate_window": int(
+                    _window(min(s.duplicate_window, 120), s.dlq_max_age) * _NANOS
+                ),
             }
         )
 
@@ -204,7 +211,7 @@ class NatsTransport(Transport):
             if lease is not None and lease < current - 1e-6:
                 # ack_wait is the consumer's, shared by the group's members and applied to what
                 # they already hold: the shortest lease asked for wins (a dead member's messages
-                # come back in time; a member wanting longer extends its own, see _Keeper)
+                # come back in time; a member wanting longer keeps its own, see NatsSubscription)
                 info = await self._client.api(f"CONSUMER.DURABLE.CREATE.{stream}.{name}", request)
         self._ack_waits[name] = info.get("config", {}).get("ack_wait", 0) / _NANOS
 

@@ -1,0 +1,195 @@
+"""``python -m benchmarks [--quick] [--only w1,w2,w3] [--transports nats,redis] [--repeat N]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from benchmarks import w1, w2, w3
+from benchmarks.brokers import PREFIX, cleanup, is_up
+from benchmarks.config import Config
+from benchmarks.harness import BenchError, Row
+from benchmarks.machine import describe, load_average
+from benchmarks.profiling import summarise
+from benchmarks.report import add_ratios, median, print_tables, write_markdown
+
+TRANSPORTS = ("sqlite", "nats", "redis", "amqp")
+WORKLOADS = ("w1", "w2", "w3")
+CELL_TIMEOUT = 420.0
+
+
+@dataclass
+class Cell:
+    workload: str
+    transport: str
+    side: str
+    run: Callable[[], Awaitable[Row]]
+    needs: str
+    """The broker that must be up ('' for none)."""
+
+
+def plan(cfg: Config, workloads: set[str], transports: list[str]) -> list[Cell]:
+    cells: list[Cell] = []
+    if "w1" in workloads:
+        for t in transports:
+            cells.append(Cell("W1 one hop", t, w1.RAW_SIDES[t], _bind(w1.raw, cfg, t), t))
+            if t == "amqp":
+                side = "raw aio-pika, quorum queue"
+                cells.append(Cell("W1 one hop", t, side, _bind(w1.raw, cfg, t, "quorum"), t))
+            for level in ("transport", "runtime"):
+                side = f"choreograph {level}"
+                cells.append(Cell("W1 one hop", t, side, _bind(w1.framework, cfg, t, level), t))
+    if "w2" in workloads:
+        if "nats" in transports:
+            for side in ("raw", "faststream", "faststream-pull"):
+                cells.append(
+                    Cell("W2 3-hop saga", "nats", side, _bind(w2.nats_side, cfg, side), "nats")
+                )
+            for store in ("memory", "sqlite"):
+                run = _bind(w2.choreograph_side, cfg, "nats", store)
+                cells.append(Cell("W2 3-hop saga", "nats", f"choreograph ({store})", run, "nats"))
+        for t in transports:
+            if t != "nats":
+                run = _bind(w2.choreograph_side, cfg, t, "memory")
+                cells.append(Cell("W2 3-hop saga", t, "choreograph (memory)", run, t))
+    if "w3" in workloads:
+        for t in transports:
+            for layout in ("one", "each"):
+                side = f"choreograph ({layout})"
+                cells.append(Cell("W3 drone delivery", t, side, _bind(w3.run, cfg, t, layout), t))
+    return cells
+
+
+def _bind(fn: Callable[..., Awaitable[Row]], *args: object) -> Callable[[], Awaitable[Row]]:
+    return lambda: fn(*args)
+
+
+async def run_cell(cell: Cell, repeat: int, console: Console) -> Row:
+    runs: list[Row] = []
+    for attempt in range(repeat):
+        started = time.monotonic()
+        if cell.needs and cell.needs != "sqlite" and not is_up(cell.needs):
+            row = Row(cell.workload, cell.transport, cell.side, error=f"{cell.needs} is down")
+        else:
+            try:
+                row = await asyncio.wait_for(cell.run(), CELL_TIMEOUT)
+            except (BenchError, TimeoutError, OSError, ImportError, Exception) as exc:
+                message = str(exc) or type(exc).__name__
+                row = Row(cell.workload, cell.transport, cell.side, error=message)
+        row.extra["seconds"] = time.monotonic() - started
+        row.extra["load"] = load_average()
+        runs.append(row)
+        status = (
+            f"[red]failed[/]: {row.error[:200]}"
+            if row.error
+            else f"{row.rate:,.0f}/s"
+            + (f", p50 {row.p50_ms:.1f} ms, p99 {row.p99_ms:.1f} ms" if row.p99_ms else "")
+        )
+        suffix = f" (run {attempt + 1}/{repeat})" if repeat > 1 else ""
+        console.print(
+            f"  {cell.workload:<18} {cell.transport:<7} {row.side:<52} {status}"
+            f" [dim]{row.extra['seconds']:.0f}s, load {load_average()}[/]{suffix}",
+            highlight=False,
+        )
+    return median(runs)
+
+
+async def main_async(args: argparse.Namespace, console: Console) -> int:
+    workloads = {w.strip().lower() for w in args.only.split(",")} if args.only else set(WORKLOADS)
+    transports = (
+        [t.strip() for t in args.transports.split(",")] if args.transports else list(TRANSPORTS)
+    )
+    unknown = (workloads - set(WORKLOADS) - {"w4"}) | (set(transports) - set(TRANSPORTS))
+    if unknown:
+        console.print(f"[red]unknown workload or transport: {', '.join(sorted(unknown))}[/]")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="chbench-"))
+    profile_dir = Path(args.profile) if args.profile else None
+    cfg = Config.create(workdir, quick=args.quick, repeat=args.repeat, profile_dir=profile_dir)
+    machine = await describe()
+    console.print(
+        f"[bold]choreograph benchmarks[/] ({'quick' if cfg.quick else 'full'}), {workdir}"
+    )
+    for key, value in machine.items():
+        console.print(f"  {key}: {value}", highlight=False)
+    for transport in ("nats", "redis", "amqp"):
+        if transport in transports and is_up(transport):
+            await cleanup(transport, PREFIX)  # leftovers of an interrupted run
+    rows: list[Row] = []
+    started = time.monotonic()
+    try:
+        for cell in plan(cfg, workloads, transports):
+            rows.append(await run_cell(cell, cfg.repeat, console))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine["load_after"] = f"load average {load_average()}"
+    machine["duration"] = f"{time.monotonic() - started:.0f} s"
+    if "w4" in workloads or not args.only:
+        machine["W4 (Celery chain)"] = (
+            "not measured: celery is not installed in this environment (the book's figure is "
+            "364-375 chains/s on Redis; compare the W2 choreograph row on redis)"
+        )
+    add_ratios(rows)
+    print_tables(console, rows, machine)
+    if profile_dir is not None:
+        report_profiles(profile_dir, console)
+    full = not (args.quick or args.only or args.transports or args.profile)
+    if args.write == "yes" or (args.write == "auto" and full):
+        command = "python -m benchmarks " + " ".join(sys.argv[1:])
+        write_markdown(rows, machine, command.strip())
+        console.print("wrote benchmarks/RESULTS.md")
+    return 1 if any(r.error for r in rows) else 0
+
+
+def report_profiles(profile_dir: Path, console: Console) -> None:
+    summaries = []
+    for path in sorted(profile_dir.glob("*.prof")):
+        try:
+            summaries.append(f"==== {path.name}\n{summarise(path)}")
+        except Exception as exc:  # an interrupted process leaves a truncated file
+            summaries.append(f"==== {path.name}: unreadable ({exc})")
+    (profile_dir / "summary.txt").write_text("\n".join(summaries))
+    console.print(f"profiles: {len(summaries)} in {profile_dir}, summary in summary.txt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, a 1-2 minute smoke run")
+    parser.add_argument("--only", default="", help="workloads, e.g. w1,w2 (default: all)")
+    parser.add_argument(
+        "--transports", default="", help=f"subset of {','.join(TRANSPORTS)} (default: all)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per cell; the median is kept")
+    parser.add_argument(
+        "--write",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="rewrite benchmarks/RESULTS.md (auto: only after a full, unfiltered run)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default="",
+        help="run the choreograph processes under cProfile, write DIR/*.prof and DIR/summary.txt",
+    )
+    args = parser.parse_args()
+    if args.profile:
+        profile_dir = Path(args.profile).resolve()
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        args.profile = str(profile_dir)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    console.width = max(console.width, 160)  # the tables stay readable in a log
+    sys.exit(asyncio.run(main_async(args, console)))
