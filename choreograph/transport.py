@@ -185,6 +185,11 @@ class Transport(ABC):
     async def discard(self, dead_letter_id: str) -> bool:
         """Delete a dead letter for good. Returns False when no such dead letter exists."""
 
+    async def delete_namespace(self) -> None:  # noqa: B027 - optional, empty by default
+        """Delete everything this transport's namespace holds on the bus, messages included
+        (for tests, demos and decommissioning). Transports that keep nothing outside the process
+        or a local file do nothing."""
+
     async def lag(self, group: str) -> int | None:
         """Messages waiting for ``group`` (not yet delivered or due), or None when unknown."""
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -73,4 +74,7 @@ async def make_transport(transport_url: str) -> AsyncIterator[TransportFactory]:
 
     yield make
     for transport in reversed(opened):
+        # leave nothing on the shared brokers (RabbitMQ runs out of file handles otherwise)
+        with contextlib.suppress(Exception):
+            await transport.delete_namespace()
         await transport.close()

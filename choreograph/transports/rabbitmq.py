@@ -56,6 +56,7 @@ _REASON, _ERROR_TYPE, _ERROR = (
     "x-choreograph-error",
 )
 _ATTEMPTS, _FAILED_AT = "x-choreograph-attempts", "x-choreograph-failed-at-ms"
+_DLQ_KEY = "~dlq"  # routes to the dead-letter stream through ns.groups: no group name has a '~'
 _WINDOW_BYTES = 4 << 20  # a publish window also stops at this many bytes of bodies
 _MAX_ERROR_BYTES = 16_384  # failure text travels in a header frame, which must fit in frame_max
 DELAY_LEVELS = 32
@@ -335,6 +336,7 @@ class RabbitMQTransport(Transport):
         try:
             ch = await self._channel("ctl", self._deadline())
             await ch.queue_declare(self._dlq, durable=True, arguments=arguments)
+            await ch.queue_bind(self._dlq, self._groups_ex, routing_key=_DLQ_KEY)
         except Exception as exc:
             raise translate(exc, f"declaring the dead-letter stream {self._dlq!r}") from exc
         self._dlq_declared = True
@@ -567,12 +569,14 @@ class RabbitMQTransport(Transport):
     async def _scan(self) -> dict[str, DeadLetter]:
         """Read the dead-letter stream from its start to a marker written now: the live dead
         letters, oldest first (a tombstone removes the record it names)."""
-        if not self._dlq_declared and await self._length(self._dlq) is None:
-            return {}  # nothing was ever dead-lettered in this namespace
-        self._dlq_declared = True
+        if not self._dlq_declared:
+            if await self._length(self._dlq) is None:
+                return {}  # nothing was ever dead-lettered in this namespace
+            await self._declare_dlq()
         marker = uuid.uuid4().hex
         props = spec.Basic.Properties(delivery_mode=2, message_id=marker, headers={_KIND: "marker"})
-        await self._send([_Out("", self._dlq, _rich_header(props, 0), b"", marker)], mandatory=True)
+        out = _Out(self._groups_ex, _DLQ_KEY, _rich_header(props, 0), b"", marker)
+        await self._send([out], mandatory=True)
         found: dict[str, DeadLetter] = {}
         reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ch: aiormq.Channel | None = None
@@ -623,7 +627,7 @@ class RabbitMQTransport(Transport):
         props = spec.Basic.Properties(
             delivery_mode=2, message_id=dead.message.id, headers={_KIND: "removed", _DL_ID: dead.id}
         )
-        out = _Out("", self._dlq, _rich_header(props, 0), b"", dead.message.id)
+        out = _Out(self._groups_ex, _DLQ_KEY, _rich_header(props, 0), b"", dead.message.id)
         await self._send([out], mandatory=True)
 
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
@@ -953,7 +957,11 @@ class RabbitMQSubscription(Subscription):
             delivery_mode=2, message_id=message.id, message_type=message.topic, headers=headers
         )
         out = _Out(
-            "", self._bus._dlq, _rich_header(props, len(message.body)), message.body, message.id
+            self._bus._groups_ex,
+            _DLQ_KEY,
+            _rich_header(props, len(message.body)),
+            message.body,
+            message.id,
         )
         try:
             await self._bus._declare_dlq()

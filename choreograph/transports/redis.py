@@ -568,6 +568,12 @@ class RedisTransport(Transport):
         except ValueError as exc:
             raise ConfigurationError(f"invalid Redis URL {redact(s.url)}: {exc}") from None
 
+    async def delete_namespace(self) -> None:
+        client = self._redis()
+        keys = [key async for key in client.scan_iter(match=f"{self._prefix}*", count=500)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+
     async def close(self) -> None:
         for sub in list(self._subscriptions):
             await sub.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -783,3 +785,45 @@ async def test_a_publish_window_also_stops_at_4_mib_of_bodies(
     assert windows == [8, 8, 4]
     got = await _receive(sub, 20, within=20)
     assert _ids(got) == {m.id for m in big}
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytestmark_broker
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to add a user")
+async def test_everything_works_with_permissions_limited_to_the_namespace(
+    amqp: tuple[str, Opener],
+) -> None:
+    # given a user allowed to configure, write and read "^ns\." only
+    ns, _ = amqp
+    user, password = f"{ns}_user", uuid.uuid4().hex
+    await asyncio.to_thread(_rabbitmqctl, "add_user", user, password)
+    try:
+        pattern = f"^{ns}\\."
+        await asyncio.to_thread(_rabbitmqctl, "set_permissions", user, pattern, pattern, pattern)
+        bus = RabbitMQTransport.from_url(f"amqp://{user}:{password}@127.0.0.1:5672/?namespace={ns}")
+        await bus.connect()
+        try:
+            # when it publishes, consumes, retries, dead-letters, lists, replays, gives back
+            sub = await bus.subscribe("g", ["t"], lease=30)
+            await bus.publish(_messages("t", 3))
+            first, second, _third = await _receive(sub, 3)
+            await sub.retry(first, 0.05)
+            await sub.dead_letter(second, Failure("r", "E", "e"))
+            [dead] = await bus.dead_letters("g")
+            assert await bus.replay(dead.id) is True
+            assert await bus.lag("g") is not None
+            got = await _receive(sub, 2)
+            assert _ids(got) == {first.message.id, second.message.id}
+            await sub.close()  # gives back the third and the two just received
+
+            # then nothing was refused, and the messages are all still there
+            again = await bus.subscribe("g", ["t"])
+            assert len(await _receive(again, 3)) == 3
+            await bus.delete_namespace()
+        finally:
+            await bus.close()
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "delete_user", user)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 from collections.abc import Collection, Sequence
 from typing import Any, Self
@@ -97,6 +98,11 @@ class NatsTransport(Transport):
     def _check_open(self) -> None:
         if not (self._client.is_open and self._streams_ready):
             raise TransportError("NATS: the transport is not connected (call connect() first)")
+
+    async def delete_namespace(self) -> None:
+        for stream in (self._names.events, self._names.dlq):
+            with contextlib.suppress(Exception):  # absent already
+                await self._client.api(f"STREAM.DELETE.{stream}")
 
     async def _ensure_streams(self) -> None:
         names, s = self._names, self.settings
