@@ -94,6 +94,21 @@ class Envelope:
         return doc
 
 
+def new_envelope(
+    event_type: str, data: dict[str, Any], *, source: str, correlation_id: str = ""
+) -> Envelope:
+    """An event published from outside any handling: it starts the transaction
+    ``correlation_id``, or a new one named after its own id."""
+    event_id = new_id()
+    return Envelope(
+        id=event_id,
+        type=event_type,
+        source=source,
+        correlationid=correlation_id or event_id,
+        data=data,
+    )
+
+
 def encode(envelope: Envelope, *, limit: int = MAX_EVENT_BYTES) -> bytes:
     """Encode as CloudEvents structured JSON. Raises :class:`PayloadTooLarge` over ``limit``."""
     body = orjson.dumps(envelope.to_dict())

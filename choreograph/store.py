@@ -12,7 +12,6 @@ Stores are chosen by URL: ``sqlite:///path.db`` (default, one file per service),
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -21,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from choreograph.errors import ConfigurationError
-from choreograph.transport import redact
+from choreograph.transport import load_backend, redact
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +158,6 @@ def store_from_url(url: str, service: str) -> Store:
             f"unknown store {redact(url)!r}; use sqlite:///path.db, memory:// or postgresql://..."
         )
     module_name, class_name, extra = _STORES[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if extra is None or (exc.name or "").startswith("choreograph"):
-            raise
-        raise ConfigurationError(
-            f"the {scheme}:// store needs an extra: pip install 'choreograph[{extra}]' ({exc})"
-        ) from None
-    store: Store = getattr(module, class_name).from_url(url, service)
+    backend = load_backend(module_name, class_name, extra, f"{scheme}:// store")
+    store: Store = backend.from_url(url, service)
     return store

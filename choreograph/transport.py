@@ -278,6 +278,19 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
 DEFAULT_TRANSPORT_URL = "sqlite:///choreograph.db"
 
 
+def load_backend(module_name: str, class_name: str, extra: str | None, what: str) -> Any:
+    """Import an optional backend lazily; a missing driver names the extra to install."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if extra is None or (exc.name or "").startswith("choreograph"):
+            raise
+        raise ConfigurationError(
+            f"the {what} needs an extra: pip install 'choreograph[{extra}]' ({exc})"
+        ) from None
+    return getattr(module, class_name)
+
+
 def transport_from_url(url: str | None = None) -> Transport:
     """Create (not yet connected) the transport a URL names.
 
@@ -292,13 +305,5 @@ def transport_from_url(url: str | None = None) -> Transport:
             + ", ".join(f"{s}://" for s in _SCHEMES)
         )
     module_name, class_name, extra = _SCHEMES[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if extra is None or (exc.name or "").startswith("choreograph"):
-            raise
-        raise ConfigurationError(
-            f"the {scheme}:// transport needs an extra: pip install 'choreograph[{extra}]' ({exc})"
-        ) from None
-    cls: type[Transport] = getattr(module, class_name)
+    cls: type[Transport] = load_backend(module_name, class_name, extra, f"{scheme}:// transport")
     return cls.from_url(url)  # type: ignore[attr-defined, no-any-return]

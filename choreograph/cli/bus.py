@@ -19,7 +19,7 @@ from choreograph.cli._common import (
     transport_option,
 )
 from choreograph.cli.run import store_option
-from choreograph.envelope import Envelope, decode, encode, new_id
+from choreograph.envelope import decode, encode, new_envelope
 from choreograph.errors import ChoreographError, ConfigurationError
 from choreograph.events import Event
 from choreograph.store import store_from_url
@@ -66,13 +66,8 @@ async def publish(
         event = cls.parse_data(_read_json(data))
     except ChoreographError as exc:
         raise click.BadParameter(str(exc), param_hint="DATA") from None
-    event_id = new_id()
-    envelope = Envelope(
-        id=event_id,
-        type=cls.event_type,
-        source=source,
-        correlationid=correlation_id or event_id,
-        data=event.to_data(),
+    envelope = new_envelope(
+        cls.event_type, event.to_data(), source=source, correlation_id=correlation_id
     )
     async with transport_from_url(transport_url) as transport:
         await transport.publish([Message(envelope.id, envelope.type, encode(envelope))])

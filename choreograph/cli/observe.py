@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
-import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.observe.flowdb import DEFAULT_DB_URL, FlowDb, SqliteFlowDb, flowdb_from_url
 from choreograph.observe.flows import children, flow_stats, load_transaction, stuck_transactions
 from choreograph.observe.model import FlowModel
+from choreograph.runtime.runner import wait_for_signal
 
 db_option = click.option(
     "--db",
@@ -119,12 +118,8 @@ async def record(app_spec: str, transport_url: str, db_url: str, group: str) -> 
     recorder = Recorder(app, transport_url, db_url, group=group)
     await recorder.start()
     console.print(f"recording [bold]{app.name}[/] from [cyan]{transport_url}[/] into {db_url}")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_signal()
     finally:
         await recorder.stop()
     console.print(f"stopped; {recorder.recorded} messages recorded, {recorder.invalid} skipped")

@@ -17,7 +17,7 @@ from typing import Any
 from choreograph.app import App
 from choreograph.clock import Clock
 from choreograph.context import Context, State
-from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_id
+from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_envelope, new_id
 from choreograph.errors import (
     InvalidMessage,
     PayloadTooLarge,
@@ -344,13 +344,11 @@ class Handling:
                 tracestate=ctx.envelope.tracestate,
             )
         else:
-            event_id = new_id()
-            envelope = Envelope(
-                id=event_id,
-                type=event.event_type,
+            envelope = new_envelope(
+                event.event_type,
+                event.to_data(),
                 source=self.service.name,
-                correlationid=correlation_id or event_id,
-                data=event.to_data(),
+                correlation_id=correlation_id,
             )
         for mw in self.middleware:
             envelope = mw.stamp(ctx, envelope)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from choreograph.app import App
 from choreograph.clock import SYSTEM_CLOCK, Clock
 from choreograph.context import State
-from choreograph.envelope import Envelope, encode, new_id
+from choreograph.envelope import Envelope, encode, new_envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.middleware import Middleware
@@ -178,13 +178,8 @@ class Runtime:
 
     async def publish(self, event: Event, *, source: str, correlation_id: str = "") -> Envelope:
         """Publish one event straight to the bus, with no store (scripts, the CLI, tests)."""
-        event_id = new_id()
-        envelope = Envelope(
-            id=event_id,
-            type=event.event_type,
-            source=source,
-            correlationid=correlation_id or event_id,
-            data=event.to_data(),
+        envelope = new_envelope(
+            event.event_type, event.to_data(), source=source, correlation_id=correlation_id
         )
         for mw in self.middleware:
             envelope = mw.stamp(None, envelope)
@@ -193,12 +188,17 @@ class Runtime:
 
     async def run_until_signalled(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        await wait_for_signal()
+
+
+async def wait_for_signal() -> None:
+    """Return when the process receives SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)
