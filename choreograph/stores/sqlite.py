@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,9 @@ import orjson
 
 from choreograph.errors import ConfigurationError
 from choreograph.store import OutboxRow, Store, StoreTx, Timer
+
+#: Seconds SQLite itself waits for a lock before the store yields to the event loop.
+_LOCK_POLL = 0.02
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (
@@ -217,11 +221,24 @@ class SqliteStore(Store):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(
-            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            # A short wait on the loop thread; longer waits for the write lock are async (_write).
+            self.path,
+            timeout=_LOCK_POLL,
+            isolation_level=None,
+            check_same_thread=False,
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        give_up = time.monotonic() + self._busy_timeout
+        while True:  # replicas opening one new file at once contend for its first write
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > give_up:
+                    db.close()
+                    raise
+                await asyncio.sleep(_LOCK_POLL)
         self._db = db
 
     async def close(self) -> None:
@@ -235,39 +252,52 @@ class SqliteStore(Store):
         return self._db
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[StoreTx]:
+    async def _write(self) -> AsyncIterator[sqlite3.Connection]:
+        """One write transaction. Waiting for another process' write lock sleeps on the event
+        loop (never blocks it), up to ``busy_timeout`` seconds."""
         async with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            tx = _SqliteTx(db, self._indexed)
+            give_up = time.monotonic() + self._busy_timeout
+            pause = _LOCK_POLL
+            while True:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        raise
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.2)
             try:
-                yield tx
-                tx.flush()
+                yield db
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             else:
                 db.execute("COMMIT")
 
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTx]:
+        async with self._write() as db:
+            tx = _SqliteTx(db, self._indexed)
+            yield tx
+            tx.flush()
+
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
-        async with self._lock:
-            rows = (
-                self._conn()
-                .execute(
-                    "UPDATE outbox SET leased_until = ? WHERE seq IN (SELECT seq FROM outbox "
-                    "WHERE due_at <= ? AND leased_until <= ? ORDER BY seq LIMIT ?) "
-                    "RETURNING id, topic, body, due_at",
-                    (now + lease, now, now, limit),
-                )
-                .fetchall()
-            )
+        async with self._write() as db:
+            rows = db.execute(
+                "UPDATE outbox SET leased_until = ? WHERE seq IN (SELECT seq FROM outbox "
+                "WHERE due_at <= ? AND leased_until <= ? ORDER BY seq LIMIT ?) "
+                "RETURNING id, topic, body, due_at",
+                (now + lease, now, now, limit),
+            ).fetchall()
         return [OutboxRow(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def mark_sent(self, ids: Sequence[str]) -> None:
         if not ids:
             return
-        async with self._lock:
-            self._conn().executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        async with self._write() as db:
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     async def next_timer_due(self) -> float | None:
         row = self._conn().execute("SELECT min(due_at) FROM timers").fetchone()
@@ -295,11 +325,11 @@ class SqliteStore(Store):
         return [Timer(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
 
     async def cancel_timer(self, name: str, key: str) -> bool:
-        async with self._lock:
-            cur = self._conn().execute("DELETE FROM timers WHERE name = ? AND key = ?", (name, key))
+        async with self._write() as db:
+            cur = db.execute("DELETE FROM timers WHERE name = ? AND key = ?", (name, key))
         return cur.rowcount > 0
 
     async def prune_inbox(self, before: float) -> int:
-        async with self._lock:
-            cur = self._conn().execute("DELETE FROM inbox WHERE at < ?", (before,))
+        async with self._write() as db:
+            cur = db.execute("DELETE FROM inbox WHERE at < ?", (before,))
         return cur.rowcount

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -215,3 +216,72 @@ class Procs:
         if port is not None:
             proc.wait_port(port, timeout)
         return proc
+
+
+# A journal of what a process handled, to see from outside what it held when it was killed ------
+
+JOURNAL_ENV = "PROCS_JOURNAL"
+"""Environment variable naming the file :func:`journal` appends to."""
+
+
+def journal() -> Any:
+    """``--middleware tests.support.procs:journal``: a middleware appending, to the file named by
+    ``$PROCS_JOURNAL``, one line when a handling starts (``start``) and one after its batch was
+    committed and settled (``end``): ``<kind> <epoch seconds> <service> <event id> <attempt>
+    [<outcome>]``. Each line is written (not buffered) at once, so it survives a SIGKILL."""
+    from choreograph.middleware import Middleware
+
+    path = Path(os.environ[JOURNAL_ENV])
+
+    class Journal(Middleware):
+        def _write(self, *fields: object) -> None:
+            with path.open("a") as sink:
+                sink.write(" ".join(map(str, fields)) + "\n")
+
+        async def around_handle(self, ctx: Any, call_next: Any) -> Any:
+            self._write("start", f"{time.time():.6f}", ctx.service, ctx.event_id, ctx.attempt)
+            return await call_next()
+
+        def on_outcome(self, ctx: Any, outcome: Any) -> None:
+            self._write("end", f"{time.time():.6f}", ctx.service, ctx.event_id, ctx.attempt,
+                        outcome.kind)  # fmt: skip
+
+    return Journal()
+
+
+@dataclass
+class JournalEntry:
+    kind: str
+    at: float
+    service: str
+    event_id: str
+    attempt: int
+    outcome: str = ""
+
+
+def read_journal(path: Path) -> list[JournalEntry]:
+    """The complete lines of a :func:`journal` file (a torn last line is left out)."""
+    if not path.exists():
+        return []
+    entries = []
+    for line in path.read_text(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) < 5 or fields[0] not in ("start", "end"):
+            continue
+        try:
+            entries.append(JournalEntry(fields[0], float(fields[1]), fields[2], fields[3],
+                                        int(fields[4]), " ".join(fields[5:])))  # fmt: skip
+        except ValueError:
+            continue
+    return entries
+
+
+def unfinished(entries: Iterable[JournalEntry]) -> dict[str, JournalEntry]:
+    """Event ids whose latest handling started and did not end, with that start."""
+    open_: dict[str, JournalEntry] = {}
+    for entry in entries:
+        if entry.kind == "start":
+            open_[entry.event_id] = entry
+        else:
+            open_.pop(entry.event_id, None)
+    return open_

@@ -30,10 +30,10 @@ from choreograph.transports.rabbitmq import (
     RabbitMQSettings,
     RabbitMQSubscription,
     RabbitMQTransport,
-    _header,
-    _Out,
     translate,
 )
+from choreograph.transports.rabbitmq._frames import Out as _Out
+from choreograph.transports.rabbitmq._frames import content_header as _header
 from tests.support.brokers import RABBITMQ
 
 BASE = "amqp://guest:guest@127.0.0.1:5672/"

@@ -1,0 +1,277 @@
+"""The drone delivery on the broker servers: the demo end to end on NATS, RabbitMQ and Redis; and
+on NATS every service in its own OS process, drone-scheduler twice, one replica SIGKILLed while it
+holds messages and the other taking them over."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+import uuid
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from rich.console import Console
+
+from choreograph.store import store_from_url
+from choreograph.transport import transport_from_url
+from examples.drone_delivery import create_app
+from examples.drone_delivery.demo import isolated, run_demo
+from examples.drone_delivery.inspect_state import Snapshot, snapshot
+from examples.drone_delivery.knobs import Knobs
+from tests.drone.conftest import request_body
+from tests.support.brokers import NATS, RABBITMQ, REDIS
+from tests.support.procs import (
+    JOURNAL_ENV,
+    Proc,
+    Procs,
+    free_port,
+    read_journal,
+    unfinished,
+)
+
+pytestmark = pytest.mark.slow
+
+SERVICES = tuple(create_app(Knobs()).services)
+BASE_URLS = {
+    "nats": "nats://127.0.0.1:4222",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/",
+    "redis": "redis://127.0.0.1:6379/0",
+}
+BROKER = {"nats": NATS, "amqp": RABBITMQ, "redis": REDIS}
+
+
+async def delete_namespace(url: str, groups: Collection[str] = SERVICES) -> None:
+    """Leave nothing of ``url``'s namespace on the shared broker. A fresh connection declared no
+    group, so AMQP is told the groups (it cannot list queues); the others find everything."""
+    transport = transport_from_url(url)
+    try:
+        await transport.connect()
+        if url.startswith("amqp"):
+            await transport.delete_namespace(groups)  # type: ignore[call-arg]
+        else:
+            await transport.delete_namespace()
+    finally:
+        with contextlib.suppress(Exception):
+            await transport.close()
+
+
+async def dead_letters(url: str) -> list[Any]:
+    async with transport_from_url(url) as transport:
+        return await transport.dead_letters(None, 10_000)
+
+
+def check_settled(snap: Snapshot, count: int) -> None:
+    """Every delivery ended, and nothing it held is left held."""
+    assert snap.terminal == count, f"{count - snap.terminal} deliveries did not end: {snap}"
+    assert snap.in_flight == 0, f"{snap.in_flight} deliveries still in flight: {snap}"
+    assert snap.drones_reserved == 0, f"{snap.drones_reserved} drones left reserved: {snap}"
+    assert snap.packages_unreleased == 0, (
+        f"{snap.packages_unreleased} packages of ended deliveries still held ready: {snap}"
+    )
+    assert snap.statuses["completed"] > 0, f"nothing completed: {snap}"
+
+
+# 1. the demo end to end on each server transport -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("amqp", marks=pytest.mark.rabbitmq),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
+async def test_the_demo_ends_every_delivery_on_a_broker(tmp_path: Path, transport: str) -> None:
+    # given a namespace of its own on the broker, and the default knobs (some packages rejected,
+    # some first attempts failing transiently)
+    BROKER[transport].require()
+    url = isolated(BASE_URLS[transport])
+    knobs = Knobs()
+    assert knobs.rejection_rate > 0 and knobs.transient_error_rate > 0
+    output = io.StringIO()
+    try:
+        # when 60 deliveries go through the whole choreography
+        result = await run_demo(
+            deliveries=60,
+            knobs=knobs,
+            transport_url=url,
+            data_dir=tmp_path / "demo",
+            timeout=40,
+            console=Console(file=output, width=200),
+        )
+        # then every one of them ended, and nothing is left held
+        snap = result.snapshot
+        assert result.submitted == 60
+        check_settled(snap, 60)
+        assert set(snap.failure_reasons) <= {"package rejected"}, snap.failure_reasons
+        assert result.dead_letters == 0, f"{result.dead_letters} dead letters"
+        assert result.consistent, snap
+    finally:
+        await delete_namespace(url)
+
+
+# 2. on NATS, one process per service, two drone-scheduler replicas, one killed --------------------
+
+APP = "tests.drone.chaos_app:create_app"
+ASGI = "examples.drone_delivery.ingestion:create_http_app"
+SLOW = 0.05
+"""Seconds each handling of drone-scheduler sleeps before it runs, so that a replica is killed
+in the middle of a batch (messages it holds)."""
+LEASE = 2.0
+DELIVERIES = 80
+
+
+async def submit(base_url: str, count: int, concurrency: int = 8) -> list[str]:
+    bodies = [request_body(n) for n in range(count)]
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=20) as client:
+
+        async def one(body: dict[str, Any]) -> None:
+            async with gate:
+                response = await client.post("/api/deliveryrequests", json=body)
+            assert response.status_code == 202, response.text
+
+        await asyncio.gather(*(one(b) for b in bodies))
+    return [b["delivery_id"] for b in bodies]
+
+
+async def settled(stores: str, count: int, timeout: float) -> Snapshot:
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await snapshot(stores)
+        done = snap.terminal >= count and not snap.drones_reserved
+        if (done and not snap.packages_unreleased) or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.25)
+
+
+async def docs(stores: str, service: str, kind: str) -> dict[str, dict[str, Any]]:
+    store = store_from_url(stores, service)
+    await store.open()
+    try:
+        async with store.transaction() as tx:
+            return dict(await tx.find(kind, limit=1_000_000))
+    finally:
+        await store.close()
+
+
+@pytest.mark.nats
+async def test_a_killed_drone_scheduler_replica_is_taken_over_by_the_other(
+    tmp_path: Path,
+) -> None:
+    # given every service in its own process on NATS, drone-scheduler twice (one store file),
+    # every drone-scheduler handling slowed down, small batches, a 2 s lease
+    NATS.require()
+    url = f"nats://127.0.0.1:4222?namespace=t{uuid.uuid4().hex[:12]}"
+    stores = f"sqlite:///{tmp_path}/{{service}}.db"
+    port = free_port()
+    journals = {name: tmp_path / f"journal-{name}.log" for name in ("a", "b")}
+    knobs = {"DRONE_FLIGHT_SECONDS": "0.2", "DRONE_JOIN_TIMEOUT": "30"}
+    submitting: asyncio.Task[list[str]] | None = None
+    try:
+        with Procs(tmp_path / "logs", env=knobs) as procs:
+
+            def start(service: str, **kwargs: Any) -> Proc:
+                return procs.run(APP, service, transport=url, store=stores, lease=LEASE, **kwargs)
+
+            others = {
+                "ingestion": start("ingestion", asgi=ASGI, port=port),
+                **{name: start(name) for name in ("package", "delivery", "notification")},
+            }
+            replicas = {
+                name: start(
+                    "drone-scheduler",
+                    options=("--batch-size", "3", "--middleware", "tests.support.procs:journal"),
+                    env={
+                        "DRONE_TEST_SLOW_SERVICES": "drone-scheduler",
+                        "DRONE_TEST_SLOW_SECONDS": str(SLOW),
+                        JOURNAL_ENV: str(journal),
+                    },
+                )
+                for name, journal in journals.items()
+            }
+            for name, proc in others.items():
+                Procs.ready(proc, port if name == "ingestion" else None)
+            for proc in replicas.values():
+                Procs.ready(proc)
+
+            # when deliveries flow and the replica in the middle of a handling is SIGKILLed
+            # (replicas sharing a SQLite file take turns unevenly: pick the one that has a turn)
+            submitting = asyncio.create_task(submit(f"http://127.0.0.1:{port}", DELIVERIES))
+            started = time.monotonic()
+            deadline = started + 20
+            victim = ""
+            while not victim:
+                assert time.monotonic() < deadline, "no replica was ever seen in a handling"
+                for proc in replicas.values():
+                    assert proc.alive(), proc.output()
+                entries = {name: read_journal(path) for name, path in journals.items()}
+                if sum(e.kind == "start" for log in entries.values() for e in log) < 10:
+                    await asyncio.sleep(0.002)
+                    continue
+                for name, log in entries.items():
+                    # a handling that started less than SLOW ago is still asleep: not acked
+                    if any(e.at > time.time() - SLOW * 0.6 for e in unfinished(log).values()):
+                        victim = name
+                        break
+                else:
+                    await asyncio.sleep(0.002)
+            assert replicas[victim].kill() == -9
+            killed_at = time.time()
+            survivor = next(name for name in replicas if name != victim)
+            held = {
+                event_id: entry
+                for event_id, entry in unfinished(read_journal(journals[victim])).items()
+                if entry.at > killed_at - SLOW  # certainly unsettled when the kill came
+            }
+            assert held, "the kill came while the victim held messages"
+            # (the snapshot after the submission: reading a store waits, event loop blocked, for
+            # SQLite's write lock, which the replicas hold; HTTP connections would go stale)
+            ids = await submitting
+            early = await snapshot(stores)
+            assert early.terminal < DELIVERIES, f"work was left to do: {early}"
+
+            # then the other replica takes over what the victim held, and every delivery ends
+            snap = await settled(stores, DELIVERIES, timeout=40)
+            elapsed = time.monotonic() - started
+            check_settled(snap, DELIVERIES)
+            assert set(snap.failure_reasons) <= {"package rejected"}, snap.failure_reasons
+            taken = {
+                e.event_id: e
+                for e in read_journal(journals[survivor])
+                if e.kind == "end" and e.event_id in held
+            }
+            assert set(taken) == set(held), (
+                f"held by the victim and never handled by the survivor: {set(held) - set(taken)}"
+            )
+            assert all(e.attempt >= 2 for e in taken.values()), taken
+            seen = await docs(stores, "ingestion", "delivery")
+            decided = await docs(stores, "delivery", "delivery")
+            told = await docs(stores, "notification", "sent")
+            for did in ids:
+                assert seen[did]["status"] in ("completed", "failed"), (did, seen[did])
+                assert decided[did]["status"] == seen[did]["status"], did
+                assert told[did]["outcome"] == seen[did]["status"], did
+            drones = await docs(stores, "drone-scheduler", "drone")
+            reserved = {k: d for k, d in drones.items() if d["status"] != "free"}
+            assert not reserved, f"drones left reserved: {reserved}"
+            assert not await dead_letters(url)
+            print(
+                f"{DELIVERIES} deliveries ended {elapsed:.1f}s after submission began; replica "
+                f"{victim} killed holding {len(held)} messages, taken over; {snap.statuses}"
+            )
+            for name, proc in {**others, survivor: replicas[survivor]}.items():
+                code = proc.stop()
+                assert code == 0, f"{name} exited with {code}:\n{proc.output()}"
+    finally:
+        if submitting is not None and not submitting.done():
+            submitting.cancel()
+            with contextlib.suppress(BaseException):
+                await submitting
+        await delete_namespace(url)
