@@ -125,7 +125,8 @@ def _markdown_table(rows: list[Row]) -> list[str]:
 
 def _cpu_lines(rows: list[Row]) -> list[str]:
     lines = [
-        "| workload | transport | side | CPU per process (s) | load average after | notes |",
+        "| workload | transport | side | CPU per process (s) | load avg after (own processes too) "
+        "| notes |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:

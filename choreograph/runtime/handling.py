@@ -371,7 +371,12 @@ class Handling:
         for event, delay in ctx.later:
             envelope = self.envelope_for(ctx, event)
             body = encode(envelope, limit=self.max_event_bytes)
-            later.append(OutboxRow(envelope.id, envelope.type, body, now + delay))
+            if delay <= 0:  # due at once: published right after the commit, like the rest
+                envelopes.append(envelope)
+                rows.append(OutboxRow(envelope.id, envelope.type, body))
+                await tx.add_outbox(rows[-1:], claimed_until=now + FAST_PATH_CLAIM)
+            else:
+                later.append(OutboxRow(envelope.id, envelope.type, body, now + delay))
         if later:
             await tx.add_outbox(later)  # the relay publishes them when due
         ready = [Message(r.id, r.topic, r.body) for r in rows]
