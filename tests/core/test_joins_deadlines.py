@@ -255,3 +255,28 @@ async def test_the_cli_lists_and_cancels_pending_deadlines(tmp_path: Path) -> No
             await clock.advance(1)
         fired = await failures.receive(10, 0)
     assert [decode(d.message.body).correlationid for d in fired] == ["tx-b"]
+
+
+async def test_a_compensation_that_finally_fails_is_dead_lettered_and_announced() -> None:
+    from choreograph import CompensationFailed, RetryPolicy
+
+    worker = Service("worker", retry=RetryPolicy(max_attempts=2, immediate=1))
+
+    @worker.on(Left)
+    async def do_left(event: Left, ctx: Context) -> None:
+        await ctx.state.put("left", event.key, {"status": "done"})
+
+    @worker.compensate(Failed, undoes=do_left)
+    async def undo_left(event: Failed, ctx: Context) -> None:
+        raise RuntimeError("the undo service is down")
+
+    async with Harness(App("comp", [worker], terminal=[Failed])) as h:
+        await h.publish(Left(key="k", value=1), correlation_id="tx")
+        await h.publish(Failed(key="k", reason="boom"), correlation_id="tx")
+        announced = await h.wait_for(CompensationFailed, correlation_id="tx")
+        assert announced.data["compensation"] == "undo_left"
+        assert announced.data["failed_event_type"] == "Failed"
+        assert announced.data["attempts"] == 2
+        (dead,) = await h.dead_letters("worker")
+        assert dead.message.topic == "Failed"
+        assert dead.failure.error == "the undo service is down"
