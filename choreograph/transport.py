@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from choreograph.envelope import MAX_EVENT_BYTES
 from choreograph.errors import ConfigurationError
@@ -233,6 +233,20 @@ class TransportSettings:
         settings = cls(**values)
         check_group(settings.namespace)
         return settings
+
+    def server_url(self, *schemes: str) -> SplitResult:
+        """The URL's parts, once its scheme is one of ``schemes`` and its port is a number."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in schemes:
+            allowed = " or ".join(f"{s}://" for s in schemes)
+            raise ConfigurationError(f"{redact(self.url)}: the scheme must be {allowed}")
+        try:
+            parts.port  # noqa: B018 - parsing it validates it
+        except ValueError:
+            raise ConfigurationError(
+                f"{redact(self.url)}: the port must be a number 1-65535"
+            ) from None
+        return parts
 
 
 def _coerce(key: str, raw: str, annotation: Any) -> Any:

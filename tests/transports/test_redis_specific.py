@@ -198,10 +198,10 @@ def test_settings_come_from_the_url_query() -> None:
         ("redis://localhost?wait_replicas=-1", "must not be negative"),
         ("redis://localhost?tls=maybe", "expects bool"),
         ("redis://localhost?namespace=a:b", "invalid group/service name"),
-        ("redis://localhost:http/0", "invalid port"),
+        ("redis://localhost:http/0", "the port must be a number"),
         ("redis://localhost/zero", "must be a number"),
         ("redis://localhost?password_env=NOT-A-NAME", "not a variable name"),
-        ("http://localhost", "not a redis:// URL"),
+        ("http://localhost", "the scheme must be redis://"),
     ],
 )
 def test_invalid_settings_are_refused_with_a_clear_message(url: str, complaint: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from choreograph.errors import ConfigurationError
-from choreograph.transport import TransportSettings, redact
+from choreograph.transport import TransportSettings
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
@@ -90,13 +90,7 @@ class NatsSettings(TransportSettings):
                 f"namespace {self.namespace!r}: use 1-100 letters, digits, '_' or '-' "
                 "(it prefixes stream names and subjects)"
             )
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("nats", "tls"):
-            raise ConfigurationError(f"not a nats:// URL: {redact(self.url)}")
-        try:
-            parts.port  # noqa: B018 - parsing it validates it
-        except ValueError:
-            raise ConfigurationError(f"bad port in {redact(self.url)}") from None
+        self.server_url("nats", "tls")
         if self.storage not in ("file", "memory"):
             raise ConfigurationError(f"storage must be 'file' or 'memory', got {self.storage!r}")
         if self.retention not in ("interest", "limits"):

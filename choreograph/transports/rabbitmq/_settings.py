@@ -35,14 +35,8 @@ class RabbitMQSettings(TransportSettings):
 
     def __post_init__(self) -> None:
         check_group(self.namespace)
-        parts = urlsplit(self.url)
+        parts = self.server_url("amqp", "amqps")
         where = redact(self.url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"{where}: the scheme must be amqp:// or amqps://")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ConfigurationError(f"{where}: the port must be a number 1-65535") from None
         if not parts.hostname:
             raise ConfigurationError(f"{where}: the URL needs a host, e.g. amqp://localhost:5672/")
         if "/" in parts.path[1:]:

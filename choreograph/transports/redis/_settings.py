@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from choreograph.errors import ConfigurationError
 from choreograph.transport import TransportSettings, redact
@@ -47,13 +46,7 @@ class RedisSettings(TransportSettings):
     wait_timeout: float = 1.0
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ConfigurationError(f"not a redis:// URL: {redact(self.url)}")
-        try:
-            parts.port  # noqa: B018 - parsing it validates it
-        except ValueError:
-            raise ConfigurationError(f"invalid port in {redact(self.url)}") from None
+        parts = self.server_url("redis", "rediss")
         db = parts.path.lstrip("/")
         if db and not db.isdigit():
             raise ConfigurationError(f"the database in {redact(self.url)} must be a number")
