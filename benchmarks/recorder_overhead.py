@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 from choreograph import Runtime
+from choreograph.demo import create_app
+from choreograph.demo.events import DeliveryRequested
+from choreograph.demo.inspect_state import snapshot
+from choreograph.demo.knobs import Knobs
+from choreograph.demo.runner import sample_request
 from choreograph.observe import Recorder, RecorderMiddleware
-from examples.drone_delivery import create_app
-from examples.drone_delivery.demo import sample_request
-from examples.drone_delivery.events import DeliveryRequested
-from examples.drone_delivery.inspect_state import snapshot
-from examples.drone_delivery.knobs import Knobs
 
 
 async def run(n, record):

@@ -16,13 +16,13 @@ from benchmarks.config import Config
 from benchmarks.harness import Proc, Row, processes
 from benchmarks.profiling import service_argv
 from benchmarks.w2 import CHOREOGRAPH
+from choreograph.demo.app import create_app
+from choreograph.demo.drone_scheduler import drone_id
+from choreograph.demo.inspect_state import snapshot
+from choreograph.demo.knobs import Knobs
 from choreograph.store import store_from_url
-from examples.drone_delivery.app import create_app
-from examples.drone_delivery.drone_scheduler import drone_id
-from examples.drone_delivery.inspect_state import snapshot
-from examples.drone_delivery.knobs import Knobs
 
-APP = "examples.drone_delivery.app:create_app"
+APP = "choreograph.demo.app:create_app"
 WORKLOAD = "W3 drone delivery"
 
 

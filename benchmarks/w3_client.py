@@ -15,9 +15,9 @@ import time
 from benchmarks.child import emit
 from benchmarks.harness import latency_summary
 from choreograph import transport_from_url
+from choreograph.demo.runner import sample_request
 from choreograph.envelope import Envelope, encode
 from choreograph.transport import Message
-from examples.drone_delivery.demo import sample_request
 
 BATCH = 200
 TERMINAL = ("DeliveryCompleted", "DeliveryFailed")

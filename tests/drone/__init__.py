@@ -1,1 +1,1 @@
-"""End-to-end tests of the drone delivery reference system (examples/drone_delivery)."""
+"""End-to-end tests of the drone delivery reference system (choreograph/demo)."""

@@ -18,9 +18,9 @@ from dataclasses import replace
 from typing import Any
 
 from choreograph import App, RetryLater
-from examples.drone_delivery import create_app as create_drone_app
-from examples.drone_delivery import drone_scheduler, package
-from examples.drone_delivery.knobs import Knobs, chance
+from choreograph.demo import create_app as create_drone_app
+from choreograph.demo import drone_scheduler, package
+from choreograph.demo.knobs import Knobs, chance
 
 
 def _slowed(fn: Any, seconds: float) -> Any:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from choreograph import Context, Middleware, Outcome
+from choreograph.demo import create_app
+from choreograph.demo.events import DeliveryRequested
+from choreograph.demo.knobs import Knobs
 from choreograph.testing import Harness
-from examples.drone_delivery import create_app
-from examples.drone_delivery.events import DeliveryRequested
-from examples.drone_delivery.knobs import Knobs
 
 #: Knobs that make a run deterministic: no random rejection, no transient error, short flights.
 CALM = {"rejection_rate": 0.0, "transient_error_rate": 0.0, "flight_seconds": 0.2,

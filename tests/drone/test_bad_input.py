@@ -16,10 +16,10 @@ import orjson
 import pytest
 
 from choreograph import Context, Event, PermanentFailure, RetryPolicy, Runtime, WorkerSettings
+from choreograph.demo import create_app, package
+from choreograph.demo.events import DeliveryCompleted
 from choreograph.envelope import MAX_EVENT_BYTES, Envelope, encode
 from choreograph.transport import DeadLetter, Message, transport_from_url
-from examples.drone_delivery import create_app, package
-from examples.drone_delivery.events import DeliveryCompleted
 from tests.drone.conftest import Recorder, calm_knobs, request_body
 from tests.support.procs import choreograph_command, clean_env
 

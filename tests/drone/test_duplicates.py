@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from choreograph.envelope import encode
-from choreograph.testing import Harness
-from choreograph.transport import Message
-from examples.drone_delivery.events import (
+from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryRequested,
     PackageReady,
 )
-from examples.drone_delivery.knobs import chance
+from choreograph.demo.knobs import chance
+from choreograph.envelope import encode
+from choreograph.testing import Harness
+from choreograph.transport import Message
 from tests.drone.conftest import (
     HarnessFactory,
     Recorder,

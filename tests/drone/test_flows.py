@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from choreograph import Event, PermanentFailure
-from choreograph.testing import Harness
-from examples.drone_delivery import drone_scheduler, package
-from examples.drone_delivery.events import (
+from choreograph.demo import drone_scheduler, package
+from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
     DeliveryFailed,
@@ -18,6 +17,7 @@ from examples.drone_delivery.events import (
     PackageReady,
     PackageRejected,
 )
+from choreograph.testing import Harness
 from tests.drone.conftest import (
     HarnessFactory,
     Recorder,

@@ -13,12 +13,12 @@ import orjson
 import pytest
 
 from choreograph import Runtime
+from choreograph.demo import create_app
+from choreograph.demo.ingestion import MAX_BODY_BYTES, create_http_app
+from choreograph.demo.knobs import Knobs
 from choreograph.envelope import Envelope, decode
 from choreograph.transport import Message
 from choreograph.transports.memory import MemoryTransport
-from examples.drone_delivery import create_app
-from examples.drone_delivery.ingestion import MAX_BODY_BYTES, create_http_app
-from examples.drone_delivery.knobs import Knobs
 from tests.drone.conftest import calm_knobs, request_body
 
 URL = "/api/deliveryrequests"

@@ -17,12 +17,12 @@ import httpx
 import pytest
 from rich.console import Console
 
+from choreograph.demo import create_app
+from choreograph.demo.inspect_state import Snapshot, snapshot
+from choreograph.demo.knobs import Knobs
+from choreograph.demo.runner import isolated, run_demo
 from choreograph.store import store_from_url
 from choreograph.transport import transport_from_url
-from examples.drone_delivery import create_app
-from examples.drone_delivery.demo import isolated, run_demo
-from examples.drone_delivery.inspect_state import Snapshot, snapshot
-from examples.drone_delivery.knobs import Knobs
 from tests.drone.conftest import request_body
 from tests.support.brokers import NATS, RABBITMQ, REDIS
 from tests.support.procs import (
@@ -119,7 +119,7 @@ async def test_the_demo_ends_every_delivery_on_a_broker(tmp_path: Path, transpor
 # 2. on NATS, one process per service, two drone-scheduler replicas, one killed --------------------
 
 APP = "tests.drone.chaos_app:create_app"
-ASGI = "examples.drone_delivery.ingestion:create_http_app"
+ASGI = "choreograph.demo.ingestion:create_http_app"
 SLOW = 0.05
 """Seconds each handling of drone-scheduler sleeps before it runs, so that a replica is killed
 in the middle of a batch (messages it holds)."""

@@ -15,17 +15,17 @@ from typing import Any
 import httpx
 import pytest
 
+from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.store import store_from_url
 from choreograph.transport import transport_from_url
-from examples.drone_delivery.inspect_state import Snapshot, snapshot
 from tests.drone.conftest import request_body
 from tests.support.procs import Proc, Procs, free_port
 
 pytestmark = pytest.mark.slow
 
-APP = "examples.drone_delivery:create_app"
+APP = "choreograph.demo:create_app"
 CHAOS_APP = "tests.drone.chaos_app:create_app"
-ASGI = "examples.drone_delivery.ingestion:create_http_app"
+ASGI = "choreograph.demo.ingestion:create_http_app"
 WORKERS = ("package", "drone-scheduler", "delivery", "notification")
 
 

@@ -14,18 +14,18 @@ from cloudevents.core.v1.event import CloudEvent
 from cloudevents.v1.http import from_json
 
 from choreograph import PermanentFailure
-from choreograph.envelope import Envelope
-from choreograph.testing import Harness
-from choreograph.transport import Message
-from examples.drone_delivery import package
-from examples.drone_delivery.events import (
+from choreograph.demo import package
+from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
     DeliveryFailed,
     DroneScheduled,
     PackageReady,
 )
-from examples.drone_delivery.knobs import chance
+from choreograph.demo.knobs import chance
+from choreograph.envelope import Envelope
+from choreograph.testing import Harness
+from choreograph.transport import Message
 from tests.drone.conftest import (
     HarnessFactory,
     advance_until,

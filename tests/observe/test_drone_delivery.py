@@ -17,16 +17,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from choreograph import App, Runtime, transport_from_url
+from choreograph.demo.app import create_app
+from choreograph.demo.events import DeliveryRequested
+from choreograph.demo.knobs import Knobs
+from choreograph.demo.runner import sample_request
 from choreograph.observe.asyncapi import asyncapi_document
 from choreograph.observe.flows import load_transaction
 from choreograph.observe.lint import lint
 from choreograph.observe.model import FlowModel
 from choreograph.observe.recorder import Recorder, RecorderMiddleware
 from choreograph.observe.tracing import TracingMiddleware
-from examples.drone_delivery.app import create_app
-from examples.drone_delivery.demo import sample_request
-from examples.drone_delivery.events import DeliveryRequested
-from examples.drone_delivery.knobs import Knobs
 from tests.observe.conftest import wait_for
 from tests.observe.test_asyncapi import validate, validator  # noqa: F401 - the fixture
 

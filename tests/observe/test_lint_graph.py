@@ -149,7 +149,7 @@ def test_lint_cli_exit_codes_and_json(tmp_path: Path, monkeypatch: pytest.Monkey
     findings = json.loads(runner.invoke(main, ["lint", "faulty_app:app", "--json"]).output)
     assert {"severity": "error", "code": "never-emitted"}.items() <= findings[0].items()
 
-    strict = runner.invoke(main, ["lint", "--strict", "examples.drone_delivery.app:create_app"])
+    strict = runner.invoke(main, ["lint", "--strict", "choreograph.demo.app:create_app"])
     assert strict.exit_code in (0, 1)
     unknown = runner.invoke(main, ["lint", "no_such_module:app"])
     assert unknown.exit_code == 2 and "cannot import app module" in unknown.output

@@ -23,8 +23,8 @@ from tests.support.procs import Procs, free_port
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 
-APP = "examples.drone_delivery:create_app"
-ASGI = "examples.drone_delivery.ingestion:create_http_app"
+APP = "choreograph.demo:create_app"
+ASGI = "choreograph.demo.ingestion:create_http_app"
 MIDDLEWARE = "tests.observe._span_file:factory"
 KNOBS = {
     "DRONE_REJECTION_RATE": "0",

@@ -3,7 +3,7 @@
 ::
 
     with Procs(tmp_path) as procs:
-        bus = procs.run("examples.drone_delivery:create_app", "package",
+        bus = procs.run("choreograph.demo:create_app", "package",
                         transport=f"sqlite:///{tmp_path}/bus.db",
                         store=f"sqlite:///{tmp_path}/{{service}}.db")
         ...

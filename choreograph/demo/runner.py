@@ -25,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from choreograph import Runtime
+from choreograph.demo.app import create_app
+from choreograph.demo.ingestion import create_http_app
+from choreograph.demo.inspect_state import Snapshot, snapshot
+from choreograph.demo.knobs import Knobs
 from choreograph.middleware import Middleware
-from examples.drone_delivery.app import create_app
-from examples.drone_delivery.ingestion import create_http_app
-from examples.drone_delivery.inspect_state import Snapshot, snapshot
-from examples.drone_delivery.knobs import Knobs
 
 
 @dataclass

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from choreograph import Context, Service
-from examples.drone_delivery.events import (
+from choreograph.demo.events import (
     DeliveryCompleted,
     DeliveryFailed,
     DeliveryRequested,
     PackageReady,
     PackageRejected,
 )
-from examples.drone_delivery.knobs import Knobs, chance
-from examples.drone_delivery.transient import maybe_fail
+from choreograph.demo.knobs import Knobs, chance
+from choreograph.demo.transient import maybe_fail
 
 MAX_WEIGHT_KG = 25.0
 

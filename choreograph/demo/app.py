@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from choreograph import App
-from examples.drone_delivery import delivery, drone_scheduler, ingestion, notification, package
-from examples.drone_delivery.events import DeliveryCompleted, DeliveryFailed
-from examples.drone_delivery.knobs import Knobs
+from choreograph.demo import delivery, drone_scheduler, ingestion, notification, package
+from choreograph.demo.events import DeliveryCompleted, DeliveryFailed
+from choreograph.demo.knobs import Knobs
 
 
 def create_app(knobs: Knobs | None = None, *, with_notification: bool = True) -> App:

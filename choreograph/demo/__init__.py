@@ -1,5 +1,5 @@
 """The drone delivery reference system. ``create_app()`` builds the app; ``demo`` runs it."""
 
-from examples.drone_delivery.app import create_app
+from choreograph.demo.app import create_app
 
 __all__ = ["create_app"]

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from choreograph import Context, Runtime, Service
-from examples.drone_delivery.events import (
+from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
     DeliveryFailed,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from choreograph import Context, Service
-from examples.drone_delivery.events import DeliveryCompleted, DeliveryFailed
+from choreograph.demo.events import DeliveryCompleted, DeliveryFailed
 
 log = logging.getLogger("drone_delivery.notification")
 

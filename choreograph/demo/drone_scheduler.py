@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from choreograph import Context, RetryLater, RetryPolicy, Service
-from examples.drone_delivery.events import (
+from choreograph.demo.events import (
     DeliveryCompleted,
     DeliveryFailed,
     DeliveryRequested,
     DroneScheduled,
     DroneUnavailable,
 )
-from examples.drone_delivery.knobs import Knobs, chance
-from examples.drone_delivery.transient import maybe_fail
+from choreograph.demo.knobs import Knobs, chance
+from choreograph.demo.transient import maybe_fail
 
 #: While the fleet is busy a request waits (retries) this many times before giving up.
 FLEET_WAIT = RetryPolicy(max_attempts=8, immediate=0, base_delay=0.2, max_delay=2.0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from choreograph import RetryLater
-from examples.drone_delivery.knobs import Knobs, chance
+from choreograph.demo.knobs import Knobs, chance
 
 
 def maybe_fail(knobs: Knobs, service: str, delivery_id: str, attempt: int) -> None:

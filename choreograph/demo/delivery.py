@@ -7,7 +7,7 @@ event: ``DeliveryCompleted`` or ``DeliveryFailed``.
 from __future__ import annotations
 
 from choreograph import Context, HandlerFailed, JoinTimedOut, Parts, Service
-from examples.drone_delivery.events import (
+from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
     DeliveryFailed,
@@ -19,7 +19,7 @@ from examples.drone_delivery.events import (
     PackageReady,
     PackageRejected,
 )
-from examples.drone_delivery.knobs import Knobs
+from choreograph.demo.knobs import Knobs
 
 
 def build(knobs: Knobs) -> Service:
