@@ -10,25 +10,41 @@
 
 Everything is real: the in-memory transport and SQLite-in-memory stores implement the same
 contracts as production ones; only time is virtual (it moves when you call :meth:`advance`).
+
+One handler alone, against a state you give, with :meth:`Harness.call`::
+
+    result = await h.call("package", DeliveryRequested(...), state={"package": {...}})
+    assert result.emitted == [PackageReady(...)]
+    assert result.stored("package", "p1") == {...}
+
+With pytest, the ``harness`` fixture (:mod:`choreograph.pytest_plugin`) starts harnesses and
+stops them after the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 from choreograph.app import App
 from choreograph.clock import VirtualClock
-from choreograph.envelope import Envelope, decode
-from choreograph.errors import InvalidMessage
-from choreograph.events import Event
-from choreograph.middleware import Middleware
+from choreograph.envelope import Envelope, decode, encode, new_envelope
+from choreograph.errors import ConfigurationError, InvalidMessage
+from choreograph.events import BUILTIN_EVENTS, Event
+from choreograph.middleware import Middleware, OutcomeKind
+from choreograph.runtime.handling import Handling
 from choreograph.runtime.runner import Runtime
 from choreograph.runtime.worker import WorkerSettings
-from choreograph.transport import DeadLetter, Message
+from choreograph.store import OutboxRow, StoreTx, Timer, store_from_url
+from choreograph.transport import DeadLetter, Delivery, Failure, Message
 from choreograph.transports.memory import MemoryTransport
+
+#: A service's documents: ``{kind: {key: document}}``.
+Documents = dict[str, dict[str, dict[str, Any]]]
 
 
 class _RecordingTransport(MemoryTransport):
@@ -148,3 +164,155 @@ class Harness:
         """Read one document of a service's store (for assertions)."""
         async with self.runtime.unit_of_work(service) as uow:
             return await uow.state.get(kind, key)
+
+    async def call(
+        self,
+        service: str,
+        event: Event,
+        *,
+        state: Mapping[str, Mapping[str, dict[str, Any]]] | None = None,
+        correlation_id: str = "call-1",
+        attempt: int = 1,
+    ) -> Call:
+        """Run what ``service`` does with ``event`` (its handler, join part, deadline starts and
+        stops), alone, against a store holding exactly ``state`` (``{kind: {key: document}}``).
+
+        The handling is the runtime's own, in one transaction of a fresh in-memory store, on this
+        harness' clock and middleware: nothing is published and the running services (if the
+        harness is started at all) see nothing. ``attempt`` > 1 handles the event as a
+        redelivery, so the retry policy decides as it would on that attempt.
+        """
+        spec = self.runtime.app.service(service)
+        handling = Handling(self.runtime.app, spec, self.clock, self.runtime.middleware)
+        if event.event_type not in handling.topics:
+            reacts = ", ".join(sorted(handling.topics)) or "nothing"
+            raise ConfigurationError(
+                f"service {service} does not react to {event.event_type}; it reacts to {reacts}"
+            )
+        envelope = new_envelope(
+            event.event_type, event.to_data(), source="harness", correlation_id=correlation_id
+        )
+        delivery = Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt)
+        store = store_from_url("memory://", service)
+        await store.open()
+        try:
+            async with store.transaction() as tx:
+                for kind, docs in (state or {}).items():
+                    for key, doc in docs.items():
+                        await tx.put(kind, key, dict(doc))
+            async with store.transaction() as raw:
+                watched = _WatchedTx(raw)
+                ctx, outcome = await handling.handle(watched, delivery)
+                after: Documents = {}
+                for kind in sorted(set(state or {}) | watched.kinds):
+                    docs = dict(await raw.find(kind, limit=1_000_000))
+                    if docs:
+                        after[kind] = docs
+            timers = await store.list_timers(limit=100_000)
+        finally:
+            await store.close()
+        types = {cls.event_type: cls for cls in (*spec.emits(), *BUILTIN_EVENTS)}
+        later = ctx.later if ctx is not None and outcome.kind == "done" else []
+        now = self.clock.now()
+        return Call(
+            outcome=outcome.kind,
+            envelope=envelope,
+            emitted=[types[e.type].parse_data(e.data) for e in outcome.emitted],
+            envelopes=list(outcome.emitted),
+            later=[(e, delay) for e, delay in later if delay > 0],
+            state=after,
+            timers=[PendingTimer(t.name, t.key, t.due_at - now) for t in timers],
+            failure=outcome.failure,
+            note=outcome.note,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTimer:
+    """A timer a handling left set: ``deadline:NAME`` or ``join:NAME``, for ``key`` (the
+    correlation id, or the join's key), due ``due_in`` seconds after the handling."""
+
+    name: str
+    key: str
+    due_in: float
+
+
+@dataclass(slots=True)
+class Call:
+    """What one handling did (see :meth:`Harness.call`)."""
+
+    outcome: OutcomeKind
+    """``done``, ``retry``, ``dead_letter``, ``ignored`` (e.g. a join part after the join ended)."""
+    envelope: Envelope
+    """The envelope the event was handled in (its id is the causation id of what it emitted)."""
+    emitted: list[Event]
+    """The events published right after the commit, in order, as typed events; on a give-up,
+    the runtime's ``HandlerFailed`` or ``CompensationFailed`` announcement."""
+    envelopes: list[Envelope]
+    """The same events as envelopes (correlation and causation ids, source)."""
+    later: list[tuple[Event, float]]
+    """Events emitted with :meth:`Context.emit_later` and a positive delay, with that delay."""
+    state: Documents
+    """Every document of the kinds given in ``state`` or written by the handling, after it:
+    ``{kind: {key: document}}`` (pass it to the next ``call`` to chain handlings)."""
+    timers: list[PendingTimer]
+    """Deadlines and join timeouts pending after the handling."""
+    failure: Failure | None = None
+    """For ``retry`` and ``dead_letter``: why (reason, error type, message)."""
+    note: str = ""
+    """For ``ignored``: why nothing ran."""
+
+    def stored(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The document ``(kind, key)`` after the handling, or None."""
+        return self.state.get(kind, {}).get(key)
+
+
+class _WatchedTx(StoreTx):
+    """A store transaction that notes which kinds of documents were written through it."""
+
+    def __init__(self, tx: StoreTx) -> None:
+        self._tx = tx
+        self.kinds: set[str] = set()
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return await self._tx.get(kind, key)
+
+    async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        self.kinds.add(kind)
+        await self._tx.put(kind, key, doc)
+
+    async def delete(self, kind: str, key: str) -> bool:
+        self.kinds.add(kind)
+        return await self._tx.delete(kind, key)
+
+    async def find(
+        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+    ) -> list[tuple[str, dict[str, Any]]]:
+        return await self._tx.find(kind, where, limit)
+
+    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        return await self._tx.count(kind, where)
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        return self._tx.savepoint()
+
+    async def seen(self, event_id: str) -> bool:
+        return await self._tx.seen(event_id)
+
+    async def remember(self, event_id: str, at: float) -> None:
+        await self._tx.remember(event_id, at)
+
+    async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
+        await self._tx.add_outbox(rows, claimed_until)
+
+    async def forget_outbox(self, ids: Sequence[str]) -> None:
+        await self._tx.forget_outbox(ids)
+
+    async def set_timer(self, timer: Timer) -> None:
+        await self._tx.set_timer(timer)
+
+    async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
+        return await self._tx.cancel_timers(key, names)
+
+    async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
+        return await self._tx.take_due_timers(now, limit)

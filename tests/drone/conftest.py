@@ -1,16 +1,15 @@
-"""Factories shared by the drone delivery tests: requests, knobs, harnesses, an outcome recorder."""
+"""Factories shared by the drone delivery tests: requests, knobs, an outcome recorder.
+
+Harnesses come from choreograph's own pytest plugin: ``await harness(create_app(knobs))``.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
-
 from choreograph import Context, Middleware, Outcome
-from choreograph.demo import create_app
 from choreograph.demo.events import DeliveryRequested
 from choreograph.demo.knobs import Knobs
 from choreograph.testing import Harness
@@ -78,26 +77,6 @@ class Recorder(Middleware):
 
     def of(self, service: str, kind: str | None = None) -> list[Handled]:
         return [h for h in self.handled if h.service == service and kind in (None, h.kind)]
-
-
-HarnessFactory = Callable[..., Awaitable[Harness]]
-
-
-@pytest.fixture
-async def make_harness() -> AsyncIterator[HarnessFactory]:
-    """``await make_harness(knobs, middleware=[...])``: a started Harness on the drone app,
-    stopped at the end of the test."""
-    opened: list[Harness] = []
-
-    async def make(knobs: Knobs | None = None, **kwargs: Any) -> Harness:
-        harness = Harness(create_app(knobs or calm_knobs()), **kwargs)
-        await harness.__aenter__()
-        opened.append(harness)
-        return harness
-
-    yield make
-    for harness in reversed(opened):
-        await harness.__aexit__(None, None, None)
 
 
 async def request(h: Harness, event: DeliveryRequested) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from choreograph.demo import create_app
 from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryRequested,
@@ -16,10 +17,10 @@ from choreograph.demo.events import (
 )
 from choreograph.demo.knobs import chance
 from choreograph.envelope import encode
+from choreograph.pytest_plugin import HarnessFactory
 from choreograph.testing import Harness
 from choreograph.transport import Message
 from tests.drone.conftest import (
-    HarnessFactory,
     Recorder,
     calm_knobs,
     delivery_requested,
@@ -108,14 +109,14 @@ def terminal_ids(h: Harness) -> dict[str, set[tuple[str, str]]]:
 
 
 async def test_a_duplicate_storm_ends_in_the_same_state_as_a_calm_run(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given the same deliveries, once on a calm bus and once with every event published 3 times
     requests = scenario()
-    calm = await make_harness(KNOBS)
+    calm = await harness(create_app(KNOBS))
     await run(calm, requests)
     recorder = Recorder()
-    stormy = await make_harness(KNOBS, middleware=[recorder])
+    stormy = await harness(create_app(KNOBS), middleware=[recorder])
     storm(stormy, copies=3)
     # when
     await run(stormy, requests)
@@ -151,10 +152,10 @@ async def test_a_duplicate_storm_ends_in_the_same_state_as_a_calm_run(
 
 
 async def test_replaying_every_event_after_the_run_changes_nothing(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given a finished run
-    h = await make_harness(KNOBS)
+    h = await harness(create_app(KNOBS))
     await run(h, scenario())
     before, published = await final_state(h), len(h.events)
     # when every event it published is published again, twice, newest first
@@ -171,10 +172,10 @@ async def test_replaying_every_event_after_the_run_changes_nothing(
 
 @pytest.mark.parametrize("ending", ["completed", "failed"])
 async def test_a_request_repeated_after_its_delivery_ended_holds_nothing(
-    make_harness: HarnessFactory, ending: str
+    harness: HarnessFactory, ending: str
 ) -> None:
     # given a delivery that ended
-    h = await make_harness(KNOBS)
+    h = await harness(create_app(KNOBS))
     event = delivery_requested(1, delivery_id=pick("again", slow=False),
                                weight_kg=2.0 if ending == "completed" else 60.0)  # fmt: skip
     did = await request(h, event)

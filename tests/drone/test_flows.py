@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from choreograph import Event, PermanentFailure
-from choreograph.demo import drone_scheduler, package
+from choreograph.demo import create_app, drone_scheduler, package
 from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
@@ -17,9 +17,9 @@ from choreograph.demo.events import (
     PackageReady,
     PackageRejected,
 )
+from choreograph.pytest_plugin import HarnessFactory
 from choreograph.testing import Harness
 from tests.drone.conftest import (
-    HarnessFactory,
     Recorder,
     advance_until,
     calm_knobs,
@@ -47,9 +47,9 @@ async def package_status(h: Harness, event: DeliveryRequested) -> str | None:
 # the happy path ---------------------------------------------------------------------------------
 
 
-async def test_a_delivery_is_scheduled_flown_and_completed(make_harness: HarnessFactory) -> None:
+async def test_a_delivery_is_scheduled_flown_and_completed(harness: HarnessFactory) -> None:
     # given
-    h = await make_harness(calm_knobs())
+    h = await harness(create_app(calm_knobs()))
     event = delivery_requested(1)
     # when
     did = await request(h, event)
@@ -77,10 +77,10 @@ async def test_a_delivery_is_scheduled_flown_and_completed(make_harness: Harness
     "first", [PackageReady, DroneScheduled], ids=["package-first", "drone-first"]
 )
 async def test_the_join_completes_whichever_part_arrives_first(
-    make_harness: HarnessFactory, first: type[Event]
+    harness: HarnessFactory, first: type[Event]
 ) -> None:
     # given only the delivery service, fed by hand
-    h = await make_harness(calm_knobs(), services=["delivery"])
+    h = await harness(create_app(calm_knobs()), services=["delivery"])
     event = delivery_requested(2)
     did = await request(h, event)
     parts: dict[type[Event], Event] = {
@@ -107,10 +107,10 @@ async def test_the_join_completes_whichever_part_arrives_first(
 
 
 async def test_a_rejected_package_fails_the_delivery_and_frees_the_drone(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given a package over the weight limit
-    h = await make_harness(calm_knobs())
+    h = await harness(create_app(calm_knobs()))
     event = delivery_requested(3, weight_kg=40.0)
     # when
     did = await request(h, event)
@@ -129,10 +129,10 @@ async def test_a_rejected_package_fails_the_delivery_and_frees_the_drone(
 
 
 async def test_a_busy_fleet_makes_the_drone_unavailable_and_releases_the_package(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given a fleet of one drone, busy with a long first flight
-    h = await make_harness(calm_knobs(fleet_size=1, flight_seconds=1000, join_timeout=60))
+    h = await harness(create_app(calm_knobs(fleet_size=1, flight_seconds=1000, join_timeout=60)))
     first = await request(h, delivery_requested(4))
     await h.wait_for(DeliveryScheduled, correlation_id=first)
     # when a second delivery waits for a drone longer than the fleet wait allows
@@ -150,10 +150,12 @@ async def test_a_busy_fleet_makes_the_drone_unavailable_and_releases_the_package
 
 
 async def test_a_cancel_before_scheduling_fails_the_delivery_and_compensates_both(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given a delivery whose drone answers late, so it is not scheduled yet
-    h = await make_harness(calm_knobs(slow_drone_rate=1.0, slow_drone_seconds=2, join_timeout=5))
+    h = await harness(
+        create_app(calm_knobs(slow_drone_rate=1.0, slow_drone_seconds=2, join_timeout=5))
+    )
     event = delivery_requested(6)
     did = await request(h, event)
     await h.wait_for(PackageReady, correlation_id=did)
@@ -173,9 +175,9 @@ async def test_a_cancel_before_scheduling_fails_the_delivery_and_compensates_bot
     assert outcomes(h, did) == ["DeliveryFailed"]
 
 
-async def test_a_silent_drone_scheduler_times_the_join_out(make_harness: HarnessFactory) -> None:
+async def test_a_silent_drone_scheduler_times_the_join_out(harness: HarnessFactory) -> None:
     # given a drone-scheduler that consumes requests and never answers
-    h = await make_harness(calm_knobs(silent_drone_scheduler=True, join_timeout=2))
+    h = await harness(create_app(calm_knobs(silent_drone_scheduler=True, join_timeout=2)))
     event = delivery_requested(7)
     did = await request(h, event)
     await h.wait_for(PackageReady, correlation_id=did)
@@ -192,10 +194,12 @@ async def test_a_silent_drone_scheduler_times_the_join_out(make_harness: Harness
 
 
 async def test_a_drone_slower_than_the_join_timeout_fails_and_its_late_answer_is_ignored(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given every drone answers after 3 s, the join waits 1 s
-    h = await make_harness(calm_knobs(slow_drone_rate=1.0, slow_drone_seconds=3, join_timeout=1))
+    h = await harness(
+        create_app(calm_knobs(slow_drone_rate=1.0, slow_drone_seconds=3, join_timeout=1))
+    )
     event = delivery_requested(8)
     did = await request(h, event)
     # when
@@ -216,11 +220,11 @@ async def test_a_drone_slower_than_the_join_timeout_fails_and_its_late_answer_is
 
 
 async def test_transient_errors_are_retried_until_the_delivery_completes(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given the first two attempts of package and drone-scheduler always fail
     recorder = Recorder()
-    h = await make_harness(calm_knobs(transient_error_rate=1.0), middleware=[recorder])
+    h = await harness(create_app(calm_knobs(transient_error_rate=1.0)), middleware=[recorder])
     event = delivery_requested(9)
     # when
     did = await request(h, event)
@@ -244,7 +248,7 @@ async def test_transient_errors_are_retried_until_the_delivery_completes(
 @pytest.mark.parametrize("error", [RuntimeError("boom"), PermanentFailure("boom")],
                          ids=["raises", "permanent"])  # fmt: skip
 async def test_a_handler_that_always_raises_is_dead_lettered_and_the_delivery_compensated(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
     monkeypatch: pytest.MonkeyPatch,
     module: object,
     service: str,
@@ -256,7 +260,7 @@ async def test_a_handler_that_always_raises_is_dead_lettered_and_the_delivery_co
         raise error
 
     monkeypatch.setattr(module, "maybe_fail", always_fail)
-    h = await make_harness(calm_knobs(join_timeout=60))
+    h = await harness(create_app(calm_knobs(join_timeout=60)))
     event = delivery_requested(10)
     # when
     did = await request(h, event)

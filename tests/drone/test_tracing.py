@@ -14,7 +14,7 @@ from cloudevents.core.v1.event import CloudEvent
 from cloudevents.v1.http import from_json
 
 from choreograph import PermanentFailure
-from choreograph.demo import package
+from choreograph.demo import create_app, package
 from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
@@ -24,10 +24,10 @@ from choreograph.demo.events import (
 )
 from choreograph.demo.knobs import chance
 from choreograph.envelope import Envelope
+from choreograph.pytest_plugin import HarnessFactory
 from choreograph.testing import Harness
 from choreograph.transport import Message
 from tests.drone.conftest import (
-    HarnessFactory,
     advance_until,
     calm_knobs,
     delivery_requested,
@@ -58,7 +58,7 @@ def delivery_id(prefix: str, *, slow: bool) -> str:
 
 @pytest.fixture
 async def mixed_run(
-    make_harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
+    harness: HarnessFactory, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Harness, dict[str, Envelope], list[bytes]]:
     """One run with every kind of ending: completed, rejected, cancelled before scheduling, timed
     out (a late drone) and a participant that gave up (HandlerFailed). Returns the harness, each
@@ -77,7 +77,7 @@ async def mixed_run(
 
     monkeypatch.setattr(package, "maybe_fail", fail_one)
     knobs = calm_knobs(join_timeout=3, slow_drone_rate=0.5, slow_drone_seconds=5)
-    h = await make_harness(knobs)
+    h = await harness(create_app(knobs))
     bodies = capture(h)
     requests: dict[str, Envelope] = {}
     for number, (name, did) in enumerate(ids.items()):
@@ -165,10 +165,10 @@ async def test_the_official_sdk_parses_every_published_message_with_its_extensio
 
 
 async def test_an_event_written_by_the_official_sdk_runs_a_delivery(
-    make_harness: HarnessFactory,
+    harness: HarnessFactory,
 ) -> None:
     # given a DeliveryRequested built by another stack, with an extension of its own
-    h = await make_harness(calm_knobs())
+    h = await harness(create_app(calm_knobs()))
     event = delivery_requested(5)
     correlation = event.delivery_id
     sdk_event = CloudEvent(

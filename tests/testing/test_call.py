@@ -1,0 +1,150 @@
+"""Harness.call runs one service's handling of one event alone, against a state the test gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from choreograph import (
+    App,
+    ConfigurationError,
+    Context,
+    Event,
+    HandlerFailed,
+    RetryPolicy,
+    Service,
+)
+from choreograph.demo import create_app
+from choreograph.demo.events import (
+    DeliveryFailed,
+    DeliveryScheduled,
+    DroneArrived,
+    DroneScheduled,
+    PackageReady,
+    PackageRejected,
+)
+from choreograph.pytest_plugin import HarnessFactory
+from choreograph.testing import Harness
+from tests.drone.conftest import calm_knobs, delivery_requested
+
+
+@pytest.fixture
+def drone_app() -> App:
+    return create_app(calm_knobs(flight_seconds=3.0, join_timeout=5.0))
+
+
+async def test_call_returns_the_typed_events_emitted_and_the_documents_stored(
+    harness: HarnessFactory, drone_app: App
+) -> None:
+    # given the package service, on its own
+    h = await harness(drone_app, services=[])
+    request = delivery_requested(1, weight_kg=3.0)
+    pid = request.package.package_id
+    # when
+    result = await h.call("package", request, correlation_id=request.delivery_id)
+    # then
+    assert result.outcome == "done"
+    assert result.emitted == [
+        PackageReady(delivery_id=request.delivery_id, package_id=pid, weight_kg=3.0)
+    ]
+    assert result.envelopes[0].correlationid == request.delivery_id
+    assert result.envelopes[0].causationid == result.envelope.id
+    assert result.stored("package", pid) == {
+        "delivery_id": request.delivery_id,
+        "status": "ready",
+        "weight_kg": 3.0,
+    }
+    assert h.events == []  # nothing was published on the harness' bus
+
+
+async def test_call_starts_from_the_state_given(harness: HarnessFactory, drone_app: App) -> None:
+    # given a package service that already saw the delivery end
+    h = await harness(drone_app, services=[])
+    request = delivery_requested(2)
+    ended = {"ended": {request.delivery_id: {"outcome": "failed"}}}
+    # when its request arrives late
+    result = await h.call("package", request, state=ended)
+    # then it creates nothing and emits nothing
+    assert result.outcome == "done"
+    assert result.emitted == []
+    assert result.state == ended
+
+
+async def test_a_compensation_runs_against_the_work_it_undoes(
+    harness: HarnessFactory, drone_app: App
+) -> None:
+    # given a package that was made ready for the delivery
+    h = await harness(drone_app, services=[])
+    request = delivery_requested(3)
+    ready = await h.call("package", request)
+    failed = DeliveryFailed(delivery_id=request.delivery_id, reason="no drone", stage="drone")
+    # when the delivery fails, with the state the first handling left
+    result = await h.call("package", failed, state=ready.state)
+    # then the package is released and the delivery remembered as ended
+    assert (result.stored("package", request.package.package_id) or {})["status"] == "released"
+    assert result.stored("ended", request.delivery_id) == {"outcome": "failed"}
+
+
+async def test_a_join_completes_over_two_chained_calls_and_emits_later(
+    harness: HarnessFactory, drone_app: App
+) -> None:
+    # given the delivery service and the two parts of its join
+    h = await harness(drone_app, services=[])
+    did = "d-join"
+    package = PackageReady(delivery_id=did, package_id="p1", weight_kg=1.0)
+    drone = DroneScheduled(delivery_id=did, drone_id="drone-7")
+    # when the first part arrives
+    first = await h.call("delivery", package, correlation_id=did)
+    # then nothing is emitted yet and the join's timeout is pending
+    assert first.emitted == []
+    assert [(t.name, t.key, t.due_in) for t in first.timers] == [
+        ("join:schedule_delivery", did, 5.0)
+    ]
+    # when the second part arrives on the state the first left
+    second = await h.call("delivery", drone, state=first.state, correlation_id=did)
+    # then the delivery is scheduled, its arrival emitted later, and the timeout gone
+    assert [type(e) for e in second.emitted] == [DeliveryScheduled]
+    assert second.later == [(DroneArrived(delivery_id=did, drone_id="drone-7"), 3.0)]
+    assert second.timers == []
+    assert (second.stored("delivery", did) or {})["status"] == "in_flight"
+
+
+class Boom(Event):
+    n: int
+
+
+class Done(Event):
+    n: int
+
+
+def failing_app() -> App:
+    svc = Service("calc", retry=RetryPolicy(max_attempts=3, immediate=0, jitter=0.0))
+
+    @svc.on(Boom, emits=[Done])
+    async def divide(event: Boom, ctx: Context) -> Done:
+        await ctx.state.put("tried", str(event.n), {"attempt": ctx.attempt})
+        return Done(n=10 // event.n)
+
+    return App("calc", [svc])
+
+
+@pytest.mark.parametrize(("attempt", "outcome"), [(1, "retry"), (3, "dead_letter")])
+async def test_a_failing_handler_retries_then_gives_up_with_its_state_rolled_back(
+    attempt: int, outcome: str
+) -> None:
+    # given a handler that divides by zero (harness not started: call needs no running service)
+    h = Harness(failing_app())
+    # when
+    result = await h.call("calc", Boom(n=0), attempt=attempt)
+    # then
+    assert result.outcome == outcome
+    assert result.failure is not None
+    assert result.failure.error_type == "ZeroDivisionError"
+    assert result.state == {}  # the handler's write was rolled back with it
+    announced = [e for e in result.emitted if isinstance(e, HandlerFailed)]
+    assert len(announced) == (1 if outcome == "dead_letter" else 0)
+
+
+async def test_an_event_the_service_does_not_react_to_is_refused_clearly() -> None:
+    h = Harness(failing_app())
+    with pytest.raises(ConfigurationError, match="calc does not react to PackageRejected"):
+        await h.call("calc", PackageRejected(delivery_id="d", package_id="p", reason="r"))
