@@ -2,22 +2,22 @@
 
 A middleware subclasses :class:`Middleware` and overrides the hooks it needs. The runtime calls
 ``around_handle`` as an onion (the first middleware is outermost), ``stamp`` on every envelope it
-is about to publish, and ``on_outcome`` once per settled message or timer.
+is about to publish, and ``on_outcome`` once per settled message or timer. It calls them through
+one object, :class:`choreograph.runtime.hooks.Hooks`, which says which calls are guarded against
+a failing observer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
+from choreograph.app import App
 from choreograph.context import Context
 from choreograph.envelope import Envelope
 from choreograph.events import Event
-from choreograph.transport import Failure, Message
-
-if TYPE_CHECKING:
-    from choreograph.runtime.runner import Runtime
+from choreograph.transport import Failure, Message, Transport
 
 Next = Callable[[], Awaitable[list[Event]]]
 OutcomeKind = Literal["done", "duplicate", "retry", "dead_letter", "ignored"]
@@ -40,10 +40,34 @@ class Outcome:
     """The encoded events to publish right after the commit (``emitted`` minus delayed ones)."""
 
 
+class WorkerView(Protocol):
+    """What middleware may read of one running service."""
+
+    @property
+    def inflight(self) -> int:
+        """Messages being handled now."""
+        ...
+
+
+class RuntimeView(Protocol):
+    """What middleware may read of the runtime that starts it (a :class:`Runtime`)."""
+
+    @property
+    def app(self) -> App: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def workers(self) -> Mapping[str, WorkerView]:
+        """The services running in this process, by name."""
+        ...
+
+
 class Middleware:
     """Base class; every hook does nothing by default."""
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: RuntimeView) -> None:
         """Called once when the runtime starts, after the transport connected."""
 
     async def stop(self) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from choreograph.context import Context
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.middleware import Middleware, Next, Outcome, RuntimeView
 from choreograph.observe.model import step_kind
 from choreograph.transport import Failure
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
-    from choreograph.runtime.runner import Runtime
 
 log = logging.getLogger("choreograph.metrics")
 _STARTED = "metrics.started"
@@ -119,7 +118,7 @@ class MetricsMiddleware(Middleware):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._runtime: Runtime | None = None
+        self._runtime: RuntimeView | None = None
         self._lag: dict[str, int] = {}
         self._lag_task: asyncio.Task[None] | None = None
         self._server: Any = None
@@ -134,7 +133,7 @@ class MetricsMiddleware(Middleware):
         host = "127.0.0.1" if self.addr in ("0.0.0.0", "") else self.addr
         return f"http://{host}:{self._server.server_port}/metrics"
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: RuntimeView) -> None:
         self._runtime = runtime
         if self.port is not None:
             from prometheus_client import start_http_server

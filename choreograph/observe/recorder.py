@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -35,13 +35,10 @@ from choreograph.context import Context
 from choreograph.envelope import Envelope, decode, encode, new_id
 from choreograph.errors import InvalidMessage
 from choreograph.events import BUILTIN_EVENTS, Event
-from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.middleware import Middleware, Next, Outcome, RuntimeView
 from choreograph.observe.flowdb import TOUCH, FlowDb, Tx, flowdb_from_url, touch_params
 from choreograph.observe.model import is_failure_type, step_kind
 from choreograph.transport import Delivery, Failure, Message, Subscription, Transport
-
-if TYPE_CHECKING:
-    from choreograph.runtime.runner import Runtime
 
 log = logging.getLogger("choreograph.recorder")
 
@@ -75,7 +72,7 @@ class RecorderMiddleware(Middleware):
         self._source = f"recorder-middleware@{socket.gethostname()}:{os.getpid()}"
         self._warned_at = 0.0
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: RuntimeView) -> None:
         self._transport = runtime.transport
         self._app = runtime.app
         self._task = asyncio.create_task(self._flush_loop(), name="choreograph-recorder-reports")

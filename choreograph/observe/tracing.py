@@ -25,7 +25,7 @@ from choreograph.context import Context
 from choreograph.envelope import Envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.middleware import Middleware, Next, Outcome, RuntimeView
 from choreograph.observe.model import compensation_of, is_failure_type, timer_kind
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
 
     from choreograph.app import App
-    from choreograph.runtime.runner import Runtime
 
 _SPAN = "otel.span"
 _HANDLED_AT = "otel.handled_ns"
@@ -79,7 +78,7 @@ class TracingMiddleware(Middleware):
         self._system = "choreograph"
         self._app: App | None = None
 
-    async def start(self, runtime: Runtime) -> None:
+    async def start(self, runtime: RuntimeView) -> None:
         self._app = runtime.app
         scheme = getattr(runtime.transport, "scheme", "choreograph")
         self._system = _SYSTEMS.get(scheme, scheme)

@@ -17,7 +17,7 @@ from typing import Any
 from choreograph.app import App
 from choreograph.clock import Clock
 from choreograph.context import Context, State
-from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_envelope, new_id
+from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, new_envelope, new_id
 from choreograph.errors import (
     InvalidMessage,
     PayloadTooLarge,
@@ -33,17 +33,16 @@ from choreograph.events import (
     HandlerFailed,
     JoinTimedOut,
 )
-from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.middleware import Outcome
 from choreograph.retry import RetryPolicy
+from choreograph.runtime.hooks import Hooks
+from choreograph.runtime.outbox import stage
 from choreograph.service import DeadlineSpec, HandlerSpec, JoinSpec, Parts, Service
-from choreograph.store import OutboxRow, StoreTx, Timer
+from choreograph.store import StoreTx, Timer
 from choreograph.transport import Delivery, Failure, Message
 
 log = logging.getLogger("choreograph.handling")
 
-#: How long the worker keeps its freshly committed outbox rows to itself before the relay may
-#: publish them (it publishes them at once; the relay only picks up after a crash or an outage).
-FAST_PATH_CLAIM = 10.0
 _FAILED_IDS = uuid.UUID("6f1c2a56-0d7e-4c36-9a53-2f7f0a4f8b11")
 
 
@@ -109,7 +108,7 @@ class Handling:
         app: App,
         service: Service,
         clock: Clock,
-        middleware: Sequence[Middleware] = (),
+        hooks: Hooks | None = None,
         *,
         max_event_bytes: int = MAX_EVENT_BYTES,
         rng: random.Random | None = None,
@@ -117,7 +116,7 @@ class Handling:
         self.app = app
         self.service = service
         self.clock = clock
-        self.middleware = list(middleware)
+        self.hooks = hooks or Hooks()
         self.max_event_bytes = max_event_bytes
         self.routes = build_routes(app, service)
         self.topics = frozenset(self.routes)
@@ -137,8 +136,7 @@ class Handling:
                 )
         except InvalidMessage as exc:
             failure = _failure(exc)
-            for mw in self.middleware:
-                mw.on_invalid(self.service.name, body, failure)
+            self.hooks.invalid(self.service.name, body, failure)
             return None, Outcome("dead_letter", failure=failure)
 
         ctx = Context(
@@ -154,7 +152,7 @@ class Handling:
         try:
             async with tx.savepoint():
                 notes: list[str] = []
-                events = await self._run(ctx, lambda: self._react(ctx, route, event, notes))
+                events = await self.hooks.handle(ctx, lambda: self._react(ctx, route, event, notes))
                 emitted, ready = await self._emit(tx, ctx, events, route.allowed)
                 await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
@@ -275,7 +273,7 @@ class Handling:
         try:
             async with tx.savepoint():
                 notes: list[str] = []
-                events = await self._run(ctx, lambda: self._expire(ctx, spec, timer, notes))
+                events = await self.hooks.handle(ctx, lambda: self._expire(ctx, spec, timer, notes))
                 emitted, ready = await self._emit(tx, ctx, events, spec.emits)
         except Exception as exc:
             policy = spec.retry or self.service.retry
@@ -324,12 +322,6 @@ class Handling:
 
     # shared --------------------------------------------------------------------------------------
 
-    async def _run(self, ctx: Context, react: Next) -> list[Event]:
-        call: Next = react
-        for mw in reversed(self.middleware):
-            call = _bind(mw, ctx, call)
-        return await call()
-
     def envelope_for(self, ctx: Context | None, event: Event, correlation_id: str = "") -> Envelope:
         """The envelope of an event emitted by ``ctx`` (or, without one, from outside)."""
         if ctx is not None:
@@ -350,9 +342,7 @@ class Handling:
                 source=self.service.name,
                 correlation_id=correlation_id,
             )
-        for mw in self.middleware:
-            envelope = mw.stamp(ctx, envelope)
-        return envelope
+        return self.hooks.stamp(ctx, envelope)
 
     async def _emit(
         self, tx: StoreTx, ctx: Context, events: list[Event], allowed: tuple[type[Event], ...]
@@ -362,25 +352,18 @@ class Handling:
         for event in events:
             if isinstance(event, self.app.terminal):
                 await self._end_transaction(ctx, event)
-        envelopes = [self.envelope_for(ctx, e) for e in events]
-        now = self.clock.now()
-        rows = [OutboxRow(e.id, e.type, encode(e, limit=self.max_event_bytes)) for e in envelopes]
-        if rows:
-            await tx.add_outbox(rows, claimed_until=now + FAST_PATH_CLAIM)
-        later = []
-        for event, delay in ctx.later:
-            envelope = self.envelope_for(ctx, event)
-            body = encode(envelope, limit=self.max_event_bytes)
-            if delay <= 0:  # due at once: published right after the commit, like the rest
-                envelopes.append(envelope)
-                rows.append(OutboxRow(envelope.id, envelope.type, body))
-                await tx.add_outbox(rows[-1:], claimed_until=now + FAST_PATH_CLAIM)
-            else:
-                later.append(OutboxRow(envelope.id, envelope.type, body, now + delay))
-        if later:
-            await tx.add_outbox(later)  # the relay publishes them when due
-        ready = [Message(r.id, r.topic, r.body) for r in rows]
-        return envelopes, ready
+        staged = [(self.envelope_for(ctx, e), 0.0) for e in events]
+        staged += [(self.envelope_for(ctx, e), delay) for e, delay in ctx.later]
+        ready = await self.stage(tx, staged)
+        # what this handling emitted at once (delayed events are published by the relay)
+        return [envelope for envelope, delay in staged if delay <= 0], ready
+
+    async def stage(
+        self, tx: StoreTx, envelopes: Sequence[tuple[Envelope, float]]
+    ) -> list[Message]:
+        """Stage ``(envelope, delay)`` pairs in ``tx``'s outbox with this service's size limit;
+        return the messages to publish right after the commit."""
+        return await stage(tx, envelopes, limit=self.max_event_bytes, now=self.clock.now())
 
     async def _failed(
         self, tx: StoreTx, ctx: Context, spec: HandlerSpec | JoinSpec | None, exc: Exception
@@ -435,14 +418,11 @@ class Handling:
             id=str(uuid.uuid5(_FAILED_IDS, f"{self.service.name}/{name}/{ctx.event_id}"))
         )
         try:
-            body = encode(envelope, limit=self.max_event_bytes)
+            ready = await self.stage(tx, [(envelope, 0.0)])
         except PayloadTooLarge:
             # The failed event was near the limit: announce it with its short fields only.
-            data = {**envelope.data, "data": _scalars(ctx.envelope.data)}
-            body = encode(envelope.evolve(data=data), limit=self.max_event_bytes)
-        row = OutboxRow(envelope.id, envelope.type, body)
-        await tx.add_outbox([row], claimed_until=self.clock.now() + FAST_PATH_CLAIM)
-        ready = [Message(row.id, row.topic, row.body)]
+            envelope = envelope.evolve(data={**envelope.data, "data": _scalars(ctx.envelope.data)})
+            ready = await self.stage(tx, [(envelope, 0.0)])
         return Outcome("dead_letter", failure=failure, emitted=[envelope], ready=ready)
 
 
@@ -452,13 +432,6 @@ def _scalars(data: dict[str, Any], longest: int = 200) -> dict[str, Any]:
         for k, v in data.items()
         if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= longest)
     }
-
-
-def _bind(mw: Middleware, ctx: Context, call_next: Next) -> Next:
-    async def call() -> list[Event]:
-        return await mw.around_handle(ctx, call_next)
-
-    return call
 
 
 def _tx(state: State) -> StoreTx:

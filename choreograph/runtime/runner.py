@@ -16,10 +16,10 @@ from choreograph.envelope import Envelope, encode, new_envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
 from choreograph.middleware import Middleware
-from choreograph.runtime.handling import FAST_PATH_CLAIM
+from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.worker import ServiceWorker, WorkerSettings
 from choreograph.service import Service
-from choreograph.store import OutboxRow, StoreTx, store_from_url
+from choreograph.store import StoreTx, store_from_url
 from choreograph.transport import Message, Transport, transport_from_url
 
 log = logging.getLogger("choreograph.runtime")
@@ -67,7 +67,7 @@ class Runtime:
         )
         self.store_url = store
         self.clock = clock
-        self.middleware = list(middleware)
+        self.hooks = Hooks(middleware)
         self.settings = settings or WorkerSettings()
         self.service_settings = dict(service_settings or {})
         names = list(app.services) if services is None else list(services)
@@ -77,14 +77,18 @@ class Runtime:
         self.workers: dict[str, ServiceWorker] = {}
         self._started = False
 
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware this runtime calls, in order (through :attr:`hooks`)."""
+        return self.hooks.middleware
+
     async def start(self) -> None:
         await self.transport.connect()
         for service in self.app.services.values():
             topics = {cls.event_type for cls in self.app.subscriptions(service)}
             if topics:
                 await self.transport.declare_group(service.name, topics)
-        for mw in self.middleware:
-            await mw.start(self)
+        await self.hooks.start(self)
         for name in self._selected:
             await self.add_service(self.app.service(name))
         self._started = True
@@ -92,11 +96,7 @@ class Runtime:
     async def stop(self) -> None:
         for name in list(self.workers):
             await self.remove_service(name)
-        for mw in reversed(self.middleware):
-            try:
-                await mw.stop()
-            except Exception:
-                log.exception("middleware %r failed to stop", mw)
+        await self.hooks.stop()
         await self.transport.close()
         self._started = False
 
@@ -119,7 +119,7 @@ class Runtime:
             self.transport,
             store_from_url(self.store_url, service.name),
             clock=self.clock,
-            middleware=self.middleware,
+            hooks=self.hooks,
             settings=self.service_settings.get(service.name, self.settings),
         )
         await worker.start()
@@ -163,26 +163,24 @@ class Runtime:
         await worker._publish(ready)
 
     async def _outbox(self, worker: ServiceWorker, tx: StoreTx, uow: UnitOfWork) -> list[Message]:
-        rows: list[OutboxRow] = []
         allowed = worker.service.emits()
         for event in uow._emitted:
             if type(event) not in allowed:
                 raise ConfigurationError(
                     f"{worker.name} does not declare that it emits {type(event).__name__}"
                 )
-            envelope = worker.handling.envelope_for(None, event, uow.correlation_id)
-            rows.append(OutboxRow(envelope.id, envelope.type, encode(envelope)))
-        if rows:
-            await tx.add_outbox(rows, claimed_until=self.clock.now() + FAST_PATH_CLAIM)
-        return [Message(r.id, r.topic, r.body) for r in rows]
+        envelopes = [
+            (worker.handling.envelope_for(None, event, uow.correlation_id), 0.0)
+            for event in uow._emitted
+        ]
+        return await worker.handling.stage(tx, envelopes)
 
     async def publish(self, event: Event, *, source: str, correlation_id: str = "") -> Envelope:
         """Publish one event straight to the bus, with no store (scripts, the CLI, tests)."""
         envelope = new_envelope(
             event.event_type, event.to_data(), source=source, correlation_id=correlation_id
         )
-        for mw in self.middleware:
-            envelope = mw.stamp(None, envelope)
+        envelope = self.hooks.stamp(None, envelope)
         await self.transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
         return envelope
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from choreograph.app import App
 from choreograph.clock import Clock
 from choreograph.context import Context
 from choreograph.errors import ConfigurationError, TransportError
-from choreograph.middleware import Checkpoint, Middleware, Outcome
+from choreograph.middleware import Checkpoint, Outcome
 from choreograph.runtime.handling import Handling
+from choreograph.runtime.hooks import Hooks
+from choreograph.runtime.outbox import relay
 from choreograph.service import Service
 from choreograph.store import Store
 from choreograph.transport import Delivery, Message, Subscription, Transport
@@ -57,7 +58,7 @@ class ServiceWorker:
         store: Store,
         *,
         clock: Clock,
-        middleware: Sequence[Middleware] = (),
+        hooks: Hooks | None = None,
         settings: WorkerSettings = WorkerSettings(),
     ) -> None:
         self.service = service
@@ -65,10 +66,10 @@ class ServiceWorker:
         self.store = store
         self.clock = clock
         self.settings = settings
+        self.hooks = hooks or Hooks()
         self.handling = Handling(
-            app, service, clock, middleware, max_event_bytes=transport.max_message_bytes
+            app, service, clock, self.hooks, max_event_bytes=transport.max_message_bytes
         )
-        self.middleware = list(middleware)
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -203,15 +204,10 @@ class ServiceWorker:
                 await subscription.dead_letter(delivery, outcome.failure)
 
     def _checkpoint(self, point: Checkpoint) -> None:
-        for mw in self.middleware:
-            mw.checkpoint(self.name, point)
+        self.hooks.checkpoint(self.name, point)
 
     def _observe(self, ctx: Context, outcome: Outcome) -> None:
-        for mw in self.middleware:
-            try:
-                mw.on_outcome(ctx, outcome)
-            except Exception:  # an observer must never break handling
-                log.exception("%s: middleware %r failed in on_outcome", self.name, mw)
+        self.hooks.outcome(ctx, outcome)
 
     # housekeeping -------------------------------------------------------------------------------
 
@@ -255,9 +251,4 @@ class ServiceWorker:
     async def _relay_due(self) -> None:
         """Publish outbox rows that are due and unclaimed: delayed emissions, and rows whose
         fast-path publish failed or whose process died before publishing them."""
-        while True:
-            rows = await self.store.claim_outbox(self.clock.now(), 500, self.settings.relay_lease)
-            if not rows:
-                return
-            await self.transport.publish([Message(r.id, r.topic, r.body) for r in rows])
-            await self.store.mark_sent([r.id for r in rows])
+        await relay(self.store, self.transport, self.clock, lease=self.settings.relay_lease)

@@ -1,0 +1,206 @@
+"""One hook surface and one outbox writer: observers that fail never break handling, every
+writer stages rows with the transport's real size limit, and the relay sets aside a row that can
+never be published instead of blocking the service's outbox."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from pathlib import Path
+
+import pytest
+
+import choreograph
+from choreograph import (
+    App,
+    Context,
+    Envelope,
+    Event,
+    HandlerFailed,
+    Middleware,
+    Outcome,
+    PayloadTooLarge,
+    Service,
+)
+from choreograph.middleware import Checkpoint, Next
+from choreograph.runtime.hooks import Hooks
+from choreograph.runtime.outbox import UNPUBLISHABLE
+from choreograph.store import OutboxRow
+from choreograph.testing import Harness
+from choreograph.transport import Failure, Message
+
+
+class Order(Event):
+    order_id: str
+    note: str = ""
+
+
+class Paid(Event):
+    order_id: str
+    note: str = ""
+
+
+def shop() -> App:
+    payment = Service("payment")
+    audit = Service("audit")
+
+    @payment.on(Order, emits=[Paid])
+    async def charge(event: Order, ctx: Context) -> Paid:
+        return Paid(order_id=event.order_id, note=event.note)
+
+    @audit.on(HandlerFailed)
+    async def note_failure(event: HandlerFailed, ctx: Context) -> None:
+        await ctx.state.put("failure", ctx.correlation_id, {"reason": event.reason})
+
+    return App("shop", [payment, audit])
+
+
+class Broken(Middleware):
+    """An observer that raises in every hook it is guarded in."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stamp(self, ctx: Context | None, envelope: Envelope) -> Envelope:
+        self.calls.append("stamp")
+        raise RuntimeError("stamp broke")
+
+    def on_outcome(self, ctx: Context, outcome: Outcome) -> None:
+        self.calls.append("on_outcome")
+        raise RuntimeError("on_outcome broke")
+
+    def on_invalid(self, service: str, body: bytes, failure: Failure) -> None:
+        self.calls.append("on_invalid")
+        raise RuntimeError("on_invalid broke")
+
+    def checkpoint(self, service: str, point: Checkpoint) -> None:
+        self.calls.append("checkpoint")
+        raise RuntimeError("checkpoint broke")
+
+
+async def test_an_observer_failing_in_a_guarded_hook_never_breaks_handling() -> None:
+    # given a middleware that raises in stamp, on_outcome, on_invalid and checkpoint
+    broken = Broken()
+    async with Harness(shop(), middleware=[broken]) as h:
+        # when an order and a malformed message arrive
+        await h.publish(Order(order_id="o1"), correlation_id="tx-1")
+        await h.transport.publish([Message("junk", "Order", b"not json")])
+        # then the order is still paid, and the junk dead-lettered with its reason
+        await h.wait_for(Paid, correlation_id="tx-1")
+        await h.settle()
+        (dead,) = await h.dead_letters("payment")
+        assert dead.failure.reason == "malformed envelope"
+    assert {"stamp", "on_outcome", "on_invalid", "checkpoint"} <= set(broken.calls)
+
+
+async def test_a_failing_around_handle_counts_as_the_handlers_failure() -> None:
+    # given a middleware whose around_handle raises (it is part of the handling)
+    class Failing(Middleware):
+        async def around_handle(self, ctx: Context, call_next: Next) -> list[Event]:
+            raise PermissionError("policy refuses")
+
+    async with Harness(shop(), middleware=[Failing()]) as h:
+        # when an order arrives
+        await h.publish(Order(order_id="o1"), correlation_id="tx-1")
+        await h.advance(60)
+        # then the handling failed, gave up after its retries, and announced it
+        failed = await h.wait_for(HandlerFailed, correlation_id="tx-1")
+        assert failed.data["error_type"] == "PermissionError"
+        assert not h.published(Paid)
+
+
+async def test_a_middleware_that_cannot_start_stops_the_runtime_start() -> None:
+    class Unstartable(Middleware):
+        async def start(self, runtime: object) -> None:
+            raise RuntimeError("no exporter")
+
+    # given a middleware whose start fails, then the runtime's start fails with its error
+    with pytest.raises(RuntimeError, match="no exporter"):
+        async with Harness(shop(), middleware=[Unstartable()]):
+            pass
+
+
+async def test_only_middleware_overriding_a_hook_are_called_for_it() -> None:
+    # given one middleware that only observes outcomes and one that wraps handlings
+    order: list[str] = []
+
+    class Outcomes(Middleware):
+        def on_outcome(self, ctx: Context, outcome: Outcome) -> None:
+            order.append("outcome")
+
+    class Around(Middleware):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def around_handle(self, ctx: Context, call_next: Next) -> list[Event]:
+            order.append(f"{self.name} in")
+            try:
+                return await call_next()
+            finally:
+                order.append(f"{self.name} out")
+
+    hooks = Hooks([Around("outer"), Outcomes(), Around("inner")])
+
+    async def react() -> list[Event]:
+        order.append("react")
+        return []
+
+    # when a handling runs through the hooks
+    await hooks.handle(None, react)  # type: ignore[arg-type]
+    # then the onion holds, the first middleware outermost, the observer not involved
+    assert order == ["outer in", "inner in", "react", "inner out", "outer out"]
+    assert bool(Hooks()) is False and bool(hooks) is True
+
+
+def test_middleware_module_does_not_import_the_runtime() -> None:
+    # the hooks are typed against a protocol: no import cycle middleware -> runtime
+    source = Path(choreograph.__file__).parent / "middleware.py"
+    imported = [
+        node.module or ""
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.ImportFrom)
+    ]
+    assert imported and not [m for m in imported if m.startswith("choreograph.runtime")]
+
+
+async def test_unit_of_work_stages_with_the_transports_real_limit() -> None:
+    # given a bus that accepts at most 4 KiB per message
+    async with Harness(shop()) as h:
+        h.transport.max_message_bytes = 4096
+        worker = h.runtime.worker("payment")
+        worker.handling.max_event_bytes = 4096
+        # when work from outside emits an event larger than that
+        with pytest.raises(PayloadTooLarge, match="the limit is 4096"):
+            async with h.runtime.unit_of_work("payment", correlation_id="tx-2") as uow:
+                await uow.state.put("order", "o2", {"n": 1})
+                uow.emit(Paid(order_id="o2", note="x" * 5000))
+        # then nothing was committed: no state, no outbox row left to block the relay
+        assert await h.state("payment", "order", "o2") is None
+        assert await worker.store.claim_outbox(h.clock.now() + 3600, 10, 30) == []
+
+
+async def test_the_relay_sets_aside_a_row_that_can_never_be_published() -> None:
+    async with Harness(shop()) as h:
+        worker = h.runtime.worker("payment")
+        h.transport.max_message_bytes = 4096
+        # given an outbox holding, oldest first, a row larger than the bus accepts, then valid ones
+        big = OutboxRow("big-1", "Paid", b'{"pad": "' + b"x" * 5000 + b'"}')
+        valid = [
+            Envelope(id=f"v{i}", type="Paid", source="payment", correlationid=f"tx-{i}",
+                     data={"order_id": f"o{i}", "note": ""})  # fmt: skip
+            for i in range(3)
+        ]
+        async with worker.store.transaction() as tx:
+            await tx.add_outbox([big])
+            await worker.handling.stage(tx, [(e, 0.001) for e in valid])
+        # when the relay runs
+        await h.advance(1)
+        # then the valid rows are published, the big one set aside with a bounded record
+        assert sorted(e.id for e in h.published(Paid)) == ["v0", "v1", "v2"]
+        record = await h.state("payment", UNPUBLISHABLE, "big-1")
+        assert record is not None
+        assert record["sha256"] == hashlib.sha256(big.body).hexdigest()
+        assert (record["topic"], record["bytes"]) == ("Paid", len(big.body))
+        assert "limit is 4096" in record["reason"]
+        assert len(record["head"]) <= 512
+        assert await worker.store.claim_outbox(h.clock.now() + 3600, 10, 30) == []
