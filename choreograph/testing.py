@@ -183,7 +183,7 @@ class Harness:
         redelivery, so the retry policy decides as it would on that attempt.
         """
         spec = self.runtime.app.service(service)
-        handling = Handling(self.runtime.app, spec, self.clock, self.runtime.middleware)
+        handling = Handling(self.runtime.app, spec, self.clock, self.runtime.hooks)
         if event.event_type not in handling.topics:
             reacts = ", ".join(sorted(handling.topics)) or "nothing"
             raise ConfigurationError(

@@ -186,8 +186,7 @@ async def test_the_relay_sets_aside_a_row_that_can_never_be_published() -> None:
         # given an outbox holding, oldest first, a row larger than the bus accepts, then valid ones
         big = OutboxRow("big-1", "Paid", b'{"pad": "' + b"x" * 5000 + b'"}')
         valid = [
-            Envelope(id=f"v{i}", type="Paid", source="payment", correlationid=f"tx-{i}",
-                     data={"order_id": f"o{i}", "note": ""})  # fmt: skip
+            Envelope(f"v{i}", "Paid", "payment", f"tx-{i}", {"order_id": f"o{i}", "note": ""})
             for i in range(3)
         ]
         async with worker.store.transaction() as tx:
