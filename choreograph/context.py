@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from choreograph.clock import Clock
 from choreograph.envelope import Envelope
@@ -41,6 +41,17 @@ class State:
         return await self._tx.count(kind, where)
 
 
+@dataclass(frozen=True, slots=True)
+class TimerChange:
+    """A timer set (with its due time, epoch seconds) or cancelled by one handling. A cancel with
+    ``name`` None cancelled every timer of ``key`` (the transaction ended)."""
+
+    action: Literal["set", "cancel"]
+    name: str | None
+    key: str
+    due_at: float | None = None
+
+
 @dataclass(slots=True)
 class Context:
     """One handling: of a received event, of an expired timer, or of work started from outside
@@ -55,6 +66,9 @@ class Context:
     clock: Clock
     handler: str = ""
     later: list[tuple[Event, float]] = field(default_factory=list)
+    timers: list[TimerChange] = field(default_factory=list)
+    """The timers this handling set or cancelled (reported to the flow recorder after the
+    commit, so that it shows each timer's real due time)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Scratch space for middleware (e.g. the current span)."""
 

@@ -28,6 +28,7 @@ from choreograph.observe.flowdb import DEFAULT_DB_URL, FlowDb, SqliteFlowDb, flo
 from choreograph.observe.flows import children, flow_stats, load_transaction, stuck_transactions
 from choreograph.observe.model import FlowModel
 from choreograph.runtime.runner import wait_for_signal
+from choreograph.transport import redact
 
 db_option = click.option(
     "--db",
@@ -105,8 +106,16 @@ async def _open(db_url: str) -> FlowDb:
 @transport_option
 @db_option
 @click.option("--group", default="choreograph-recorder", show_default=True)
+@click.option(
+    "--retain",
+    default=None,
+    help="Keep transactions this long after their last event (7d, 12h); older ones are pruned "
+    "in the background. Default: keep everything.",
+)
 @run_async
-async def record(app_spec: str, transport_url: str, db_url: str, group: str) -> None:
+async def record(
+    app_spec: str, transport_url: str, db_url: str, group: str, retain: str | None
+) -> None:
     """Record every event and handling of an app into the recorder database, until stopped.
 
     The recorder only listens (consumer group --group). Services report how each handling went
@@ -115,9 +124,12 @@ async def record(app_spec: str, transport_url: str, db_url: str, group: str) -> 
     from choreograph.observe.recorder import Recorder
 
     app = _app(app_spec)
-    recorder = Recorder(app, transport_url, db_url, group=group)
+    keep = parse_duration(retain) if retain else None
+    recorder = Recorder(app, transport_url, db_url, group=group, retain=keep)
     await recorder.start()
-    console.print(f"recording [bold]{app.name}[/] from [cyan]{transport_url}[/] into {db_url}")
+    console.print(
+        f"recording [bold]{app.name}[/] from [cyan]{redact(transport_url)}[/] into {redact(db_url)}"
+    )
     try:
         await wait_for_signal()
     finally:
@@ -231,6 +243,14 @@ def _render_trace(view: dict[str, Any], show_all: bool) -> None:
     for item in expected.get(None, []):
         tree.add(_expect_line(item))
     console.print(tree)
+    if view.get("timers"):
+        console.print("[bold]Timers[/] (due times as the services set them):")
+        for timer in view["timers"]:
+            closed = f" at {_clock(timer['closed_at'])}" if timer["closed_at"] else ""
+            console.print(
+                f"  ⏱ {timer['service']}.{timer['name']}  set {_clock(timer['set_at'])}, "
+                f"due {_clock(timer['due_at'])}  [bold]{timer['status']}[/]{closed}"
+            )
     if view.get("stuck_at"):
         console.print("[bold yellow]Waiting for:[/]")
         for item in view["stuck_at"]:

@@ -163,15 +163,27 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
     show_default=True,
     help="Seconds to wait for every delivery to end.",
 )
+@click.option("--fresh", is_flag=True, help="Wipe --data-dir first (it is kept by default).")
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Record every event and handling into --data-dir/flows.db (for choreograph console).",
+)
 def demo(
     deliveries: int,
     transport_url: str | None,
     data_dir: Path,
     concurrency: int,
     timeout: float,
+    fresh: bool,
+    record: bool,
     **knob_values: Any,
 ) -> None:
     """Run the drone delivery end to end and check that every delivery ended cleanly.
+
+    The data directory keeps the stores, the bus and the recorder database between runs, so that
+    `choreograph console` (or `trace`) shows the deliveries afterwards; --fresh starts over.
 
     Exits 1 when a delivery did not end or a drone or package was left held. Knobs default to the
     DRONE_* environment variables, then to the built-in defaults.
@@ -192,6 +204,8 @@ def demo(
                 concurrency=concurrency,
                 timeout=timeout,
                 console=console,
+                fresh=fresh,
+                record=record,
             )
         )
     except ConfigurationError as exc:

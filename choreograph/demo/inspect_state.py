@@ -27,6 +27,15 @@ class Snapshot:
     def in_flight(self) -> int:
         return sum(self.statuses.values()) - self.terminal
 
+    def minus(self, earlier: Snapshot) -> Snapshot:
+        """The deliveries that ended since ``earlier`` (what is held stays absolute)."""
+        return Snapshot(
+            self.statuses - earlier.statuses,
+            self.failure_reasons - earlier.failure_reasons,
+            self.drones_reserved,
+            self.packages,
+        )
+
     @property
     def packages_unreleased(self) -> int:
         """Packages still held ready although their delivery ended."""

@@ -19,25 +19,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from choreograph import Runtime
+from choreograph import App, Runtime
 from choreograph.demo.app import create_app
 from choreograph.demo.ingestion import create_http_app
 from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.middleware import Middleware
+from choreograph.observe.recorder import Recorder, RecorderMiddleware
+from choreograph.transport import redact
+
+#: The file in the demo's data directory that tells ``choreograph console`` what to show.
+CONSOLE_SETTINGS = "console.json"
+DEMO_APP = "choreograph.demo:create_app"
 
 
 @dataclass
 class DemoResult:
     submitted: int
     snapshot: Snapshot
+    """This run's deliveries (earlier runs kept in the data directory are subtracted)."""
     elapsed: float
     dead_letters: int
+    recorder_db: str | None = None
 
     @property
     def consistent(self) -> bool:
@@ -71,9 +80,18 @@ def isolated(transport_url: str) -> str:
     return f"{transport_url}{separator}namespace=demo-{uuid.uuid4().hex[:8]}"
 
 
-def _fresh_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+def _prepare_dir(path: Path, *, fresh: bool) -> None:
+    if fresh:
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _write_console_settings(data_dir: Path, settings: dict[str, str]) -> None:
+    """Where ``choreograph console`` finds this demo's app, bus, stores and recorder database
+    when started with no options (the file may hold a broker password: owner-only)."""
+    path = data_dir / CONSOLE_SETTINGS
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_bytes(orjson.dumps(settings, option=orjson.OPT_INDENT_2))
 
 
 def free_port() -> int:
@@ -123,19 +141,25 @@ async def submit_all(base_url: str, count: int, concurrency: int, progress: Prog
 
 
 async def wait_for_outcome(
-    store_url: str, count: int, timeout: float, progress: Progress
+    store_url: str,
+    count: int,
+    timeout: float,
+    progress: Progress,
+    baseline: Snapshot | None = None,
 ) -> Snapshot:
+    """Wait until ``count`` more deliveries than ``baseline`` ended and nothing is held."""
+    before = baseline.terminal if baseline is not None else 0
     task = progress.add_task("ended", total=count)
     deadline = time.monotonic() + timeout
     snap = await snapshot(store_url)
     while time.monotonic() < deadline:
-        progress.update(task, completed=snap.terminal)
-        settled = snap.terminal >= count and snap.drones_reserved == 0
+        progress.update(task, completed=snap.terminal - before)
+        settled = snap.terminal - before >= count and snap.drones_reserved == 0
         if settled and snap.packages_unreleased == 0:
             break
         await asyncio.sleep(0.2)
         snap = await snapshot(store_url)
-    progress.update(task, completed=snap.terminal)
+    progress.update(task, completed=snap.terminal - before)
     return snap
 
 
@@ -149,28 +173,70 @@ async def run_demo(
     timeout: float = 120.0,
     middleware: list[Middleware] | None = None,
     console: Console | None = None,
+    fresh: bool = False,
+    record: bool = True,
 ) -> DemoResult:
+    """Run the demo. The data directory is kept between runs (``fresh`` wipes it first); with
+    ``record`` (the default) every event and handling is recorded into ``flows.db`` there, for
+    ``choreograph trace`` and ``choreograph console``."""
     console = console or Console()
     knobs = knobs or Knobs.from_env()
-    await asyncio.to_thread(_fresh_dir, data_dir)
+    await asyncio.to_thread(_prepare_dir, data_dir, fresh=fresh)
+    where = await asyncio.to_thread(data_dir.resolve)
     store_url = f"sqlite:///{data_dir}/{{service}}.db"
     transport_url = isolated(transport_url or f"sqlite:///{data_dir}/bus.db")
+    db_url = f"sqlite:///{where}/flows.db" if record else None
     app = create_app(knobs)
     console.print(
-        f"[bold]drone delivery[/]: {deliveries} deliveries on [cyan]{transport_url}[/], "
+        f"[bold]drone delivery[/]: {deliveries} deliveries on [cyan]{redact(transport_url)}[/], "
         f"services {', '.join(app.services)}"
     )
-    runtime = Runtime(app, transport=transport_url, store=store_url, middleware=middleware or [])
+    extra: list[Middleware] = [RecorderMiddleware()] if record else []
+    runtime = Runtime(
+        app, transport=transport_url, store=store_url, middleware=[*(middleware or []), *extra]
+    )
     columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())  # fmt: skip
-    async with runtime, serve_http(runtime, free_port()) as base_url:
+    baseline = await snapshot(store_url)
+    async with (
+        runtime,
+        _recording(app, runtime, db_url),
+        serve_http(runtime, free_port()) as base_url,
+    ):
+        if db_url is not None:
+            await asyncio.to_thread(
+                _write_console_settings,
+                data_dir,
+                {"app": DEMO_APP, "transport": transport_url, "db": db_url,
+                 "store": f"sqlite:///{where}/{{service}}.db"},
+            )  # fmt: skip
         started = time.monotonic()
         with Progress(*columns, console=console, transient=False) as progress:
             submitted = await submit_all(base_url, deliveries, concurrency, progress)
-            snap = await wait_for_outcome(store_url, submitted, timeout, progress)
+            snap = await wait_for_outcome(store_url, submitted, timeout, progress, baseline)
         elapsed = time.monotonic() - started
         dead = len(await runtime.transport.dead_letters(limit=100_000))
-    return DemoResult(submitted, snap, elapsed, dead)
+    return DemoResult(submitted, snap.minus(baseline), elapsed, dead, db_url)
+
+
+@contextlib.asynccontextmanager
+async def _recording(app: App, runtime: Runtime, db_url: str | None) -> AsyncIterator[None]:
+    """The recorder beside the services; on the way out, everything they reported is written
+    before it stops."""
+    if db_url is None:
+        yield
+        return
+    recorder = Recorder(app, runtime.transport, db_url, poll_interval=0.1)
+    await recorder.start()
+    try:
+        yield
+        for mw in runtime.middleware:
+            if isinstance(mw, RecorderMiddleware):
+                await mw.flush()
+        with contextlib.suppress(TimeoutError):
+            await recorder.idle(timeout=10.0)
+    finally:
+        await recorder.stop()
 
 
 def print_summary(result: DemoResult, console: Console) -> None:
@@ -195,3 +261,8 @@ def print_summary(result: DemoResult, console: Console) -> None:
         console.print("[green]every delivery ended; every drone is free; nothing is left held[/]")
     else:
         console.print("[red]inconsistent: some deliveries did not end or left resources held[/]")
+    if result.recorder_db:
+        console.print(
+            f"recorded into {result.recorder_db}: see every delivery with "
+            "[bold]choreograph console[/] (or choreograph trace DELIVERY_ID)"
+        )

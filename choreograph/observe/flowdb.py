@@ -29,6 +29,7 @@ SCHEMA = [
         recorded_at DOUBLE PRECISION NOT NULL, traceparent TEXT, subject TEXT,
         data TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cg_events_tx ON cg_events (correlation_id, time)",
+    "CREATE INDEX IF NOT EXISTS cg_events_type ON cg_events (type, time)",
     """CREATE TABLE IF NOT EXISTS cg_handlings (
         id TEXT PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
         correlation_id TEXT NOT NULL, service TEXT NOT NULL, handler TEXT NOT NULL,
@@ -38,6 +39,7 @@ SCHEMA = [
         ended DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cg_handlings_tx ON cg_handlings (correlation_id)",
     "CREATE INDEX IF NOT EXISTS cg_handlings_service ON cg_handlings (service, outcome)",
+    "CREATE INDEX IF NOT EXISTS cg_handlings_time ON cg_handlings (ended)",
     """CREATE TABLE IF NOT EXISTS cg_transactions (
         correlation_id TEXT PRIMARY KEY, first_seen DOUBLE PRECISION NOT NULL,
         last_seen DOUBLE PRECISION NOT NULL, first_type TEXT NOT NULL, last_type TEXT NOT NULL,
@@ -46,6 +48,38 @@ SCHEMA = [
         compensations INTEGER NOT NULL DEFAULT 0, terminal_type TEXT,
         ended_at DOUBLE PRECISION)""",
     "CREATE INDEX IF NOT EXISTS cg_transactions_open ON cg_transactions (ended_at, first_seen)",
+    "CREATE INDEX IF NOT EXISTS cg_transactions_started ON cg_transactions (first_seen)",
+    "CREATE INDEX IF NOT EXISTS cg_transactions_last ON cg_transactions (last_seen)",
+    # Short identifying fields of each event's data (``delivery_id = d-42``), so that a search by
+    # a business key is an index lookup rather than a scan of every event's JSON.
+    """CREATE TABLE IF NOT EXISTS cg_keys (
+        value TEXT NOT NULL, name TEXT NOT NULL, correlation_id TEXT NOT NULL,
+        PRIMARY KEY (value, name, correlation_id))""",
+    "CREATE INDEX IF NOT EXISTS cg_keys_tx ON cg_keys (correlation_id)",
+    # Every timer a service set, with its real due time, and what became of it.
+    """CREATE TABLE IF NOT EXISTS cg_timers (
+        id TEXT PRIMARY KEY, service TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL,
+        correlation_id TEXT NOT NULL, event_id TEXT NOT NULL, set_at DOUBLE PRECISION NOT NULL,
+        due_at DOUBLE PRECISION NOT NULL, status TEXT NOT NULL, closed_at DOUBLE PRECISION)""",
+    "CREATE INDEX IF NOT EXISTS cg_timers_tx ON cg_timers (correlation_id)",
+    "CREATE INDEX IF NOT EXISTS cg_timers_key ON cg_timers (service, key, status)",
+    """CREATE TABLE IF NOT EXISTS cg_heartbeats (
+        replica TEXT NOT NULL, service TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+        started DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (replica, service))""",
+    # What the recorder could not record, and why (it keeps consuming either way).
+    """CREATE TABLE IF NOT EXISTS cg_rejects (
+        id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, reason TEXT NOT NULL,
+        detail TEXT NOT NULL)""",
+]
+
+#: Columns added after the first release; added in place to an older database on open.
+MIGRATIONS = [
+    ("cg_transactions", "late", "INTEGER NOT NULL DEFAULT 0"),
+    ("cg_transactions", "outcome", "TEXT"),
+]
+AFTER_MIGRATIONS = [
+    "CREATE INDEX IF NOT EXISTS cg_transactions_outcome ON cg_transactions (outcome, first_seen)",
 ]
 
 EVENT_COLUMNS = (
@@ -92,13 +126,16 @@ TRANSACTION_COLUMNS = (
     "compensations",
     "terminal_type",
     "ended_at",
+    "late",
+    "outcome",
 )
 
 # One upsert keeps the summary row current whichever arrives first, an event or a report.
 _TOUCH = """
 INSERT INTO cg_transactions (correlation_id, first_seen, last_seen, first_type, last_type,
-    events, failures, retries, dead_letters, compensations, terminal_type, ended_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    events, failures, retries, dead_letters, compensations, terminal_type, ended_at, late,
+    outcome)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (correlation_id) DO UPDATE SET
     first_type = CASE WHEN excluded.first_seen < cg_transactions.first_seen
         THEN excluded.first_type ELSE cg_transactions.first_type END,
@@ -114,7 +151,9 @@ ON CONFLICT (correlation_id) DO UPDATE SET
     dead_letters = cg_transactions.dead_letters + excluded.dead_letters,
     compensations = cg_transactions.compensations + excluded.compensations,
     terminal_type = COALESCE(cg_transactions.terminal_type, excluded.terminal_type),
-    ended_at = COALESCE(cg_transactions.ended_at, excluded.ended_at)
+    ended_at = COALESCE(cg_transactions.ended_at, excluded.ended_at),
+    late = cg_transactions.late + excluded.late,
+    outcome = COALESCE(cg_transactions.outcome, excluded.outcome)
 """
 
 
@@ -128,6 +167,11 @@ class Tx(ABC):
     @abstractmethod
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Run a query; return its rows as dicts."""
+
+    @abstractmethod
+    def savepoint(self) -> Any:
+        """``async with tx.savepoint():`` — on error, undo only what ran inside it (the
+        transaction stays usable), then re-raise."""
 
 
 class FlowDb(ABC):
@@ -145,6 +189,10 @@ class FlowDb(ABC):
     @abstractmethod
     def transaction(self) -> Any:
         """``async with db.transaction() as tx:`` — commit on success, roll back on error."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the database's trouble (locked, unreachable), not the data's."""
+        return isinstance(exc, OSError)
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         async with self.transaction() as tx:
@@ -174,6 +222,17 @@ class _SqliteTx(Tx):
         names = [d[0] for d in cursor.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        self._conn.execute("SAVEPOINT cg_item")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO cg_item")
+            self._conn.execute("RELEASE cg_item")
+            raise
+        self._conn.execute("RELEASE cg_item")
+
 
 class SqliteFlowDb(FlowDb):
     """One SQLite file in WAL mode: the recorder writes while the CLI reads. Statements are short
@@ -195,12 +254,21 @@ class SqliteFlowDb(FlowDb):
         conn.execute("PRAGMA synchronous=NORMAL")
         for statement in SCHEMA:
             conn.execute(statement)
+        for table, column, definition in MIGRATIONS:
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        for statement in AFTER_MIGRATIONS:
+            conn.execute(statement)
         self._conn = conn
 
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError | OSError)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
@@ -237,6 +305,11 @@ class _PgTx(Tx):
 
     async def fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._conn.fetch(_numbered(sql), *params)]
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self._conn.transaction():  # nested in the open one: a savepoint
+            yield
 
 
 class PostgresFlowDb(FlowDb):
@@ -281,11 +354,23 @@ class PostgresFlowDb(FlowDb):
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             for statement in SCHEMA:
                 await conn.execute(statement)
+            for table, column, definition in MIGRATIONS:
+                await conn.execute(
+                    f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
+                )
+            for statement in AFTER_MIGRATIONS:
+                await conn.execute(statement)
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def is_transient(self, exc: BaseException) -> bool:
+        import asyncpg
+
+        transient = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+        return isinstance(exc, transient) or getattr(exc, "sqlstate", "")[:2] in ("53", "57")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
@@ -329,8 +414,11 @@ def touch_params(
     dead_letters: int = 0,
     compensations: int = 0,
     terminal_type: str | None = None,
+    outcome: str | None = None,
+    late: int = 0,
 ) -> tuple[Any, ...]:
-    """Parameters of the summary upsert ``TOUCH`` for one new event or handling."""
+    """Parameters of the summary upsert ``TOUCH`` for one new event or handling. ``outcome``
+    (``completed`` or ``failed``) goes with ``terminal_type``."""
     ended = at if terminal_type else None
     return (
         correlation_id,
@@ -345,6 +433,8 @@ def touch_params(
         compensations,
         terminal_type,
         ended,
+        late,
+        outcome,
     )
 
 

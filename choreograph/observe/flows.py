@@ -9,6 +9,7 @@ deadlines are open. That overlay is what ``choreograph trace`` shows as "where i
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -47,6 +48,9 @@ async def load_transaction(
         "SELECT * FROM cg_handlings WHERE correlation_id = ? ORDER BY started, attempt",
         (correlation_id,),
     )
+    timers = await db.fetch(
+        "SELECT * FROM cg_timers WHERE correlation_id = ? ORDER BY set_at", (correlation_id,)
+    )
     reporting = {r["service"] for r in await db.fetch("SELECT DISTINCT service FROM cg_handlings")}
     for event in events:
         event["data"] = orjson.loads(event["data"])
@@ -76,11 +80,13 @@ async def load_transaction(
             for k in ("events", "failures", "retries", "dead_letters", "compensations")
         },
         "events": events,
+        "timers": timers,
+        "late": summary.get("late") or 0,
         "unmatched_handlings": orphans,
         "roots": _roots(events),
     }
     if model is not None:
-        view["expected"] = expectations(model, events, ended is not None, reporting, now)
+        view["expected"] = expectations(model, events, ended is not None, reporting, now, timers)
         view["stuck_at"] = [x for x in view["expected"] if x["blocking"]] if not ended else []
     return view
 
@@ -98,7 +104,12 @@ def children(events: list[Row], parent: Row) -> list[Row]:
 
 
 def expectations(
-    model: FlowModel, events: list[Row], ended: bool, reporting: set[str], now: float
+    model: FlowModel,
+    events: list[Row],
+    ended: bool,
+    reporting: set[str],
+    now: float,
+    timers: Sequence[Row] = (),
 ) -> list[Row]:
     """What the declarations expect after each recorded event, and how far each got.
 
@@ -107,7 +118,9 @@ def expectations(
     RecorderMiddleware), ``waiting`` (a join missing parts), ``silent`` (handled, but emitted none
     of the events it declares), and for timers ``open``, ``overdue``, ``met``, ``expired``,
     ``cancelled``; ``incomplete`` is a join that never completed in an ended transaction.
-    ``blocking`` marks what keeps an unfinished transaction from ending.
+    ``blocking`` marks what keeps an unfinished transaction from ending. A timer's due time is
+    the one its service reported when it set it (``timers``, from the recorder); only a timer set
+    by a service that does not report is estimated from the declarations (``estimated``).
     """
     found: list[Row] = []
     seen_types = {e["type"] for e in events}
@@ -115,11 +128,12 @@ def expectations(
         for step in model.reactions(event["type"]):
             found.append(_reaction(step, event, events, ended, reporting))
         for step in model.deadlines_started_by(event["type"]):
-            found.append(_timer(step, event, events, ended, now, step.expect))
+            found.append(_timer(step, event, events, ended, now, step.expect, timers))
         for step in model.join_timeouts_started_by(event["type"]):
             if not any(x["kind"] == "join_timeout" and x["step"] == step.name for x in found):
                 join = model.step(step.service, step.name, "join")
-                found.append(_timer(step, event, events, ended, now, join.emits if join else ()))
+                emits = join.emits if join else ()
+                found.append(_timer(step, event, events, ended, now, emits, timers))
     for step in model.steps:
         if step.kind == "join" and seen_types & set(step.triggers):
             missing = [t for t in step.triggers if t not in seen_types]
@@ -192,10 +206,20 @@ def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting:
 
 
 def _timer(
-    step: Step, event: Row, events: list[Row], ended: bool, now: float, expect: tuple[str, ...]
+    step: Step,
+    event: Row,
+    events: list[Row],
+    ended: bool,
+    now: float,
+    expect: tuple[str, ...],
+    timers: Sequence[Row],
 ) -> Row:
     assert step.within is not None
-    due = event["time"] + step.within
+    name = f"{'deadline' if step.kind == 'deadline' else 'join'}:{step.name}"
+    recorded = [t for t in timers if t["service"] == step.service and t["name"] == name]
+    # The latest setting counts: a retried timer is set again with a later due time.
+    real = recorded[-1] if recorded else None
+    due = real["due_at"] if real else event["time"] + step.within
     fired = [
         h
         for e in events
@@ -203,8 +227,11 @@ def _timer(
         if h["kind"] == step.kind and h["handler"] == step.name and h["service"] == step.service
     ]
     met = any(e["type"] in expect and e["time"] >= event["time"] for e in events)
-    if fired:
-        status, detail = "expired", f"fired after {step.within:g}s"
+    if fired or (real and real["status"] == "fired"):
+        waited = (real["due_at"] - real["set_at"]) if real else step.within
+        status, detail = "expired", f"fired after {waited:g}s"
+    elif real and real["status"] == "cancelled" and not met:
+        status, detail = "cancelled", "cancelled by the service"
     elif met:
         status, detail = "met", f"{' or '.join(expect)} arrived in time"
     elif ended:
@@ -213,6 +240,8 @@ def _timer(
         status, detail = "overdue", f"was due {now - due:.1f}s ago (is the service running?)"
     else:
         status, detail = "open", f"expires in {due - now:.1f}s unless {' or '.join(expect)}"
+    if real is None and status in ("open", "overdue"):
+        detail += " (estimated from the declarations: the service reports no timers)"
     return {
         "after": event["id"],
         "event_type": event["type"],
@@ -222,6 +251,7 @@ def _timer(
         "status": status,
         "detail": detail,
         "due": due,
+        "estimated": real is None,
         "blocking": status in ("open", "overdue") and not ended,
     }
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from choreograph.app import App
 from choreograph.clock import Clock
-from choreograph.context import Context, State
+from choreograph.context import Context, State, TimerChange
 from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, new_envelope, new_id
 from choreograph.errors import (
     InvalidMessage,
@@ -171,10 +171,10 @@ class Handling:
         if route.terminal:
             await self._end_transaction(ctx, event)
         for deadline in route.deadline_stops:
-            await _tx(tx_state).cancel_timers(key, [f"deadline:{deadline.name}"])
+            await _cancel_timers(ctx, key, f"deadline:{deadline.name}")
         for deadline in route.deadline_starts:
-            await _tx(tx_state).set_timer(
-                Timer(f"deadline:{deadline.name}", key, now + deadline.within, _cause(ctx))
+            await _set_timer(
+                ctx, Timer(f"deadline:{deadline.name}", key, now + deadline.within, _cause(ctx))
             )
         for join in route.join_starts:
             doc = await tx_state.get(f"_join:{join.name}", _join_key(join, event, ctx))
@@ -219,7 +219,7 @@ class Handling:
             return []
         doc["status"] = "done"
         await ctx.state.put(kind, key, doc)
-        await _tx(ctx.state).cancel_timers(key, [f"join:{join.name}"])
+        await _cancel_timers(ctx, key, f"join:{join.name}")
         by_type = {
             cls: cls.model_validate(doc["parts"][cls.event_type]["data"]) for cls in join.parts
         }
@@ -229,7 +229,7 @@ class Handling:
     async def _end_transaction(self, ctx: Context, event: Event) -> None:
         """A terminal event: drop the transaction's timers and close its open joins, so that
         nothing fires or completes for a transaction that has ended."""
-        await _tx(ctx.state).cancel_timers(ctx.correlation_id)
+        await _cancel_timers(ctx, ctx.correlation_id, None)
         for join in self.service.joins.values():
             key = ctx.correlation_id if join.key is None else getattr(event, join.key, None)
             if key is None:
@@ -239,13 +239,11 @@ class Handling:
             if doc["status"] == "open":
                 doc["status"] = "closed"
                 await ctx.state.put(kind, str(key), doc)
-                await _tx(ctx.state).cancel_timers(str(key), [f"join:{join.name}"])
+                await _cancel_timers(ctx, str(key), f"join:{join.name}")
 
     async def _start_join_timer(self, ctx: Context, join: JoinSpec, key: str, now: float) -> None:
         assert join.within is not None
-        await _tx(ctx.state).set_timer(
-            Timer(f"join:{join.name}", key, now + join.within, _cause(ctx))
-        )
+        await _set_timer(ctx, Timer(f"join:{join.name}", key, now + join.within, _cause(ctx)))
 
     # timers --------------------------------------------------------------------------------------
 
@@ -276,12 +274,13 @@ class Handling:
                 events = await self.hooks.handle(ctx, lambda: self._expire(ctx, spec, timer, notes))
                 emitted, ready = await self._emit(tx, ctx, events, spec.emits)
         except Exception as exc:
+            ctx.timers.clear()  # rolled back with the savepoint
             policy = spec.retry or self.service.retry
             if not isinstance(exc, PermanentFailure) and not policy.gives_up(attempt):
                 delay = policy.delay(attempt, self._rng)
                 retry_data = {**data, "attempt": attempt + 1}
-                await tx.set_timer(
-                    Timer(timer.name, timer.key, self.clock.now() + delay, retry_data)
+                await _set_timer(
+                    ctx, Timer(timer.name, timer.key, self.clock.now() + delay, retry_data)
                 )
                 return ctx, Outcome("retry", delay=delay, failure=_failure(exc))
             return ctx, await self._give_up(tx, ctx, None, exc, spec_name=name)
@@ -369,6 +368,7 @@ class Handling:
         self, tx: StoreTx, ctx: Context, spec: HandlerSpec | JoinSpec | None, exc: Exception
     ) -> Outcome:
         ctx.later.clear()
+        ctx.timers.clear()  # rolled back with the savepoint
         policy: RetryPolicy = (spec.retry if spec is not None else None) or self.service.retry
         if not isinstance(exc, PermanentFailure | InvalidMessage) and not policy.gives_up(
             ctx.attempt
@@ -436,6 +436,17 @@ def _scalars(data: dict[str, Any], longest: int = 200) -> dict[str, Any]:
 
 def _tx(state: State) -> StoreTx:
     return state._tx
+
+
+async def _set_timer(ctx: Context, timer: Timer) -> None:
+    await _tx(ctx.state).set_timer(timer)
+    ctx.timers.append(TimerChange("set", timer.name, timer.key, timer.due_at))
+
+
+async def _cancel_timers(ctx: Context, key: str, name: str | None) -> None:
+    """Cancel one named timer of ``key``, or all of them (``name`` None)."""
+    if await _tx(ctx.state).cancel_timers(key, None if name is None else [name]):
+        ctx.timers.append(TimerChange("cancel", name, key))
 
 
 def _cause(ctx: Context) -> dict[str, Any]:
