@@ -62,7 +62,3 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             raise click.ClickException(f"cannot reach the bus or store: {exc}") from None
 
     return wrapper
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from choreograph.transport import Transport
 from tests.conformance._helpers import ids, message, messages, receive_for, receive_n, unique
 from tests.conftest import TransportFactory
 
@@ -187,8 +188,10 @@ async def test_lag_counts_messages_waiting_for_the_group(make_transport: Transpo
     await bus.declare_group(group, [topic])
     await bus.publish(messages(topic, 3))
 
-    # then lag says 3 (or None: a transport may not know)
-    if await bus.lag(group) is None:
+    # then a transport that reports lag (overrides Transport.lag) says 3; only one that does not
+    # may answer None
+    if type(bus).lag is Transport.lag:
+        assert await bus.lag(group) is None
         return
     assert await _eventually_lag(bus.lag, group, 3) == 3
 
@@ -201,8 +204,8 @@ async def test_lag_counts_messages_waiting_for_the_group(make_transport: Transpo
 
 
 async def _eventually_lag(lag: object, group: str, expected: int) -> int | None:
-    """Some brokers report counts with a small delay: poll for up to 3 s."""
-    deadline = time.monotonic() + 3
+    """Some brokers report counts with a small delay: poll (the timeout only guards a hang)."""
+    deadline = time.monotonic() + 15
     while True:
         value: int | None = await lag(group)  # type: ignore[operator]
         if value == expected or time.monotonic() > deadline:

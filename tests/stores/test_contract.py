@@ -384,10 +384,27 @@ async def test_a_reopened_store_keeps_everything(store_name: str, make_store: St
     assert await second.list_timers() == [timer("t", "k", NOW, n=1)]
 
 
-async def test_open_and_close_are_idempotent(make_store: StoreFactory) -> None:
+async def test_open_and_close_are_idempotent(make_store: StoreFactory, store_name: str) -> None:
+    # given an opened store holding a document
     store = await make_store()
-    await store.open()
     async with store.transaction() as tx:
-        await tx.put("k", "1", {})
+        await tx.put("k", "1", {"v": 1})
+
+    # when it is opened a second time
+    await store.open()
+
+    # then it still holds the document and still takes writes
+    async with store.transaction() as tx:
+        assert await tx.get("k", "1") == {"v": 1}
+        await tx.put("k", "2", {"v": 2})
+
+    # when it is closed twice
     await store.close()
     await store.close()
+
+    # then nothing was lost: a durable store opened again finds both documents
+    if store_name != "memory":
+        again = await make_store()
+        async with again.transaction() as tx:
+            assert await tx.get("k", "1") == {"v": 1}
+            assert await tx.get("k", "2") == {"v": 2}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import time
 import uuid
@@ -35,6 +34,7 @@ from choreograph.transports.rabbitmq import (
 from choreograph.transports.rabbitmq._frames import Out as _Out
 from choreograph.transports.rabbitmq._frames import content_header as _header
 from tests.support.brokers import RABBITMQ
+from tests.support.commands import require_command
 
 BASE = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -792,11 +792,11 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 @pytestmark_broker
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl to add a user")
 async def test_everything_works_with_permissions_limited_to_the_namespace(
     amqp: tuple[str, Opener],
 ) -> None:
     # given a user allowed to configure, write and read "^ns\." only
+    require_command("rabbitmqctl")
     ns, _ = amqp
     user, password = f"{ns}_user", uuid.uuid4().hex
     await asyncio.to_thread(_rabbitmqctl, "add_user", user, password)
