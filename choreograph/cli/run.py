@@ -188,13 +188,13 @@ def demo(
     Exits 1 when a delivery did not end or a drone or package was left held. Knobs default to the
     DRONE_* environment variables, then to the built-in defaults.
     """
-    from choreograph.demo.knobs import Knobs
-
     try:
         # The demo serves HTTP: without the extra, one line naming it instead of a traceback.
+        # Any module of choreograph.demo imports the HTTP service, so load every one this way.
+        knobs_class = load_backend("choreograph.demo.knobs", "Knobs", "demo", "demo")
         run_demo = load_backend("choreograph.demo.runner", "run_demo", "demo", "demo")
         print_summary = load_backend("choreograph.demo.runner", "print_summary", "demo", "demo")
-        knobs = Knobs.from_env(**knob_values)
+        knobs = knobs_class.from_env(**knob_values)
         result = asyncio.run(
             run_demo(
                 deliveries=deliveries,
