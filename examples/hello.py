@@ -11,7 +11,7 @@ class Pong(Event):
     text: str
 
 
-ping = Service("ping")
+ping = Service("ping", emits=[Ping])  # ping starts each transaction (from the CLI)
 pong = Service("pong")
 
 
@@ -25,4 +25,4 @@ async def show(event: Pong, ctx: Context) -> None:
     print(f"ping got {event.text!r} (transaction {ctx.correlation_id})", flush=True)
 
 
-app = App("hello", [ping, pong])
+app = App("hello", [ping, pong], terminal=[Pong])  # Pong ends the transaction

@@ -22,6 +22,7 @@ from choreograph.cli.run import store_option
 from choreograph.envelope import decode, encode, new_envelope
 from choreograph.errors import ChoreographError, ConfigurationError
 from choreograph.events import Event
+from choreograph.runtime.runner import declare_groups
 from choreograph.store import store_from_url
 from choreograph.transport import DeadLetter, Message, transport_from_url
 
@@ -58,7 +59,8 @@ async def publish(
 ) -> None:
     """Publish one event: EVENT_TYPE with DATA (a JSON object, or - for stdin).
 
-    The data is validated against the app's event class before anything is sent.
+    The data is validated against the app's event class before anything is sent. The app's
+    groups are declared first, so the event waits for services that have not started yet.
     """
     app = resolve_app(app_spec)
     cls = _event_class(app, event_type)
@@ -70,6 +72,7 @@ async def publish(
         cls.event_type, event.to_data(), source=source, correlation_id=correlation_id
     )
     async with transport_from_url(transport_url) as transport:
+        await declare_groups(transport, app)
         await transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
     console.print(
         f"published {envelope.type} id={envelope.id} correlation={envelope.correlationid}"

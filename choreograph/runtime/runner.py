@@ -76,6 +76,7 @@ class Runtime:
         self._selected = names
         self.workers: dict[str, ServiceWorker] = {}
         self._started = False
+        self._declared = False
 
     @property
     def middleware(self) -> tuple[Middleware, ...]:
@@ -84,10 +85,8 @@ class Runtime:
 
     async def start(self) -> None:
         await self.transport.connect()
-        for service in self.app.services.values():
-            topics = {cls.event_type for cls in self.app.subscriptions(service)}
-            if topics:
-                await self.transport.declare_group(service.name, topics)
+        await declare_groups(self.transport, self.app)
+        self._declared = True
         await self.hooks.start(self)
         for name in self._selected:
             await self.add_service(self.app.service(name))
@@ -176,7 +175,15 @@ class Runtime:
         return await worker.handling.stage(tx, envelopes)
 
     async def publish(self, event: Event, *, source: str, correlation_id: str = "") -> Envelope:
-        """Publish one event straight to the bus, with no store (scripts, the CLI, tests)."""
+        """Publish one event straight to the bus, with no store (scripts, the CLI, tests).
+
+        The app's groups are declared first, so the event is kept for every service that
+        consumes it even when none of them has started yet.
+        """
+        if not self._declared:
+            await self.transport.connect()
+            await declare_groups(self.transport, self.app)
+            self._declared = True
         envelope = new_envelope(
             event.event_type, event.to_data(), source=source, correlation_id=correlation_id
         )
@@ -187,6 +194,15 @@ class Runtime:
     async def run_until_signalled(self) -> None:
         """Run until SIGINT or SIGTERM, then shut down gracefully."""
         await wait_for_signal()
+
+
+async def declare_groups(transport: Transport, app: App) -> None:
+    """Declare the group of every service of ``app`` with the topics it consumes, so that events
+    published from now on are kept for each service, running or not (idempotent)."""
+    for service in app.services.values():
+        topics = {cls.event_type for cls in app.subscriptions(service)}
+        if topics:
+            await transport.declare_group(service.name, topics)
 
 
 async def wait_for_signal() -> None:
