@@ -21,10 +21,16 @@ Guarantees (checked by ``tests/conformance`` on every transport)
     * **No head-of-line blocking.** A message being retried or dead-lettered never stops the others.
     * **Ordering.** None is promised between the members of a group, nor after a retry; each
       transport documents what it gives in ``docs/transports.md``.
+    * **Size.** ``max_message_bytes`` is the largest body the transport carries, the broker's own
+      limit included (less what the transport adds: headers, dead-letter fields, replay routing),
+      so a message that fits is also dead-lettered and replayed intact. A message over it is never
+      sent and never fails its batch: :meth:`Transport.publish` dead-letters it *by reference*
+      (:func:`oversized`) for the groups it was meant for, and the rest of the batch goes out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
@@ -32,8 +38,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
+import orjson
+
 from choreograph.envelope import MAX_EVENT_BYTES
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ConfigurationError, PayloadTooLarge
 
 _GROUP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -99,6 +107,47 @@ class DeadLetter:
     """Epoch seconds."""
 
 
+OVERSIZED_HEAD_BYTES = 1024
+"""At most this much of an oversized body is kept in its dead letter."""
+_REFERENCE_BYTES = 4096
+"""The largest reference body (JSON escapes can make a head of 1 KiB grow sixfold)."""
+
+
+def oversized(message: Message, limit: int) -> tuple[Message, Failure]:
+    """The dead letter standing for ``message``, whose body is over ``limit``: the same id, topic
+    and target group, and as body a small JSON reference (``{"oversized": true, "bytes",
+    "limit", "sha256", "head"}``, ``head`` being the body's first bytes read as UTF-8, at most
+    :data:`OVERSIZED_HEAD_BYTES` and fewer when their JSON would not fit in 4 KiB or in
+    ``limit``), so the dead letter fits where the message did not. Replay it with a corrected
+    ``body``; replayed as it is, the reference reaches the group and is refused there.
+    """
+    body = message.body
+    digest = hashlib.sha256(body).hexdigest()
+    keep = OVERSIZED_HEAD_BYTES
+    while True:
+        head = body[:keep].decode("utf-8", errors="replace")
+        reference = orjson.dumps({"oversized": True, "bytes": len(body), "limit": limit,
+                                  "sha256": digest, "head": head})  # fmt: skip
+        if keep == 0 or len(reference) <= min(limit, _REFERENCE_BYTES):
+            break
+        keep //= 2
+    failure = Failure(
+        PayloadTooLarge.reason,
+        PayloadTooLarge.__name__,
+        f"message of {len(body)} bytes is over the transport's limit of {limit}: not sent; "
+        f"the dead letter keeps its first {keep} bytes and its sha256 {digest}",
+    )
+    return Message(message.id, message.topic, reference, message.group), failure
+
+
+def split_oversized(messages: Sequence[Message], limit: int) -> tuple[list[Message], list[Message]]:
+    """The messages whose body fits in ``limit``, and those over it, each in their order."""
+    fits = [m for m in messages if len(m.body) <= limit]
+    if len(fits) == len(messages):
+        return fits, []
+    return fits, [m for m in messages if len(m.body) > limit]
+
+
 class Subscription(ABC):
     """One member of a consumer group, receiving the group's messages."""
 
@@ -145,6 +194,8 @@ class Transport(ABC):
 
     scheme: ClassVar[str]
     max_message_bytes: int = MAX_EVENT_BYTES
+    """The largest body published, dead-lettered and replayed intact (see *Size* above). Broker
+    transports lower it on :meth:`connect` to what their server accepts."""
 
     @abstractmethod
     async def connect(self) -> None:
@@ -163,7 +214,11 @@ class Transport(ABC):
 
     @abstractmethod
     async def publish(self, messages: Sequence[Message]) -> None:
-        """Store the messages durably; when this returns, none of them can be lost."""
+        """Store the messages durably; when this returns, none of them can be lost.
+
+        A message whose body is over :attr:`max_message_bytes` is not sent: each group it was
+        meant for gets it as a dead letter by reference (:func:`oversized`), and the others of
+        the batch are published as usual."""
 
     @abstractmethod
     async def subscribe(
@@ -178,8 +233,9 @@ class Transport(ABC):
     @abstractmethod
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
         """Send a dead letter back to its group only, as a first attempt, and remove it from the
-        dead letters. ``body`` replaces the message's body (to replay a corrected event).
-        Returns False when no such dead letter exists."""
+        dead letters. ``body`` replaces the message's body (to replay a corrected event); a
+        ``body`` over :attr:`max_message_bytes` raises :class:`PayloadTooLarge` and the dead
+        letter stays. Returns False when no such dead letter exists."""
 
     @abstractmethod
     async def discard(self, dead_letter_id: str) -> bool:

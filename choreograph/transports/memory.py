@@ -27,6 +27,8 @@ from choreograph.transport import (
     Transport,
     TransportSettings,
     check_group,
+    oversized,
+    split_oversized,
 )
 
 
@@ -76,20 +78,20 @@ class MemoryTransport(Transport):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._check_open()
-        for message in messages:
-            if len(message.body) > self.max_message_bytes:
-                raise PayloadTooLarge(
-                    f"message {message.id} is {len(message.body)} bytes; "
-                    f"the limit is {self.max_message_bytes}"
-                )
-        for message in messages:
-            targets = (
-                [message.group] if message.group else sorted(self._topics.get(message.topic, ()))
-            )
-            for name in targets:
+        fits, over = split_oversized(messages, self.max_message_bytes)
+        for message in over:
+            reference, failure = oversized(message, self.max_message_bytes)
+            for name in self._targets(message):
+                self._groups.setdefault(name, _Group())
+                self._add_dead(name, Delivery(reference, 0), failure)
+        for message in fits:
+            for name in self._targets(message):
                 group = self._groups.setdefault(name, _Group())
                 group.ready.append((message, 1))
                 group.wakeup.set()
+
+    def _targets(self, message: Message) -> list[str]:
+        return [message.group] if message.group else sorted(self._topics.get(message.topic, ()))
 
     async def subscribe(
         self, group: str, topics: Collection[str], *, lease: float = 30.0
@@ -110,6 +112,10 @@ class MemoryTransport(Transport):
             return False
         message = dead.message
         new_body = message.body if body is None else body
+        if len(new_body) > self.max_message_bytes:
+            raise PayloadTooLarge(
+                f"replacement body is {len(new_body)} bytes; the limit is {self.max_message_bytes}"
+            )
         await self.publish([Message(message.id, message.topic, new_body, group=dead.group)])
         del self._dead[dead_letter_id]
         return True

@@ -48,7 +48,9 @@ from choreograph.transport import (
     Transport,
     TransportSettings,
     check_group,
+    oversized,
     redact,
+    split_oversized,
 )
 
 _SYNCHRONOUS = ("normal", "full")
@@ -178,6 +180,14 @@ class _Schema:
             f"SELECT grp, id, topic, body, ?, ?, ?, attempt, ? FROM {queue} "
             "WHERE did = ? AND attempt = ?"
         )
+        # a message too big to send: a dead letter (attempts 0) for each group it was meant for
+        self.bury_unsent = (
+            f"INSERT INTO {dead} "
+            "(grp, id, topic, body, reason, error_type, error, attempts, failed_at) "
+            "SELECT grp, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?1 FROM "
+            f"(SELECT grp FROM {bindings} WHERE ?8 IS NULL AND topic = ?3 UNION ALL SELECT ?8 "
+            "WHERE ?8 IS NOT NULL)"
+        )
         dead_columns = "dlid, grp, id, topic, body, reason, error_type, error, attempts, failed_at"
         self.dead_all = f"SELECT {dead_columns} FROM {dead} ORDER BY dlid LIMIT ?"
         self.dead_of = f"SELECT {dead_columns} FROM {dead} WHERE grp = ? ORDER BY dlid LIMIT ?"
@@ -265,20 +275,22 @@ class SqliteTransport(Transport):
     async def publish(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        limit = self.max_message_bytes
-        for message in messages:
-            if len(message.body) > limit:
-                raise PayloadTooLarge(
-                    f"message {message.id} is {len(message.body)} bytes; the limit is {limit}"
-                )
+        fits, over = split_oversized(messages, self.max_message_bytes)
         now = time.time()
-        fan_out = [(now, m.id, m.topic, m.body) for m in messages if m.group is None]
-        targeted = [(m.group, now, m.id, m.topic, now, m.body) for m in messages if m.group]
+        fan_out = [(now, m.id, m.topic, m.body) for m in fits if m.group is None]
+        targeted = [(m.group, now, m.id, m.topic, now, m.body) for m in fits if m.group]
+        buried = []
+        for message in over:
+            ref, why = oversized(message, self.max_message_bytes)
+            buried.append((now, ref.id, ref.topic, ref.body, why.reason, why.error_type,
+                           why.error, ref.group))  # fmt: skip
         with self._write() as db:
             if fan_out:
                 db.executemany(self._sql.fan_out, fan_out)
             if targeted:
                 db.executemany(self._sql.to_group, targeted)
+            if buried:  # in the same transaction: published and buried together, or neither
+                db.executemany(self._sql.bury_unsent, buried)
         self._wake_all()
 
     async def subscribe(

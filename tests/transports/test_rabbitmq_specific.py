@@ -827,3 +827,26 @@ async def test_everything_works_with_permissions_limited_to_the_namespace(
             await bus.close()
     finally:
         await asyncio.to_thread(_rabbitmqctl, "delete_user", user)
+
+
+@pytestmark_broker
+async def test_the_limit_follows_the_servers_max_message_size_setting(
+    amqp: tuple[str, Opener],
+) -> None:
+    # given a server said to accept bodies of 2,000 bytes at most
+    _, open_ = amqp
+    bus = await open_(max_message_size=2000)
+    sub = await bus.subscribe("g", ["t"])
+    assert bus.max_message_bytes == 2000
+
+    # when a batch holds one body at that size and one over it
+    fits = Message(uuid.uuid4().hex, "t", bytes(2000))
+    over = Message(uuid.uuid4().hex, "t", bytes(2001))
+    await bus.publish([fits, over])
+
+    # then the first arrives, and the second reaches the group only as a dead letter by reference
+    got = await _receive(sub, 2, within=3)
+    assert _ids(got) == {fits.id}
+    [dead] = await bus.dead_letters("g")
+    assert (dead.message.id, dead.failure.reason) == (over.id, "payload too large")
+    assert len(dead.message.body) < 2000

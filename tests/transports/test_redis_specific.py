@@ -21,7 +21,7 @@ import pytest
 import redis as redis_sync
 from redis import exceptions as rx
 
-from choreograph.errors import ConfigurationError, PayloadTooLarge, TransportError
+from choreograph.errors import ConfigurationError, TransportError
 from choreograph.transport import Delivery, Failure, Message, transport_from_url
 from choreograph.transports.redis import (
     RedisSettings,
@@ -111,10 +111,11 @@ def _free_port() -> int:
 class PrivateRedis:
     """A redis-server of the test's own, to stop and start at will."""
 
-    def __init__(self, directory: Path, *, persistent: bool) -> None:
+    def __init__(self, directory: Path, *, persistent: bool, options: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.directory = directory
         self.persistent = persistent
+        self.options = options
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -122,7 +123,8 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
             + (aof or ["--appendonly", "no"])
-            + ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")],
+            + ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
+            + list(self.options),
             stdout=subprocess.DEVNULL,
         )
         wait_until(self._answers, 20, f"redis-server on port {self.port}")
@@ -145,7 +147,7 @@ class PrivateRedis:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[Callable[[bool], PrivateRedis]]:
+def private_redis(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
     if shutil.which("redis-server") is None:
         message = "redis-server is not installed"
         if IN_CI:
@@ -153,8 +155,8 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[[bool], PrivateRedis]]:
         pytest.skip(message)
     servers: list[PrivateRedis] = []
 
-    def start(persistent: bool) -> PrivateRedis:
-        server = PrivateRedis(tmp_path, persistent=persistent)
+    def start(persistent: bool, options: tuple[str, ...] = ()) -> PrivateRedis:
+        server = PrivateRedis(tmp_path, persistent=persistent, options=options)
         server.start()
         servers.append(server)
         return server
@@ -459,16 +461,54 @@ async def test_thousands_of_expired_deliveries_are_taken_over_and_acked_at_once(
     assert await (await make()).lag(group) == 0
 
 
-async def test_oversized_message_is_refused_before_anything_is_sent(
+async def test_an_oversized_message_is_buried_by_reference_and_the_rest_is_sent(
     make: Factory, raw: redis_sync.Redis, namespace: str
 ) -> None:
+    # given a group, and a batch holding one message over the limit
     bus = await make()
     group, topic = _name("g"), _name("topic")
     await bus.declare_group(group, [topic])
     batch = [_message(topic), _message(topic, b"x" * (bus.max_message_bytes + 1))]
-    with pytest.raises(PayloadTooLarge, match="limit"):
-        await bus.publish(batch)
-    assert raw.xlen(f"{{{namespace}}}:g:{group}") == 0
+    # when it is published
+    await bus.publish(batch)
+    # then the small one is in the group's stream and the big one in its dead letters, small
+    assert raw.xlen(f"{{{namespace}}}:g:{group}") == 1
+    [(_, fields)] = raw.xrange(f"{{{namespace}}}:dlq:{group}")
+    assert fields[b"id"] == batch[1].id.encode()
+    assert fields[b"reason"] == b"payload too large"
+    assert len(fields[b"body"]) < 8192
+
+
+async def test_the_limit_follows_the_servers_proto_max_bulk_len(
+    private_redis: Callable[..., PrivateRedis], namespace: str
+) -> None:
+    # given a server that accepts command arguments of 1 MiB at most
+    server = private_redis(False, ("--proto-max-bulk-len", "1mb"))
+    bus = RedisTransport.from_url(server.url(namespace))
+    await bus.connect()
+    try:
+        # then the transport's limit leaves room under it
+        assert bus.max_message_bytes == 1024 * 1024 // 2 - 64 * 1024
+        group, topic = _name("g"), _name("topic")
+        sub = await bus.subscribe(group, [topic])
+        # when twenty bodies at the limit and one over it are published in one call
+        fit = [_message(topic, bytes(bus.max_message_bytes)) for _ in range(20)]
+        over = _message(topic, bytes(bus.max_message_bytes + 1))
+        await bus.publish([*fit, over])
+        # then every one that fits arrives (no script argument outgrew the server's limit)
+        got = await _receive(sub, 20, within=20)
+        assert {d.message.id for d in got} == {m.id for m in fit}
+        # and dead-lettered with a long failure text, one is kept intact and replays intact
+        await sub.dead_letter(got[0], Failure("handler error", "ValueError", "e" * 100_000))
+        await sub.ack(got[1:])
+        dead = {d.message.id: d for d in await bus.dead_letters(group)}
+        assert dead[got[0].message.id].message.body == got[0].message.body
+        assert dead[over.id].failure.reason == "payload too large"
+        assert await bus.replay(dead[got[0].message.id].id)
+        [again] = await _receive(sub, 1, within=10)
+        assert again.message.body == got[0].message.body
+    finally:
+        await bus.close()
 
 
 # Attempts and leases ----------------------------------------------------------------------------

@@ -13,8 +13,19 @@ import aiormq
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
-from choreograph.transport import Delivery, Message
-from choreograph.transports.rabbitmq._frames import ATTEMPT, Out, content_header, int_value
+from choreograph.transport import Delivery, Failure, Message
+from choreograph.transports.rabbitmq._frames import (
+    ATTEMPT,
+    ERROR,
+    ERROR_TYPE,
+    KIND,
+    REASON,
+    REFUSED,
+    Out,
+    content_header,
+    int_value,
+    str_value,
+)
 
 if TYPE_CHECKING:
     from choreograph.transports.rabbitmq._transport import RabbitMQTransport
@@ -29,6 +40,8 @@ class Handle:
     tag: int
     held: bool = False
     """Handed to the application and not settled yet."""
+    refused: Failure | None = None
+    """Set on a reference to an oversized message: dead-lettered on receipt, never handed out."""
 
 
 class Consumer:
@@ -120,15 +133,20 @@ class Consumer:
         props = m.header.properties
         headers = props.headers
         attempt = 1
+        refused = None
         if headers:
             attempt = max(int_value(headers.get(ATTEMPT), 1), 1) + int_value(
                 headers.get("x-delivery-count"), 0
             )
+            if headers.get(KIND) == REFUSED:
+                refused = Failure(str_value(headers.get(REASON)) or "payload too large",
+                                  str_value(headers.get(ERROR_TYPE)),
+                                  str_value(headers.get(ERROR)))  # fmt: skip
         message = Message(
             props.message_id or "", props.message_type or frame.routing_key or "", m.body
         )
         tag = cast(int, frame.delivery_tag)
-        delivery = Delivery(message, attempt, Handle(self._epoch, tag))
+        delivery = Delivery(message, attempt, Handle(self._epoch, tag, refused=refused))
         self._outstanding[tag] = delivery
         self._buffer.append(delivery)
         self._arrived.set()

@@ -24,6 +24,9 @@ REASON, ERROR_TYPE, ERROR = (
     "x-choreograph-error",
 )
 ATTEMPTS, FAILED_AT = "x-choreograph-attempts", "x-choreograph-failed-at-ms"
+REFUSED = "oversized"
+"""``KIND`` of a reference published in place of an oversized message: the member that receives
+it dead-letters it at once (the broker, not the transport, knows which groups it was for)."""
 DLQ_KEY = "~dlq"  # routes to the dead-letter stream through ns.groups: no group name has a '~'
 
 _FRAME_END = b"\xce"
@@ -79,6 +82,12 @@ class Out:
             chunk = body[start : start + max_body]
             parts += (struct.pack(">BHI", 3, channel, len(chunk)), chunk, _FRAME_END)
         return b"".join(parts)
+
+
+def header_budget(frame_max: int) -> int:
+    """Bytes of failure text a dead letter's headers may carry: its content header must fit in
+    one frame, with room for the ids, topic, group, reason and numbers beside the text."""
+    return max(0, min(16_384, frame_max - 8 - 4096))
 
 
 def int_value(value: object, default: int) -> int:

@@ -14,7 +14,7 @@ from aiormq.abc import ChannelFrame
 from choreograph.errors import TransportError
 from choreograph.transport import Transport, redact
 from choreograph.transports.rabbitmq._errors import translate
-from choreograph.transports.rabbitmq._frames import Out
+from choreograph.transports.rabbitmq._frames import Out, header_budget
 from choreograph.transports.rabbitmq._settings import RabbitMQSettings
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Link(Transport):
 
     def __init__(self, settings: RabbitMQSettings) -> None:
         self.settings = settings
+        self.max_message_bytes = min(self.max_message_bytes, settings.max_message_size)
         ns = settings.namespace
         self._events, self._groups_ex, self._dlq = f"{ns}.events", f"{ns}.groups", f"{ns}.dlq"
         self._conn: aiormq.Connection | None = None
@@ -184,6 +185,11 @@ class Link(Transport):
                     if asyncio.get_running_loop().time() >= deadline:
                         raise
                     await asyncio.sleep(0.05)  # the connection is going down: wait for the next
+
+    def header_budget(self) -> int:
+        """Bytes of failure text a dead letter's headers may carry on this connection."""
+        tune = self._conn.connection_tune if self._conn is not None else None
+        return header_budget((tune.frame_max if tune is not None else 0) or 131_072)
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.settings.publish_timeout

@@ -27,6 +27,10 @@ class RabbitMQSettings(TransportSettings):
     connect_timeout: float = 10.0
     heartbeat: int = 30
     """AMQP heartbeat (seconds): how soon a silent peer is detected as dead (0 = off)."""
+    max_message_size: int = 134_217_728
+    """The server's ``max_message_size`` (RabbitMQ's default: 128 MiB). Set it when the server is
+    configured lower: the transport's ``max_message_bytes`` is never above it, so an oversized
+    message is dead-lettered by reference instead of closing the channel."""
     dlq_max_age: str = ""
     """Stream retention of the dead letters, e.g. ``30D`` (Y, M, D, h, m, s); empty keeps all."""
     cafile: str = ""
@@ -47,6 +51,10 @@ class RabbitMQSettings(TransportSettings):
             (self.publish_timeout > 0, "publish_timeout must be positive seconds"),
             (self.connect_timeout > 0, "connect_timeout must be positive seconds"),
             (0 <= self.heartbeat <= 3600, "heartbeat must be 0-3600 seconds"),
+            (
+                1 <= self.max_message_size <= 536_870_912,
+                "max_message_size must be 1-536870912 bytes (RabbitMQ's largest)",
+            ),
             (
                 not self.dlq_max_age or bool(_MAX_AGE.match(self.dlq_max_age)),
                 "dlq_max_age: e.g. 30D",

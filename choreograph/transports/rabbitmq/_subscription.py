@@ -30,8 +30,6 @@ from choreograph.transports.rabbitmq._frames import (
     rich_header,
 )
 
-_MAX_ERROR_BYTES = 16_384  # failure text travels in a header frame, which must fit in frame_max
-
 
 class RabbitMQSubscription(Consumer, Subscription):
     """One consumer on its own channel. It consumes only while the application asks: after
@@ -64,10 +62,16 @@ class RabbitMQSubscription(Consumer, Subscription):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._arrived.wait()
-            return [] if self._closed else self._take(max_messages)
+            if self._closed:
+                return []
+            taken = self._take(max_messages)
         finally:
             self._receivers -= 1
             self._last_receive = loop.time()
+        refused = [d for d in taken if cast(Handle, d.handle).refused is not None]
+        for delivery in refused:  # shielded: a cancelled receive leaves no half-written record
+            await _shielded(self.dead_letter(delivery, cast(Failure, delivery.handle.refused)))
+        return [d for d in taken if cast(Handle, d.handle).refused is None] if refused else taken
 
     def _take(self, max_messages: int) -> list[Delivery]:
         """Hand out buffered deliveries (no await: a cancelled receive loses nothing)."""
@@ -114,13 +118,13 @@ class RabbitMQSubscription(Consumer, Subscription):
         if not self._claim(delivery):
             return
         message = delivery.message
-        error = failure.error.encode()[:_MAX_ERROR_BYTES].decode(errors="ignore")
+        error = failure.error.encode()[: self._bus.header_budget()].decode(errors="ignore")
         headers: dict[str, Any] = {
             KIND: "dead",
             DL_ID: uuid.uuid4().hex,
             GROUP: self.group,
-            REASON: failure.reason[:1000],
-            ERROR_TYPE: failure.error_type[:200],
+            REASON: failure.reason.encode()[:500].decode(errors="ignore"),
+            ERROR_TYPE: failure.error_type.encode()[:200].decode(errors="ignore"),
             ERROR: error,
             ATTEMPTS: delivery.attempt,
             FAILED_AT: round(time.time() * 1000),  # an int: AMQP tables carry floats as float32

@@ -15,7 +15,14 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from choreograph.errors import ConfigurationError, PayloadTooLarge, TransportError
-from choreograph.transport import DeadLetter, Failure, Message, check_group
+from choreograph.transport import (
+    DeadLetter,
+    Failure,
+    Message,
+    check_group,
+    oversized,
+    split_oversized,
+)
 from choreograph.transports.rabbitmq._errors import translate
 from choreograph.transports.rabbitmq._frames import (
     ATTEMPTS,
@@ -27,6 +34,7 @@ from choreograph.transports.rabbitmq._frames import (
     GROUP,
     KIND,
     REASON,
+    REFUSED,
     Out,
     content_header,
     int_value,
@@ -124,22 +132,27 @@ class RabbitMQTransport(Link):
     async def publish(self, messages: Sequence[Message]) -> None:
         if self._closed:
             raise TransportError("RabbitMQ transport is closed (or not connected yet)")
-        limit = self.max_message_bytes
-        for message in messages:
-            if len(message.body) > limit:
-                raise PayloadTooLarge(
-                    f"message {message.id} is {len(message.body)} bytes; the limit is {limit}"
-                )
+        fits, over = split_oversized(messages, self.max_message_bytes)
         outs: list[Out] = []
-        for m in messages:
+        for m in fits:
             header = content_header(m.id, m.topic, len(m.body))
-            if m.group is None:
-                outs.append(Out(self._events, m.topic, header, m.body, m.id))
-            else:
-                outs.append(Out(self._groups_ex, m.group, header, m.body, m.id))
+            outs.append(self._routed(m, header))
+        for m in over:  # routed like the message; the member receiving it dead-letters it
+            ref, why = oversized(m, self.max_message_bytes)
+            headers: dict[str, Any] = {KIND: REFUSED, REASON: why.reason,
+                                       ERROR_TYPE: why.error_type, ERROR: why.error}  # fmt: skip
+            props = spec.Basic.Properties(
+                delivery_mode=2, message_id=ref.id, message_type=ref.topic, headers=headers
+            )
+            outs.append(self._routed(ref, rich_header(props, len(ref.body))))
         for group in {m.group for m in messages if m.group is not None}:
             await self.declare_group(group, ())
         await self._send(outs, mandatory=False)
+
+    def _routed(self, message: Message, header: bytes) -> Out:
+        if message.group is None:
+            return Out(self._events, message.topic, header, message.body, message.id)
+        return Out(self._groups_ex, message.group, header, message.body, message.id)
 
     # dead letters -------------------------------------------------------------------------------
 

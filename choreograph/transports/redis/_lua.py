@@ -100,6 +100,21 @@ end
 return added
 """
 
+# ARGV: prefix, target group ('' for every group of the topic), id, topic, body, reason,
+# error type, error, failed at
+# A message too big to publish: a dead letter (attempts 0) for each group it was meant for.
+_BURY_UNSENT = """
+local prefix, target, topic = ARGV[1], ARGV[2], ARGV[4]
+local groups = {target}
+if target == '' then groups = redis.call('SMEMBERS', prefix .. 't:' .. topic) end
+for k = 1, #groups do
+  redis.call('XADD', prefix .. 'dlq:' .. groups[k], '*', 'id', ARGV[3], 'topic', topic,
+             'body', ARGV[5], 'group', groups[k], 'reason', ARGV[6], 'error_type', ARGV[7],
+             'error', ARGV[8], 'attempts', 0, 'failed_at', ARGV[9])
+end
+return #groups
+"""
+
 # KEYS: stream | ARGV: group, consumer, count, byte budget
 _READ = """
 local out, n, bytes = {}, 0, 0
@@ -254,6 +269,7 @@ SCRIPTS: dict[str, str] = {
     for name, source in (
         ("declare", _DECLARE),
         ("publish", _PUBLISH),
+        ("bury_unsent", _BURY_UNSENT),
         ("read", _READ),
         ("housekeep", _HOUSEKEEP),
         ("ack", _ACK),

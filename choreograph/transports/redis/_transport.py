@@ -18,14 +18,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from choreograph.errors import ConfigurationError, PayloadTooLarge, TransportError
+from choreograph.errors import (
+    ChoreographError,
+    ConfigurationError,
+    PayloadTooLarge,
+    TransportError,
+)
 from choreograph.transport import (
     DeadLetter,
     Failure,
     Message,
     Transport,
     check_group,
+    oversized,
     redact,
+    split_oversized,
 )
 from choreograph.transports.redis._errors import REFUSED, RETRIED, translate_error
 from choreograph.transports.redis._lua import SCRIPTS
@@ -38,6 +45,8 @@ T = TypeVar("T")
 
 _PUBLISH_CHUNK_BYTES = 4 * 1024 * 1024
 """A publish is sent as scripts of about this size, so no script holds Redis for long."""
+_DEFAULT_BULK_LEN = 512 * 1024 * 1024
+"""Redis's default ``proto-max-bulk-len``: the largest string one command argument may be."""
 _DEAD_LETTER_ID = re.compile(r"^([A-Za-z0-9_-]{1,100}):(\d+-\d+)$")
 
 
@@ -58,6 +67,7 @@ class RedisTransport(Transport):
         self._declared: dict[str, set[str]] = {}
         self._subscriptions: set[RedisSubscription] = set()
         self._must_redeclare = False
+        self._chunk_bytes = _PUBLISH_CHUNK_BYTES
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -84,10 +94,29 @@ class RedisTransport(Transport):
             version = str(info.get("redis_version", "0"))
             if tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < (6, 2):
                 raise ConfigurationError(f"the redis transport needs Redis >= 6.2, not {version}")
+            self._fit_to(await self._bulk_len(client))
         except BaseException:
             self._client = None
             await client.aclose()
             raise
+
+    async def _bulk_len(self, client: Redis) -> int:
+        """The server's ``proto-max-bulk-len`` (its default when CONFIG is not allowed)."""
+        try:
+            reply: Any = await self._call(
+                lambda: client.config_get("proto-max-bulk-len"), "connect", retry=False
+            )
+            return int(reply.get("proto-max-bulk-len", _DEFAULT_BULK_LEN))
+        except (ChoreographError, ValueError) as exc:
+            log.info("redis: CONFIG GET proto-max-bulk-len not allowed (%s); assuming 512 MiB", exc)
+            return _DEFAULT_BULK_LEN
+
+    def _fit_to(self, bulk_len: int) -> None:
+        """Size the limits so that no argument sent to Redis outgrows ``bulk_len``: a publish
+        chunk (under half of it, plus one message) and a message, dead letter or replay body
+        (under the other half, with room for its id, topic and group)."""
+        self._chunk_bytes = min(_PUBLISH_CHUNK_BYTES, bulk_len // 2)
+        self.max_message_bytes = min(self.max_message_bytes, bulk_len // 2 - 64 * 1024)
 
     def _pool(self) -> BlockingConnectionPool:
         s = self.settings
@@ -236,28 +265,31 @@ class RedisTransport(Transport):
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._redis()
-        limit = self.max_message_bytes
+        fits, over = split_oversized(messages, self.max_message_bytes)
         pack = RECORD.pack
         chunks: list[bytes] = []
         parts: list[bytes] = []
         size = 0
-        for m in messages:
+        for m in fits:
             body = m.body
-            if len(body) > limit:
-                raise PayloadTooLarge(f"message {m.id} is {len(body)} bytes; the limit is {limit}")
             i = m.id.encode()
             t = m.topic.encode()
             g = check_group(m.group).encode() if m.group else b""
             parts += (pack(len(i), len(t), len(body), len(g)), i, t, body, g)
-            size += len(body) + 64
-            if size >= _PUBLISH_CHUNK_BYTES:
+            size += len(i) + len(t) + len(body) + len(g) + 16
+            if size >= self._chunk_bytes:
                 chunks.append(b"".join(parts))
                 parts, size = [], 0
         if parts:
             chunks.append(b"".join(parts))
         for chunk in chunks:
             await self._script("publish", [], [self._prefix, chunk], "publish")
-        if chunks:
+        for m in over:
+            ref, why = oversized(m, self.max_message_bytes)
+            args = [self._prefix, ref.group or "", ref.id, ref.topic, ref.body, why.reason,
+                    why.error_type, why.error, repr(time.time())]  # fmt: skip
+            await self._script("bury_unsent", [], args, "publish")
+        if chunks or over:
             await self._wait_replicas("publish")
 
     async def subscribe(
