@@ -14,8 +14,10 @@ class App:
     """The services of one choreography.
 
     ``terminal`` names the events that end a transaction (e.g. ``DeliveryCompleted`` and
-    ``DeliveryFailed``): pending deadlines and joins of that transaction are dropped when one
-    arrives, and the flow recorder counts a transaction without one as in flight.
+    ``DeliveryFailed``). Every service that consumes events receives them too, and remembers the
+    transaction as ended: pending deadlines and joins of that transaction are dropped, and an
+    ordinary handler no longer runs for an event of it that arrives later (a *late* event;
+    compensations still run). The flow recorder counts a transaction without one as in flight.
     """
 
     def __init__(
@@ -56,10 +58,10 @@ class App:
         return found
 
     def subscriptions(self, service: Service) -> set[type[Event]]:
-        """What ``service`` must receive: its declarations, plus terminal events when it keeps
-        timers (so they can be dropped when the transaction ends)."""
+        """What ``service`` must receive: its declarations, plus the terminal events when it
+        consumes anything (so that it knows which transactions ended)."""
         types = service.consumes()
-        if service.has_timers():
+        if types:
             types.update(self.terminal)
         return types
 

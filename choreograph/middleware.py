@@ -20,7 +20,7 @@ from choreograph.events import Event
 from choreograph.transport import Failure, Message, Transport
 
 Next = Callable[[], Awaitable[list[Event]]]
-OutcomeKind = Literal["done", "duplicate", "retry", "dead_letter", "ignored"]
+OutcomeKind = Literal["done", "duplicate", "retry", "dead_letter", "ignored", "late"]
 Checkpoint = Literal["handled", "committed", "published", "settled"]
 
 
@@ -35,7 +35,8 @@ class Outcome:
     """For ``retry`` and ``dead_letter``: why."""
     emitted: list[Envelope] = field(default_factory=list)
     note: str = ""
-    """For ``ignored``: why nothing ran (e.g. a join part arriving after the join ended)."""
+    """For ``ignored`` and ``late``: why nothing ran (e.g. a join part arriving after the join
+    ended, an event arriving after its transaction ended)."""
     ready: list[Message] = field(default_factory=list, repr=False)
     """The encoded events to publish right after the commit (``emitted`` minus delayed ones)."""
 

@@ -39,7 +39,11 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Emitted]])
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
-    """``fn`` reacts to ``event``; a compensation undoes the work of the handler ``undoes``."""
+    """``fn`` reacts to ``event``; a compensation undoes the work of the handler ``undoes``.
+
+    A handler runs only while its transaction is open, unless it is a compensation, handles a
+    terminal event, or is declared with ``after_end`` (see ``docs/guarantees.md``, late events).
+    """
 
     name: str
     event: type[Event]
@@ -48,6 +52,7 @@ class HandlerSpec:
     kind: Literal["handler", "compensation"] = "handler"
     undoes: str | None = None
     retry: RetryPolicy | None = None
+    after_end: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +162,15 @@ class Service:
         *,
         emits: Iterable[type[Event]] = (),
         retry: RetryPolicy | None = None,
+        after_end: bool = False,
     ) -> Callable[[F], F]:
-        """Declare a handler of ``event`` that may emit events of the types in ``emits``."""
-        return self._handler(event, emits, retry, "handler", None)
+        """Declare a handler of ``event`` that may emit events of the types in ``emits``.
+
+        An event whose transaction has already ended (a terminal event of the app reached this
+        service first) is *late*: the handler does not run for it, unless ``after_end`` is set
+        (for work that must see every event, such as an audit trail).
+        """
+        return self._handler(event, emits, retry, "handler", None, after_end)
 
     def compensate(
         self,
@@ -171,6 +182,9 @@ class Service:
     ) -> Callable[[F], F]:
         """Declare a compensation: when ``event`` (a failure) arrives, undo what ``undoes`` did.
 
+        A compensation runs even when its transaction has already ended, and the runtime never
+        runs ``undoes`` for a transaction that ended first, so whatever the order in which the
+        step and the failure arrive, work done is undone and no work starts after the end.
         Compensations must be idempotent; they are retried like handlers, and one that finally
         fails is dead-lettered and announced with a ``CompensationFailed`` event.
         """
@@ -266,6 +280,7 @@ class Service:
         retry: RetryPolicy | None,
         kind: Literal["handler", "compensation"],
         undoes: str | None,
+        after_end: bool = False,
     ) -> Callable[[F], F]:
         (cls,) = _event_classes(f"{self.name}.{kind}", [event])
         self._claim(cls)
@@ -273,7 +288,9 @@ class Service:
 
         def register(fn: F) -> F:
             _check_async(fn)
-            self.handlers[cls] = HandlerSpec(fn.__name__, cls, emitted, fn, kind, undoes, retry)
+            self.handlers[cls] = HandlerSpec(
+                fn.__name__, cls, emitted, fn, kind, undoes, retry, after_end
+            )
             return fn
 
         return register

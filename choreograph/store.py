@@ -80,6 +80,17 @@ class StoreTx(ABC):
     @abstractmethod
     async def remember(self, event_id: str, at: float) -> None: ...
 
+    # ended transactions ------------------------------------------------------------------------
+    @abstractmethod
+    async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
+        """Remember that the transaction ``correlation_id`` ended with ``event_type`` (one of the
+        app's terminal events). The first ending is kept; ending it again changes nothing."""
+
+    @abstractmethod
+    async def transaction_ended(self, correlation_id: str) -> str | None:
+        """The terminal event type that ended ``correlation_id``, or None while it is open (or
+        once it ended longer ago than the inbox horizon)."""
+
     # outbox ------------------------------------------------------------------------------------
     @abstractmethod
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
@@ -137,7 +148,8 @@ class Store(ABC):
 
     @abstractmethod
     async def prune_inbox(self, before: float) -> int:
-        """Forget processed event ids recorded before ``before``; returns how many."""
+        """Forget processed event ids, and ended transactions, recorded before ``before``;
+        returns how many records were forgotten."""
 
 
 _STORES: dict[str, tuple[str, str, str | None]] = {

@@ -143,6 +143,7 @@ _OUTCOME_STYLE = {
     "done": "[green]✓ done[/]",
     "duplicate": "[dim]= duplicate[/]",
     "ignored": "[yellow]- ignored[/]",
+    "late": "[yellow]⌛ late[/]",
     "retry": "[yellow]↻ retry[/]",
     "dead_letter": "[red]✗ dead-lettered[/]",
 }
@@ -356,7 +357,9 @@ async def stats(db_url: str, as_json: bool, stuck_after: str) -> None:
         f"{tx['with_dead_letters']} with dead letters, {tx['compensated']} compensated"
     )
     table = Table(title="handlings per service")
-    columns = ("done", "retry", "dead_letter", "duplicate", "ignored", "compensations", "timers")
+    columns = (
+        "done", "retry", "dead_letter", "duplicate", "ignored", "late", "compensations", "timers"
+    )  # fmt: skip
     table.add_column("service")
     for column in (*columns, "avg", "max"):
         table.add_column(column.replace("_", " "), justify="right")

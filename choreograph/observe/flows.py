@@ -113,10 +113,11 @@ def expectations(
 ) -> list[Row]:
     """What the declarations expect after each recorded event, and how far each got.
 
-    ``status`` is one of ``done``, ``ignored``, ``duplicate``, ``retrying``, ``dead_lettered``,
-    ``pending`` (no handling reported yet), ``unknown`` (that service reports nothing: no
-    RecorderMiddleware), ``waiting`` (a join missing parts), ``silent`` (handled, but emitted none
-    of the events it declares), and for timers ``open``, ``overdue``, ``met``, ``expired``,
+    ``status`` is one of ``done``, ``ignored``, ``late`` (its transaction had ended),
+    ``duplicate``, ``retrying``, ``dead_lettered``, ``pending`` (no handling reported yet),
+    ``unknown`` (that service reports nothing: no RecorderMiddleware), ``waiting`` (a join
+    missing parts), ``silent`` (handled, but emitted none of the events it declares), and for
+    timers ``open``, ``overdue``, ``met``, ``expired``,
     ``cancelled``; ``incomplete`` is a join that never completed in an ended transaction.
     ``blocking`` marks what keeps an unfinished transaction from ending. A timer's due time is
     the one its service reported when it set it (``timers``, from the recorder); only a timer set
@@ -177,7 +178,7 @@ def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting:
         )
     elif last["outcome"] == "dead_letter":
         status, detail = "dead_lettered", f"{last['reason']}: {last['error_type']}: {last['error']}"
-    elif last["outcome"] in ("ignored", "duplicate"):
+    elif last["outcome"] in ("ignored", "duplicate", "late"):
         status, detail = last["outcome"], last["note"] or ""
     else:
         emitted = [e["type"] for e in last["emitted"]]
@@ -328,6 +329,7 @@ async def flow_stats(db: FlowDb, *, stuck_after: float = 30.0, now: float | None
                 "done": 0,
                 "duplicate": 0,
                 "ignored": 0,
+                "late": 0,
                 "retry": 0,
                 "dead_letter": 0,
                 "compensations": 0,

@@ -52,7 +52,7 @@ class MetricsMiddleware(Middleware):
     Metrics (labels ``service`` and ``event_type`` unless said otherwise):
 
     * ``choreograph_handled_total{outcome}`` — settled handlings by outcome (``done``,
-      ``duplicate``, ``ignored``, ``retry``, ``dead_letter``);
+      ``duplicate``, ``ignored``, ``late``, ``retry``, ``dead_letter``);
     * ``choreograph_failed_total`` — handlings whose handler failed (retried or dead-lettered);
     * ``choreograph_retried_total``, ``choreograph_dead_lettered_total``;
     * ``choreograph_compensations_total``, ``choreograph_timers_fired_total{kind}``;

@@ -3,8 +3,8 @@
 Each handling is a CONSUMER span whose parent is the span that published the event it handles
 (read from the envelope's W3C ``traceparent``/``tracestate``); events it emits carry its own
 context, so the next service's span hangs under it. A join's span *links* every part it waited
-for. Retries, dead letters, ignored and duplicate deliveries, compensations, deadlines and join
-timeouts are span events and attributes. Events published from outside a handler get a PRODUCER
+for. Retries, dead letters, ignored, late and duplicate deliveries, compensations, deadlines and
+join timeouts are span events and attributes. Events published from outside a handler get a PRODUCER
 span, a child of whatever span is current (e.g. the HTTP request's)::
 
     from choreograph.observe import TracingMiddleware, configure_tracing
@@ -146,7 +146,7 @@ class TracingMiddleware(Middleware):
             )
             span.set_attribute("error.type", outcome.failure.error_type)
             span.set_status(Status(StatusCode.ERROR, outcome.failure.reason))
-        elif outcome.kind in ("ignored", "duplicate"):
+        elif outcome.kind in ("ignored", "duplicate", "late"):
             span.add_event(outcome.kind, {"choreograph.note": outcome.note} if outcome.note else {})
         end = ctx.extras.pop(_HANDLED_AT, None)
         span.end(end_time=end if isinstance(end, int) else None)

@@ -1,7 +1,8 @@
 """How one service handles one message or one expired timer, inside a store transaction.
 
-decode → route → validate → dedupe (inbox) → react (handler, join, deadlines) → emitted events
-into the outbox → inbox record; failures become a retry or a dead letter plus a failure event.
+decode → route → validate → dedupe (inbox) → late? (ended transactions) → react (handler, join,
+deadlines) → emitted events into the outbox → inbox record; failures become a retry or a dead
+letter plus a failure event.
 Nothing here talks to the transport: the worker settles messages after the commit.
 """
 
@@ -44,6 +45,7 @@ from choreograph.transport import Delivery, Failure, Message
 log = logging.getLogger("choreograph.handling")
 
 _FAILED_IDS = uuid.UUID("6f1c2a56-0d7e-4c36-9a53-2f7f0a4f8b11")
+_ANNOUNCEMENTS = (HandlerFailed, CompensationFailed)
 
 
 @dataclass(slots=True)
@@ -67,6 +69,16 @@ class Route:
         if self.join is not None:
             found += self.join.emits
         return found
+
+    @property
+    def after_end(self) -> bool:
+        """Whether this event is handled even once its transaction has ended: terminal events,
+        compensations, the runtime's failure announcements (an operator must see a compensation
+        that failed, which always comes after the end) and handlers declared ``after_end``."""
+        if self.terminal or self.cls in _ANNOUNCEMENTS:
+            return True
+        handler = self.handler
+        return handler is not None and (handler.kind == "compensation" or handler.after_end)
 
     @property
     def name(self) -> str:
@@ -94,7 +106,7 @@ def build_routes(app: App, service: Service) -> dict[str, Route]:
         route(deadline.starts_on).deadline_starts.append(deadline)
         for cls in deadline.expect:
             route(cls).deadline_stops.append(deadline)
-    if service.has_timers():
+    if routes:  # a service that consumes anything learns which transactions ended
         for cls in app.terminal:
             route(cls).terminal = True
     return routes
@@ -120,6 +132,7 @@ class Handling:
         self.max_event_bytes = max_event_bytes
         self.routes = build_routes(app, service)
         self.topics = frozenset(self.routes)
+        self._keeps_timers = service.has_timers()
         self._rng = rng or random.Random()
 
     # messages ------------------------------------------------------------------------------------
@@ -149,14 +162,24 @@ class Handling:
             return ctx, await self._give_up(tx, ctx, route.handler, exc)
         if await tx.seen(envelope.id):
             return ctx, Outcome("duplicate")
+        notes: list[str] = []
+        ended: str | None = None
         try:
             async with tx.savepoint():
-                notes: list[str] = []
-                events = await self.hooks.handle(ctx, lambda: self._react(ctx, route, event, notes))
-                emitted, ready = await self._emit(tx, ctx, events, route.allowed)
+                if not route.after_end:
+                    ended = await tx.transaction_ended(envelope.correlationid)
+                if ended is None:
+                    events = await self.hooks.handle(
+                        ctx, lambda: self._react(ctx, route, event, notes)
+                    )
+                    emitted, ready = await self._emit(tx, ctx, events, route.allowed)
                 await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
             return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
+        if ended is not None:
+            # Late: the transaction ended here first. Starting work now could never be undone
+            # (its compensation already ran), so nothing runs; the outcome says so.
+            return ctx, Outcome("late", note=f"the transaction already ended with {ended}")
         if notes and not emitted:
             return ctx, Outcome("ignored", note="; ".join(notes))
         return ctx, Outcome("done", emitted=emitted, ready=ready)
@@ -227,8 +250,11 @@ class Handling:
         return _checked(join.name, join.emits, await join.fn(Parts(key, by_type), ctx))
 
     async def _end_transaction(self, ctx: Context, event: Event) -> None:
-        """A terminal event: drop the transaction's timers and close its open joins, so that
-        nothing fires or completes for a transaction that has ended."""
+        """A terminal event: remember the transaction as ended (later events of it are late),
+        drop its timers and close its open joins, so that nothing fires or completes for it."""
+        await _tx(ctx.state).end_transaction(ctx.correlation_id, event.event_type, self.clock.now())
+        if not self._keeps_timers:
+            return
         await _cancel_timers(ctx, ctx.correlation_id, None)
         for join in self.service.joins.values():
             key = ctx.correlation_id if join.key is None else getattr(event, join.key, None)

@@ -193,7 +193,7 @@ class ServiceWorker:
         subscription: Subscription,
         results: list[tuple[Delivery, Context | None, Outcome]],
     ) -> None:
-        done = [d for d, _, o in results if o.kind in ("done", "duplicate", "ignored")]
+        done = [d for d, _, o in results if o.kind in ("done", "duplicate", "ignored", "late")]
         if done:
             await subscription.ack(done)
         for delivery, _, outcome in results:

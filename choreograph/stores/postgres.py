@@ -1,7 +1,8 @@
 """``postgresql://user@host:port/db?schema=NAME`` service stores (``postgres://`` too).
 
-Each service owns one schema (default: its name, sanitized) holding the same four tables as the
-SQLite store: ``state``, ``inbox``, ``outbox`` and ``timers``. Replicas of a service share it.
+Each service owns one schema (default: its name, sanitized) holding the same five tables as the
+SQLite store: ``state``, ``inbox``, ``ended``, ``outbox`` and ``timers``. Replicas of a service
+share it.
 
 Concurrency: every transaction first takes one lock per service (a transaction-scoped advisory
 lock), so the batches of all lanes and replicas of a service run one after the other, exactly
@@ -86,7 +87,7 @@ def _lock_key(*parts: str) -> int:
 # The schema, created under an advisory lock so that replicas starting together do not race on
 # the catalog. Text columns sort bytewise (COLLATE "C"), as in SQLite, whatever the database's
 # collation: find() returns documents "by key order" everywhere.
-_SCHEMA_VERSION = "choreograph store, schema 1"
+_SCHEMA_VERSION = "choreograph store, schema 2"  # 2: ended transactions
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.state (
@@ -98,6 +99,11 @@ CREATE TABLE IF NOT EXISTS {s}.inbox (
     event_id TEXT COLLATE "C" PRIMARY KEY, at DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS inbox_at ON {s}.inbox (at);
+CREATE TABLE IF NOT EXISTS {s}.ended (
+    correlation_id TEXT COLLATE "C" PRIMARY KEY, event_type TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ended_at ON {s}.ended (at);
 CREATE TABLE IF NOT EXISTS {s}.outbox (
     seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id TEXT COLLATE "C" NOT NULL,
     topic TEXT NOT NULL, body BYTEA NOT NULL, due_at DOUBLE PRECISION NOT NULL,
@@ -303,6 +309,23 @@ class _PostgresTx(StoreTx):
     async def remember(self, event_id: str, at: float) -> None:
         self._inbox.append((event_id, at))
 
+    # ended transactions ----------------------------------------------------------------------
+
+    async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
+        await self._execute(
+            f"INSERT INTO {self._s}.ended (correlation_id, event_type, at) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING",
+            correlation_id,
+            event_type,
+            at,
+        )
+
+    async def transaction_ended(self, correlation_id: str) -> str | None:
+        found = await self._fetchval(
+            f"SELECT event_type FROM {self._s}.ended WHERE correlation_id = $1", correlation_id
+        )
+        return None if found is None else str(found)
+
     # outbox ----------------------------------------------------------------------------------
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
@@ -471,10 +494,13 @@ class PostgresStore(Store):
         return _count(status) > 0
 
     async def prune_inbox(self, before: float) -> int:
-        status = await self._get_pool().execute(
-            f"DELETE FROM {self.schema_sql}.inbox WHERE at < $1", before
-        )
-        return _count(status)
+        forgotten = 0
+        for table in ("inbox", "ended"):
+            status = await self._get_pool().execute(
+                f"DELETE FROM {self.schema_sql}.{table} WHERE at < $1", before
+            )
+            forgotten += _count(status)
+        return forgotten
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:

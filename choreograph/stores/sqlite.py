@@ -30,6 +30,10 @@ CREATE TABLE IF NOT EXISTS state (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS inbox_at ON inbox (at);
+CREATE TABLE IF NOT EXISTS ended (
+    correlation_id TEXT PRIMARY KEY, event_type TEXT NOT NULL, at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ended_at ON ended (at);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, topic TEXT NOT NULL,
     body BLOB NOT NULL, due_at REAL NOT NULL, leased_until REAL NOT NULL DEFAULT 0
@@ -163,6 +167,18 @@ class _SqliteTx(StoreTx):
     async def remember(self, event_id: str, at: float) -> None:
         self._inbox.append((event_id, at))
         self._inbox_ids.add(event_id)
+
+    async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO ended (correlation_id, event_type, at) VALUES (?, ?, ?)",
+            (correlation_id, event_type, at),
+        )
+
+    async def transaction_ended(self, correlation_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT event_type FROM ended WHERE correlation_id = ?", (correlation_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
         self._outbox.extend((r.id, r.topic, r.body, r.due_at, claimed_until) for r in rows)
@@ -331,5 +347,6 @@ class SqliteStore(Store):
 
     async def prune_inbox(self, before: float) -> int:
         async with self._write() as db:
-            cur = db.execute("DELETE FROM inbox WHERE at < ?", (before,))
-        return cur.rowcount
+            forgotten = db.execute("DELETE FROM inbox WHERE at < ?", (before,)).rowcount
+            forgotten += db.execute("DELETE FROM ended WHERE at < ?", (before,)).rowcount
+        return forgotten
