@@ -242,7 +242,8 @@ class Call:
     """What one handling did (see :meth:`Harness.call`)."""
 
     outcome: OutcomeKind
-    """``done``, ``retry``, ``dead_letter``, ``ignored`` (e.g. a join part after the join ended)."""
+    """``done``, ``retry``, ``dead_letter``, ``ignored`` (e.g. a join part after the join ended),
+    ``late`` (the transaction had ended)."""
     envelope: Envelope
     """The envelope the event was handled in (its id is the causation id of what it emitted)."""
     emitted: list[Event]
@@ -301,6 +302,12 @@ class _WatchedTx(StoreTx):
 
     async def remember(self, event_id: str, at: float) -> None:
         await self._tx.remember(event_id, at)
+
+    async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
+        await self._tx.end_transaction(correlation_id, event_type, at)
+
+    async def transaction_ended(self, correlation_id: str) -> str | None:
+        return await self._tx.transaction_ended(correlation_id)
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
         await self._tx.add_outbox(rows, claimed_until)
