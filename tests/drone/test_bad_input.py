@@ -22,6 +22,7 @@ from choreograph.envelope import MAX_EVENT_BYTES, Envelope, encode
 from choreograph.transport import DeadLetter, Message, transport_from_url
 from tests.drone.conftest import Recorder, calm_knobs, request_body
 from tests.support.procs import choreograph_command, clean_env
+from tests.support.quiet import wait_until_quiet
 
 QUICK = RetryPolicy(max_attempts=3, immediate=1, base_delay=0.05, jitter=0)
 REQUEST_GROUPS = ("package", "drone-scheduler", "delivery")  # every group of DeliveryRequested
@@ -232,7 +233,7 @@ async def test_a_replayed_dead_letter_goes_to_its_own_group_only(
         return sent is not None
 
     await bus.wait(notified)
-    await asyncio.sleep(0.5)  # time for a wrong group to receive it too
+    await wait_until_quiet(bus.runtime)  # every group has handled all it got
     # then notification handled it again, as a first attempt; no other group saw it again
     again = [h for h in bus.recorder.handled[len(before) :] if h.event_id == dead.message.id]
     assert [(h.service, h.attempt, h.kind) for h in again] == [("notification", 1, "done")]

@@ -20,6 +20,7 @@ from choreograph.envelope import Envelope, decode
 from choreograph.transport import Message
 from choreograph.transports.memory import MemoryTransport
 from tests.drone.conftest import calm_knobs, request_body
+from tests.support.quiet import wait_until_quiet
 
 URL = "/api/deliveryrequests"
 
@@ -142,7 +143,7 @@ async def test_posting_the_same_delivery_id_again_makes_one_delivery(api: Api) -
     assert {r.status_code for r in responses} == {202}
     assert {r.headers["location"] for r in responses} == {f"/api/deliveries/{did}"}
     assert len(api.events("DeliveryRequested", did)) == 1
-    await asyncio.sleep(0.2)
+    await wait_until_quiet(api.runtime)
     assert len(api.events("DeliveryCompleted", did)) == 1
     assert (await api.status(did))["status"] == "completed"
 
@@ -197,7 +198,7 @@ async def test_concurrent_cancels_fail_the_delivery_once(stuck_api: Api) -> None
     # when
     responses = await asyncio.gather(*(stuck_api.client.delete(f"{URL}/{did}") for _ in range(5)))
     await stuck_api.wait_status(did, lambda s: s == "failed")
-    await asyncio.sleep(0.2)
+    await wait_until_quiet(stuck_api.runtime)
     # then
     assert {r.status_code for r in responses} == {202}
     assert len(stuck_api.events("DeliveryFailed", did)) == 1

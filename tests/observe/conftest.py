@@ -11,7 +11,9 @@ import pytest
 
 from choreograph import Runtime, transport_from_url
 from choreograph.observe.recorder import Recorder, RecorderMiddleware
+from choreograph.transports.memory import MemoryTransport
 from tests.observe.shop import OrderPlaced, build_app
+from tests.support.quiet import wait_until_quiet
 
 
 async def place(runtime: Runtime, order_id: str, sku: str = "ok", amount: float = 10.0) -> None:
@@ -54,11 +56,14 @@ class Recorded:
         await self.settled()
 
     async def settled(self) -> None:
-        """Let in-flight handlings finish and every report reach the database."""
-        await asyncio.sleep(0.2)
+        """Wait until every handling is done and every report is in the database."""
+        transport = self.recorder.transport
+        assert isinstance(transport, MemoryTransport)
+        await wait_until_quiet(self.runtime, transport)
         for mw in self.runtime.middleware:
             if isinstance(mw, RecorderMiddleware):
                 await mw.flush()
+        await wait_until_quiet(self.runtime, transport, groups=[self.recorder.group])
         await self.recorder.idle()
 
 
@@ -78,5 +83,4 @@ async def recorded(tmp_path: Path) -> AsyncIterator[Recorded]:
     )
     async with runtime:
         yield Recorded(runtime, recorder, db_url)
-        await asyncio.sleep(0.1)
     await recorder.stop()

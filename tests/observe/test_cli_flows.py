@@ -13,8 +13,10 @@ from click.testing import CliRunner, Result
 from choreograph import Runtime, transport_from_url
 from choreograph.cli import main
 from choreograph.observe.recorder import Recorder, RecorderMiddleware
+from choreograph.transports.memory import MemoryTransport
 from tests.observe.conftest import place
 from tests.observe.shop import build_app
+from tests.support.quiet import wait_until_quiet
 
 APP = "tests.observe.shop:app"
 
@@ -30,15 +32,12 @@ async def _record(db_url: str) -> None:
         await place(rt, "o-ok", sku="flaky")
         await place(rt, "o-bad", sku="declined")
         await place(rt, "o-stuck", sku="silent")
-        for _ in range(200):
-            rows = await recorder.db.fetch(
-                "SELECT COUNT(*) AS n FROM cg_handlings WHERE kind = 'compensation'"
-            )
-            if rows[0]["n"] >= 2:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)
+        # wait until every handling is done (o-stuck stays open: its drone never answers) and
+        # every report is recorded
+        assert isinstance(transport, MemoryTransport)
+        await wait_until_quiet(rt, transport)
         await reports.flush()
+        await wait_until_quiet(rt, transport, groups=[recorder.group])
         await recorder.idle()
     await recorder.stop()
 

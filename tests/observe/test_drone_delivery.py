@@ -3,7 +3,6 @@ of a completed and a failed-and-compensated delivery, lint and AsyncAPI of the r
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -27,8 +26,10 @@ from choreograph.observe.lint import lint
 from choreograph.observe.model import FlowModel
 from choreograph.observe.recorder import Recorder, RecorderMiddleware
 from choreograph.observe.tracing import TracingMiddleware
+from choreograph.transports.memory import MemoryTransport
 from tests.observe.conftest import wait_for
 from tests.observe.test_asyncapi import validate, validator  # noqa: F401 - the fixture
+from tests.support.quiet import wait_until_quiet
 
 KNOBS = Knobs(rejection_rate=0.0, transient_error_rate=0.0, flight_seconds=0.05, join_timeout=30)
 
@@ -60,8 +61,12 @@ class Observed:
             return bool(rows) and rows[0]["ended_at"] is not None
 
         await wait_for(done)
-        await asyncio.sleep(0.3)  # compensations and trackers react to the terminal event
+        # then compensations and trackers react to the terminal event: wait until they are done
+        transport = self.recorder.transport
+        assert isinstance(transport, MemoryTransport)
+        await wait_until_quiet(self.runtime, transport)
         await self.reports.flush()
+        await wait_until_quiet(self.runtime, transport, groups=[self.recorder.group])
         await self.recorder.idle()
 
 

@@ -49,6 +49,30 @@ async def wait_completed(base_url: str, ids: list[str], timeout: float = 30.0) -
                 await asyncio.sleep(0.1)
 
 
+async def wait_every_service_handled(
+    files: list[Path], ids: list[str], timeout: float = 30.0
+) -> None:
+    """Poll the span files until every service has a handling span of every delivery."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            spans = read_spans(files)
+        except ValueError:  # a line half written: read again
+            spans = []
+        handled = defaultdict(set)
+        for span in spans:
+            if span["kind"] != "PRODUCER":
+                attributes = span["attributes"]
+                handled[attributes.get("choreograph.correlation_id")].add(
+                    attributes.get("choreograph.service")
+                )
+        missing = {did: set(SERVICES) - handled[did] for did in ids if set(SERVICES) - handled[did]}
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"no handling span within {timeout}s: {missing}"
+        await asyncio.sleep(0.1)
+
+
 def read_spans(files: list[Path]) -> list[dict[str, Any]]:
     return [
         json.loads(line)
@@ -128,7 +152,8 @@ async def test_each_delivery_is_one_trace_across_processes(tmp_path: Path) -> No
                     assert response.status_code == 202, response.text
             ids = [b["delivery_id"] for b in bodies]
             await wait_completed(base, ids)
-            await asyncio.sleep(0.5)  # the trackers and notification react to the terminal event
+            # and the trackers and notification have reacted to each terminal event
+            await wait_every_service_handled(list(files.values()), ids)
 
             # and every process stops on SIGTERM
             for name, proc in running.items():
