@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self, TypeVar
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit
 
 import orjson
 
@@ -269,9 +270,10 @@ class TransportSettings:
 
     ``namespace`` prefixes every stream, queue, key or table the transport creates, so that
     several systems (or tests) can share one broker without seeing each other's messages.
+    Its ``repr`` leaves out the URL (which may hold credentials).
     """
 
-    url: str
+    url: str = field(repr=False)
     namespace: str = "choreograph"
 
     @classmethod
@@ -323,13 +325,64 @@ def _coerce(key: str, raw: str, annotation: Any) -> Any:
     return raw
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+#: A URL inside a text: a scheme, ``://``, then everything up to white space.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s<>]*")
+_NEXT_URL = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+#: Option names whose value is a secret, wherever they appear in a query string.
+_SECRET_OPTIONS = frozenset(
+    {"password", "passwd", "pass", "pwd", "sslpassword", "token", "auth_token", "access_token",
+     "secret", "client_secret", "api_key", "apikey", "nkeys_seed", "seed"}
+)  # fmt: skip
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL, or a message with URLs in it) with every secret of its URLs replaced by
+    ``***``, for messages, logs and errors. The one place the framework hides credentials:
+
+    * a password: ``amqp://user:***@host``;
+    * a user name given alone, which several brokers read as a token: ``nats://***@host``;
+    * options named like a secret (``password=``, ``token=``, ...): ``?token=***``;
+    * URLs inside option values, redacted the same way: ``?servers=nats://u:***@h2,...``.
+
+    Host, port, path and the other options stay, so the message still says where. Never raises.
+    """
+    return _URL_IN_TEXT.sub(lambda match: _redact_urls(match.group(0)), text)
+
+
+def _redact_urls(found: str) -> str:
+    """One URL, or several joined by commas (a server list)."""
+    return ",".join(_redact_url(url) for url in _NEXT_URL.split(found))
+
+
+def _redact_url(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    # The authority ends where the path or the query starts. A '#' does not end it here: in a
+    # password it is a typo the driver rejects, and the error message must not show the rest.
+    cut = min((i for i in (rest.find(c) for c in "/?") if i >= 0), default=len(rest))
+    authority, rest = rest[:cut], rest[cut:]
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:***@{host}" if colon else f"***@{host}"
+    path, question, query = rest.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        query = "&".join(_redact_option(option) for option in query.split("&")) + hash_ + fragment
+    return f"{scheme}://{authority}{path}{question}{query}"
+
+
+def _redact_option(option: str) -> str:
+    key, equals, value = option.partition("=")
+    if not equals:
+        return option
+    if unquote_plus(key).lower() in _SECRET_OPTIONS:
+        return f"{key}=***"
+    decoded = unquote_plus(value)
+    if "://" in decoded:  # e.g. servers=nats://user:password@h2,nats://user:password@h3
+        redacted = redact(decoded)
+        if redacted != decoded:
+            return f"{key}={redacted}"
+    return option
 
 
 # Choosing a transport by URL ---------------------------------------------------------------------

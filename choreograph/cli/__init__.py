@@ -7,6 +7,7 @@ import logging
 import click
 
 from choreograph import __version__
+from choreograph.transport import redact
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +19,20 @@ def main(log_level: str) -> None:
     if not isinstance(level, int):
         raise click.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_Redacting(handler.formatter))
+
+
+class _Redacting(logging.Formatter):
+    """Formats as ``inner`` does, then redacts the URLs in the line (tracebacks included): a
+    library may log the URL it was given, password and all."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
 
 
 def _register() -> None:

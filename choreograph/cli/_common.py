@@ -14,7 +14,7 @@ from rich.console import Console
 
 from choreograph.app import App, load_app
 from choreograph.errors import ChoreographError
-from choreograph.transport import DEFAULT_TRANSPORT_URL
+from choreograph.transport import DEFAULT_TRANSPORT_URL, redact
 
 T = TypeVar("T")
 console = Console(highlight=False)
@@ -50,15 +50,16 @@ def resolve_app(spec: str) -> App:
 
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-    """Run an async command body; turn choreograph errors into clean CLI errors."""
+    """Run an async command body; turn choreograph errors into clean CLI errors (with any URL
+    in them redacted: a driver's message may quote the URL it was given)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(fn(*args, **kwargs))
         except ChoreographError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(redact(str(exc))) from None
         except (ConnectionError, OSError) as exc:
-            raise click.ClickException(f"cannot reach the bus or store: {exc}") from None
+            raise click.ClickException(redact(f"cannot reach the bus or store: {exc}")) from None
 
     return wrapper

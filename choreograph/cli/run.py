@@ -14,7 +14,7 @@ from choreograph.errors import ConfigurationError
 from choreograph.middleware import Middleware
 from choreograph.runtime.runner import DEFAULT_STORE_URL, Runtime
 from choreograph.runtime.worker import WorkerSettings
-from choreograph.transport import load_backend
+from choreograph.transport import load_backend, redact
 
 store_option = click.option(
     "--store",
@@ -81,7 +81,7 @@ async def run(
     )
     async with runtime:
         names = ", ".join(runtime.workers)
-        console.print(f"running [bold]{names}[/] of {app.name} on [cyan]{transport_url}[/]")
+        console.print(f"running [bold]{names}[/] of {app.name} on [cyan]{redact(transport_url)}[/]")
         if asgi:
             server = _http_server(_load_factory(asgi)(runtime), host, port)
             serving = asyncio.create_task(server.serve())
@@ -209,7 +209,7 @@ def demo(
             )
         )
     except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(redact(str(exc))) from None
     print_summary(result, console)
     if not result.consistent:
         raise SystemExit(1)

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from choreograph import App, Runtime
+from choreograph._files import private_dir, private_file
 from choreograph.demo.app import create_app
 from choreograph.demo.ingestion import create_http_app
 from choreograph.demo.inspect_state import Snapshot, snapshot
@@ -83,14 +84,13 @@ def isolated(transport_url: str) -> str:
 def _prepare_dir(path: Path, *, fresh: bool) -> None:
     if fresh:
         shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path)
 
 
 def _write_console_settings(data_dir: Path, settings: dict[str, str]) -> None:
     """Where ``choreograph console`` finds this demo's app, bus, stores and recorder database
     when started with no options (the file may hold a broker password: owner-only)."""
-    path = data_dir / CONSOLE_SETTINGS
-    path.touch(mode=0o600, exist_ok=True)
+    path = private_file(data_dir / CONSOLE_SETTINGS)
     path.write_bytes(orjson.dumps(settings, option=orjson.OPT_INDENT_2))
 
 

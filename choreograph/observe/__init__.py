@@ -33,7 +33,8 @@ def middleware_from_env(environ: dict[str, str] | None = None) -> list[Middlewar
 
     * ``OTEL_TRACES_EXPORTER`` = ``otlp`` | ``console`` (tracing on; standard ``OTEL_*``
       variables configure the exporter and the service name); unset or ``none``: off.
-    * ``CHOREOGRAPH_METRICS_PORT`` = a port: Prometheus metrics served there.
+    * ``CHOREOGRAPH_METRICS_PORT`` = a port: Prometheus metrics served there, on 127.0.0.1
+      unless ``CHOREOGRAPH_METRICS_ADDR`` names another address (``0.0.0.0``: every interface).
     * ``CHOREOGRAPH_RECORD`` = ``1``: handling reports sent to the flow recorder.
     """
     env = os.environ if environ is None else environ
@@ -43,7 +44,8 @@ def middleware_from_env(environ: dict[str, str] | None = None) -> list[Middlewar
         found.append(TracingMiddleware(configure_tracing(exporter)))
     port = env.get("CHOREOGRAPH_METRICS_PORT", "").strip()
     if port:
-        found.append(MetricsMiddleware(port=int(port)))
+        addr = env.get("CHOREOGRAPH_METRICS_ADDR", "").strip() or "127.0.0.1"
+        found.append(MetricsMiddleware(port=int(port), addr=addr))
     if env.get("CHOREOGRAPH_RECORD", "").strip().lower() in ("1", "true", "yes", "on"):
         found.append(RecorderMiddleware())
     return found

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from choreograph._files import private_file
 from choreograph.errors import ConfigurationError
 from choreograph.transport import redact
 
@@ -248,6 +249,7 @@ class SqliteFlowDb(FlowDb):
             return
         if not Path(self.path).parent.is_dir():
             raise ConfigurationError(f"cannot open {self.path!r}: its directory does not exist")
+        private_file(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=5000")

@@ -3,11 +3,13 @@ what is in flight and how far behind each consumer group is.
 
 ::
 
-    metrics = MetricsMiddleware(port=9464)          # serves http://0.0.0.0:9464/metrics
+    metrics = MetricsMiddleware(port=9464)          # serves http://127.0.0.1:9464/metrics
     Runtime(app, middleware=[metrics])
 
 or, to mount the endpoint in an existing ASGI app: ``metrics.asgi_app()``. Each middleware has
-its own registry unless one is given, so several runtimes in one process never collide.
+its own registry unless one is given, so several runtimes in one process never collide. The
+endpoint listens on the loopback interface unless ``addr`` says otherwise (``addr="0.0.0.0"``
+for a scraper on another host, e.g. in a container).
 Needs the ``metrics`` extra: ``pip install 'choreograph[metrics]'``.
 """
 
@@ -68,7 +70,7 @@ class MetricsMiddleware(Middleware):
         self,
         *,
         port: int | None = None,
-        addr: str = "0.0.0.0",
+        addr: str = "127.0.0.1",
         registry: CollectorRegistry | None = None,
         lag_interval: float = 5.0,
     ) -> None:

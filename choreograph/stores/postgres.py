@@ -20,6 +20,7 @@ are passed to asyncpg (e.g. ``sslmode``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -42,7 +43,7 @@ _MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; we refuse th
 class PostgresSettings:
     """What a ``postgresql://`` URL says beyond where the database is."""
 
-    dsn: str
+    dsn: str = dataclasses.field(repr=False)  # may hold a password
     """The URL asyncpg connects with (our own options removed)."""
     schema: str
     pool_size: int = 5

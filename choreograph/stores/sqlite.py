@@ -12,12 +12,12 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
 import orjson
 
+from choreograph._files import private_file
 from choreograph.errors import ConfigurationError
 from choreograph.store import OutboxRow, Store, StoreTx, Timer
 
@@ -235,7 +235,7 @@ class SqliteStore(Store):
         if self._db is not None:
             return
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)
         db = sqlite3.connect(
             # A short wait on the loop thread; longer waits for the write lock are async (_write).
             self.path,

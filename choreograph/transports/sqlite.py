@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from choreograph._files import private_file
 from choreograph.errors import ConfigurationError, PayloadTooLarge, TransportError
 from choreograph.transport import (
     DeadLetter,
@@ -243,6 +244,7 @@ class SqliteTransport(Transport):
             await asyncio.sleep(0.01)
 
     def _open(self, path: str) -> sqlite3.Connection:
+        private_file(path)
         db = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None)
         try:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -23,7 +23,7 @@ class NatsSettings(TransportSettings):
     ``password_env``/``token_env``, or give a ``.creds`` file (NGS / operator mode).
     """
 
-    servers: str = ""
+    servers: str = field(default="", repr=False)  # may hold credentials
     """More servers of the cluster, comma separated (``nats://h2:4222,nats://h3:4222``)."""
     name: str = ""
     """Connection name shown in the server's monitoring (default: ``choreograph-<namespace>``)."""
