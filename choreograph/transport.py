@@ -92,6 +92,9 @@ class Failure:
     """The exception class name."""
     error: str
     """The exception's message."""
+    traceback: str = field(default="", compare=False)
+    """Where it was raised (the end of the traceback), for the flow recorder. Transports do not
+    store it with the dead letter."""
 
 
 @dataclass(frozen=True, slots=True)

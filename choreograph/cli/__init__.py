@@ -36,9 +36,9 @@ class _Redacting(logging.Formatter):
 
 
 def _register() -> None:
-    from choreograph.cli import bus, observe, run
+    from choreograph.cli import bus, console, observe, run
 
-    for module in (run, bus, observe):
+    for module in (run, bus, observe, console):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -68,6 +68,12 @@ SCHEMA = [
         replica TEXT NOT NULL, service TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
         started DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (replica, service))""",
+    # What people did from the console (replay, discard), shown on the transaction's page.
+    """CREATE TABLE IF NOT EXISTS cg_actions (
+        id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, action TEXT NOT NULL,
+        correlation_id TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+        grp TEXT NOT NULL, edited INTEGER NOT NULL, result TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS cg_actions_tx ON cg_actions (correlation_id)",
     # What the recorder could not record, and why (it keeps consuming either way).
     """CREATE TABLE IF NOT EXISTS cg_rejects (
         id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, reason TEXT NOT NULL,
@@ -78,6 +84,7 @@ SCHEMA = [
 MIGRATIONS = [
     ("cg_transactions", "late", "INTEGER NOT NULL DEFAULT 0"),
     ("cg_transactions", "outcome", "TEXT"),
+    ("cg_handlings", "traceback", "TEXT"),
 ]
 AFTER_MIGRATIONS = [
     "CREATE INDEX IF NOT EXISTS cg_transactions_outcome ON cg_transactions (outcome, first_seen)",
@@ -113,6 +120,7 @@ HANDLING_COLUMNS = (
     "emitted",
     "started",
     "ended",
+    "traceback",
 )
 TRANSACTION_COLUMNS = (
     "correlation_id",

@@ -127,6 +127,7 @@ class RecorderMiddleware(Middleware):
                 "reason": failure.reason if failure else None,
                 "error_type": failure.error_type if failure else None,
                 "error": failure.error if failure else None,
+                "traceback": failure.traceback or None if failure else None,
                 "note": outcome.note or None,
                 "emitted": [{"id": e.id, "type": e.type} for e in outcome.emitted],
                 "started": started,
@@ -458,7 +459,7 @@ class Recorder:
         inserted = await tx.execute(
             "INSERT INTO cg_handlings (id, event_id, event_type, correlation_id, service, handler, "
             "kind, attempt, outcome, delay, reason, error_type, error, note, emitted, started, "
-            "ended) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ended, traceback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO NOTHING",
             row.columns(),
         )

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 #: Longest text kept from a report's free-text fields (errors, notes).
-MAX_TEXT = 4000
+MAX_TEXT = 8000
 #: Longest identifier kept (ids, types, names).
 MAX_NAME = 500
 #: Most emitted events or timer changes kept from one report.
@@ -56,6 +56,7 @@ class HandlingRow:
     error: str | None
     note: str | None
     emitted: str
+    traceback: str | None
     started: float
     ended: float
     timers: tuple[TimerNote, ...]
@@ -66,6 +67,7 @@ class HandlingRow:
             self.id, self.event_id, self.event_type, self.correlation_id, self.service,
             self.handler, self.kind, self.attempt, self.outcome, self.delay, self.reason,
             self.error_type, self.error, self.note, self.emitted, self.started, self.ended,
+            self.traceback,
         )  # fmt: skip
 
 
@@ -106,6 +108,7 @@ def handling_row(report: Any) -> HandlingRow:
         error=_text(report.get("error"), "error"),
         note=_text(report.get("note"), "note"),
         emitted=orjson.dumps(emitted).decode(),
+        traceback=_text(report.get("traceback"), "traceback"),
         started=_epoch(report.get("started"), "started"),
         ended=_epoch(report.get("ended"), "ended"),
         timers=tuple(_timer(t) for t in _items(report.get("timers"), "timers")),

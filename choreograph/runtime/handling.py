@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -517,4 +518,5 @@ def _failure(exc: Exception, *, gave_up: bool = False) -> Failure:
         reason = "attempts exhausted"
     else:
         reason = "handler error"
-    return Failure(reason=reason, error_type=type(exc).__name__, error=str(exc)[:2000])
+    trace = "".join(traceback.format_exception(exc))[-8000:]
+    return Failure(reason, type(exc).__name__, str(exc)[:2000], trace)

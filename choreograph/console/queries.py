@@ -1,0 +1,356 @@
+"""The console's questions to the recorder database, each one or two indexed queries.
+
+Everything here is read-only except :func:`record_action` (the audit of replays and discards).
+Times are epoch seconds; a *window* is how far back counts go.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from choreograph.envelope import new_id
+from choreograph.observe.flowdb import FlowDb
+
+Row = dict[str, Any]
+
+STATUSES = ("in_flight", "completed", "failed", "stuck", "late")
+SORTS = {
+    "started": "t.first_seen",
+    "last": "t.last_seen",
+    "events": "t.events",
+    "retries": "t.retries",
+    "dead_letters": "t.dead_letters",
+    "id": "t.correlation_id",
+}
+PAGE_SIZE = 50
+#: Heartbeats are sent every 5 s; a replica silent for 3 of them counts as gone.
+ALIVE_FOR = 15.0
+
+
+class BadFilter(ValueError):
+    """A search parameter that makes no sense, with a message for the page."""
+
+
+@dataclass(frozen=True, slots=True)
+class TxFilter:
+    """A search of the transaction list. Empty fields do not filter."""
+
+    q: str = ""
+    """A correlation id (or its beginning), or the value of an identifying data field."""
+    event_type: str = ""
+    field_name: str = ""
+    field_value: str = ""
+    status: str = ""
+    since: float | None = None
+    until: float | None = None
+    sort: str = "started"
+    descending: bool = True
+    page: int = 1
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> TxFilter:
+        """From a query string; :class:`BadFilter` for a value that cannot be used."""
+        status = params.get("status", "").strip()
+        if status and status not in STATUSES:
+            raise BadFilter(f"unknown status {status[:40]!r}; use one of {', '.join(STATUSES)}")
+        sort = params.get("sort", "started").strip() or "started"
+        if sort not in SORTS:
+            raise BadFilter(f"cannot sort by {sort[:40]!r}; use one of {', '.join(SORTS)}")
+        name, _, value = params.get("field", "").partition("=")
+        if params.get("field", "").strip() and not (name.strip() and value.strip()):
+            raise BadFilter("a data field search looks like delivery_id=d-000042")
+        try:
+            page = int(params.get("page", "1") or 1)
+        except ValueError:
+            raise BadFilter("page must be a number") from None
+        if not 1 <= page <= 100_000:
+            raise BadFilter("page must be between 1 and 100000")
+        return cls(
+            q=params.get("q", "").strip()[:500],
+            event_type=params.get("type", "").strip()[:500],
+            field_name=name.strip()[:100],
+            field_value=value.strip()[:500],
+            status=status,
+            since=parse_time(params.get("from", ""), "from"),
+            until=parse_time(params.get("to", ""), "to"),
+            sort=sort,
+            descending=params.get("dir", "desc") != "asc",
+            page=page,
+        )
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        """This search as query parameters (for links: next page, another sort)."""
+        values = {
+            "q": self.q,
+            "type": self.event_type,
+            "field": f"{self.field_name}={self.field_value}" if self.field_name else "",
+            "status": self.status,
+            "from": format_time(self.since),
+            "to": format_time(self.until),
+            "sort": self.sort,
+            "dir": "desc" if self.descending else "asc",
+            "page": str(self.page),
+        }
+        values.update({k: str(v) for k, v in changes.items()})
+        return {k: v for k, v in values.items() if v and not (k == "page" and v == "1")}
+
+
+def parse_time(text: str, name: str) -> float | None:
+    """``2026-01-31T12:00`` (a browser's datetime-local, read as UTC) or epoch seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadFilter(f"{name}: {text[:40]!r} is not a time (2026-01-31T12:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def format_time(epoch: float | None) -> str:
+    if epoch is None:
+        return ""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M")
+
+
+@dataclass(slots=True)
+class TxPage:
+    rows: list[Row]
+    more: bool
+    filter: TxFilter
+    took_ms: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+async def search_transactions(
+    db: FlowDb, f: TxFilter, *, now: float | None = None, stuck_after: float = 60.0
+) -> TxPage:
+    """One page of transactions matching ``f``, in its order; ``more`` when another follows."""
+    now = time.time() if now is None else now
+    started = time.perf_counter()
+    where: list[str] = []
+    params: list[Any] = []
+    if f.q:
+        where.append(
+            "(t.correlation_id >= ? AND t.correlation_id < ? OR t.correlation_id IN "
+            "(SELECT correlation_id FROM cg_keys WHERE value = ?))"
+        )
+        params += [f.q, f.q + "\U0010ffff", f.q]
+    if f.event_type:
+        where.append("t.correlation_id IN (SELECT correlation_id FROM cg_events WHERE type = ?)")
+        params.append(f.event_type)
+    if f.field_name:
+        where.append(
+            "t.correlation_id IN (SELECT correlation_id FROM cg_keys WHERE value = ? AND name = ?)"
+        )
+        params += [f.field_value, f.field_name]
+    if f.status == "completed":
+        where.append("t.outcome = 'completed'")
+    elif f.status == "failed":
+        where.append("t.outcome = 'failed'")
+    elif f.status == "in_flight":
+        where.append("t.outcome IS NULL")
+    elif f.status == "stuck":
+        where.append("t.outcome IS NULL AND t.last_seen < ?")
+        params.append(now - stuck_after)
+    elif f.status == "late":
+        where.append("t.late > 0")
+    if f.since is not None:
+        where.append("t.first_seen >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        where.append("t.first_seen <= ?")
+        params.append(f.until)
+    order = f"{SORTS[f.sort]} {'DESC' if f.descending else 'ASC'}"
+    tie = "t.correlation_id DESC" if f.descending else "t.correlation_id ASC"
+    sql = (
+        "SELECT t.* FROM cg_transactions t"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY {order}, {tie} LIMIT ? OFFSET ?"
+    )
+    params += [PAGE_SIZE + 1, (f.page - 1) * PAGE_SIZE]
+    rows = await db.fetch(sql, params)
+    for row in rows:
+        row["status"] = status_of(row, now, stuck_after)
+        row["duration"] = (row["ended_at"] or row["last_seen"]) - row["first_seen"]
+    took = (time.perf_counter() - started) * 1000
+    return TxPage(rows[:PAGE_SIZE], len(rows) > PAGE_SIZE, f, took)
+
+
+def status_of(row: Row, now: float, stuck_after: float) -> str:
+    """``completed``, ``failed``, ``in_flight`` or ``stuck`` (in flight, silent too long)."""
+    outcome = row.get("outcome")
+    if outcome:
+        return str(outcome)
+    return "stuck" if now - row["last_seen"] > stuck_after else "in_flight"
+
+
+# the overview ------------------------------------------------------------------------------------
+
+
+async def transaction_counts(
+    db: FlowDb, since: float, *, now: float | None = None, stuck_after: float = 60.0
+) -> dict[str, int]:
+    """Transactions started since ``since``, by status (plus ``late`` and ``total``)."""
+    now = time.time() if now is None else now
+    rows = await db.fetch(
+        "SELECT outcome, COUNT(*) AS n, "
+        "SUM(CASE WHEN outcome IS NULL AND last_seen < ? THEN 1 ELSE 0 END) AS stuck, "
+        "SUM(CASE WHEN late > 0 THEN 1 ELSE 0 END) AS late "
+        "FROM cg_transactions WHERE first_seen >= ? GROUP BY outcome",
+        (now - stuck_after, since),
+    )
+    counts = dict.fromkeys(("total", "in_flight", "stuck", "completed", "failed", "late"), 0)
+    for row in rows:
+        n, stuck = int(row["n"]), int(row["stuck"] or 0)
+        counts["total"] += n
+        counts["late"] += int(row["late"] or 0)
+        if row["outcome"] in ("completed", "failed"):
+            counts[row["outcome"]] += n
+        else:
+            counts["stuck"] += stuck
+            counts["in_flight"] += n - stuck
+    return counts
+
+
+async def service_activity(
+    db: FlowDb, since: float, *, now: float | None = None, buckets: int = 40
+) -> dict[str, Row]:
+    """Per service since ``since``: handlings by outcome, handled per second over the last
+    minute, and a series of handlings per bucket (for a sparkline)."""
+    now = time.time() if now is None else now
+    services: dict[str, Row] = {}
+
+    def entry(name: str) -> Row:
+        return services.setdefault(
+            name,
+            {"done": 0, "retry": 0, "dead_letter": 0, "ignored": 0, "duplicate": 0, "late": 0,
+             "compensations": 0, "per_second": 0.0, "series": [0] * buckets, "last": None},
+        )  # fmt: skip
+
+    for row in await db.fetch(
+        "SELECT service, outcome, kind, COUNT(*) AS n, MAX(ended) AS last FROM cg_handlings "
+        "WHERE ended >= ? GROUP BY service, outcome, kind",
+        (since,),
+    ):
+        item = entry(row["service"])
+        item[row["outcome"]] = item.get(row["outcome"], 0) + row["n"]
+        if row["kind"] == "compensation" and row["outcome"] == "done":
+            item["compensations"] += row["n"]
+        item["last"] = max(item["last"] or 0.0, row["last"])
+    for row in await db.fetch(
+        "SELECT service, COUNT(*) AS n FROM cg_handlings WHERE ended >= ? AND outcome = 'done' "
+        "GROUP BY service",
+        (now - 60.0,),
+    ):
+        entry(row["service"])["per_second"] = round(row["n"] / 60.0, 2)
+    # The series spans the activity inside the window (a run that ended an hour ago still shows
+    # its shape), up to now while the system is busy.
+    span = await db.fetch(
+        "SELECT MIN(ended) AS lo, MAX(ended) AS hi FROM cg_handlings WHERE ended >= ?", (since,)
+    )
+    if not span or span[0]["lo"] is None:
+        return services
+    start, end = float(span[0]["lo"]), float(span[0]["hi"])
+    if now - end < 60.0:
+        end = now
+    width = max((end - start) / buckets, 1e-3)
+    for row in await db.fetch(
+        "SELECT service, CAST((ended - ?) / ? AS INTEGER) AS b, COUNT(*) AS n FROM cg_handlings "
+        "WHERE ended >= ? GROUP BY service, CAST((ended - ?) / ? AS INTEGER)",
+        (start, width, start, start, width),
+    ):
+        index = min(max(int(row["b"]), 0), buckets - 1)
+        entry(row["service"])["series"][index] += row["n"]
+    return services
+
+
+async def replicas(db: FlowDb, *, now: float | None = None) -> dict[str, list[Row]]:
+    """The replicas of each service that sent a heartbeat recently."""
+    now = time.time() if now is None else now
+    found: dict[str, list[Row]] = {}
+    for row in await db.fetch(
+        "SELECT * FROM cg_heartbeats WHERE last_seen >= ? ORDER BY service, host, pid",
+        (now - ALIVE_FOR,),
+    ):
+        found.setdefault(row["service"], []).append(row)
+    return found
+
+
+async def data_window(db: FlowDb) -> tuple[float, float] | None:
+    """When the first and the latest recorded transactions started."""
+    rows = await db.fetch(
+        "SELECT MIN(first_seen) AS lo, MAX(first_seen) AS hi FROM cg_transactions"
+    )
+    if not rows or rows[0]["lo"] is None:
+        return None
+    return float(rows[0]["lo"]), float(rows[0]["hi"])
+
+
+async def edge_counts(db: FlowDb, since: float) -> dict[tuple[str, str], int]:
+    """How often each service handled each event type (``(event type, service)``) and published
+    each event type (``(service, event type)``) since ``since``."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in await db.fetch(
+        "SELECT event_type, service, COUNT(*) AS n FROM cg_handlings WHERE ended >= ? "
+        "AND outcome IN ('done', 'ignored', 'dead_letter') GROUP BY event_type, service",
+        (since,),
+    ):
+        counts[(row["event_type"], row["service"])] = int(row["n"])
+    for row in await db.fetch(
+        "SELECT source, type, COUNT(*) AS n FROM cg_events WHERE time >= ? GROUP BY source, type",
+        (since,),
+    ):
+        counts[(row["source"], row["type"])] = int(row["n"])
+    return counts
+
+
+async def rejects(db: FlowDb, limit: int = 20) -> list[Row]:
+    return await db.fetch("SELECT * FROM cg_rejects ORDER BY at DESC LIMIT ?", (limit,))
+
+
+# actions -----------------------------------------------------------------------------------------
+
+
+async def record_action(
+    db: FlowDb,
+    action: str,
+    *,
+    correlation_id: str,
+    event_id: str,
+    event_type: str,
+    group: str,
+    edited: bool,
+    result: str,
+) -> None:
+    async with db.transaction() as tx:
+        await tx.execute(
+            "INSERT INTO cg_actions (id, at, action, correlation_id, event_id, event_type, grp, "
+            "edited, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (new_id(), time.time(), action, correlation_id, event_id, event_type, group,
+             int(edited), result),
+        )  # fmt: skip
+
+
+async def actions_of(db: FlowDb, correlation_id: str) -> list[Row]:
+    return await db.fetch(
+        "SELECT * FROM cg_actions WHERE correlation_id = ? ORDER BY at", (correlation_id,)
+    )
+
+
+def window_seconds(text: str) -> float:
+    """``15m``, ``1h``, ``24h``, ``7d`` or ``all``."""
+    table = {"15m": 900.0, "1h": 3600.0, "24h": 86_400.0, "7d": 604_800.0, "all": math.inf}
+    if text not in table:
+        raise BadFilter(f"unknown window {text[:20]!r}; use one of {', '.join(table)}")
+    return table[text]
