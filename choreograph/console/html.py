@@ -7,16 +7,15 @@ that nothing a person is typing is ever replaced.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from html import escape
 from urllib.parse import urlencode
 
 from choreograph import __version__
+from choreograph.transport import redact
 
 #: Shown where there is no value.
 NONE = "\u2013"
-_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^\s/@:]*):([^\s/@]*)@")
 NAV = (
     ("/", "Overview"),
     ("/transactions", "Transactions"),
@@ -26,9 +25,8 @@ NAV = (
 
 
 def esc(value: object) -> str:
-    """Text for HTML, with any ``scheme://user:password@`` in it redacted."""
-    text = "" if value is None else str(value)
-    return escape(_CREDENTIALS.sub(r"\1\2:***@", text))
+    """Text for HTML, with the credentials of any URL in it redacted."""
+    return escape(redact("" if value is None else str(value)))
 
 
 def url(path: str, params: dict[str, str] | None = None) -> str:

@@ -179,7 +179,7 @@ def _handling(h: Row) -> tuple[float, int, str, str, str, str]:
         label = "retry"
     elif outcome == "dead_letter":
         label = "dead letter"
-    elif outcome in ("late", "ignored") and "late" in (h["note"] or ""):
+    elif outcome == "late" or (outcome == "ignored" and "late" in (h["note"] or "")):
         label = "late event"
     what = f"{esc(h['service'])}.{esc(h['handler'] or '?')}"
     detail = f'<span class="{_OUTCOME.get(outcome, "")}">{esc(outcome.replace("_", " "))}</span>'
