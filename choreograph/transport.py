@@ -16,8 +16,8 @@ Guarantees (checked by ``tests/conformance`` on every transport)
       runs out, the message is delivered again to some member of the group, with ``attempt`` + 1.
     * **Durable delayed retry.** :meth:`Subscription.retry` redelivers to the same group, never
       before ``delay`` seconds have passed, and survives a restart of every process and the bus.
-    * **Dead letters** keep the message, the group, the reason, the error and the attempts. They can
-      be listed, and replayed to their group only.
+    * **Dead letters** keep the message, the group, the reason, the error, its traceback and the
+      attempts. They can be listed, fetched one by one, and replayed to their group only.
     * **No head-of-line blocking.** A message being retried or dead-lettered never stops the others.
     * **Ordering.** None is promised between the members of a group, nor after a retry; each
       transport documents what it gives in ``docs/transports.md``.
@@ -93,8 +93,9 @@ class Failure:
     error: str
     """The exception's message."""
     traceback: str = field(default="", compare=False)
-    """Where it was raised (the end of the traceback), for the flow recorder. Transports do not
-    store it with the dead letter."""
+    """Where it was raised: the formatted traceback, its end kept when long (bounded by
+    :data:`choreograph.logs.MAX_TRACEBACK_CHARS`); empty for messages that could not be read.
+    Logged with the failure, stored with the dead letter, reported to the flow recorder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,10 @@ class Transport(ABC):
     @abstractmethod
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first, of one group or of all."""
+
+    @abstractmethod
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """The dead letter with this id, fetched alone (never by listing them all), or None."""
 
     @abstractmethod
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:

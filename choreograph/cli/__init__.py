@@ -1,4 +1,9 @@
-"""The ``choreograph`` command line."""
+"""The ``choreograph`` command line.
+
+Exit codes: 0 success, 1 the command ran and found a problem (a check failed, stuck transactions
+found, an id not found), 2 usage errors and missing or unknown inputs (click's convention).
+Commands that differ say so in their own ``--help``.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +12,37 @@ import logging
 import click
 
 from choreograph import __version__
-from choreograph.transport import redact
+from choreograph.logs import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="choreograph")
-@click.option("--log-level", default="WARNING", show_default=True, help="Python logging level.")
-def main(log_level: str) -> None:
-    """Run and inspect choreographed services."""
-    level = getattr(logging, log_level.upper(), None)
+@click.option(
+    "--log-level",
+    envvar="CHOREOGRAPH_LOG_LEVEL",
+    default="WARNING",
+    show_default=True,
+    help="DEBUG, INFO, WARNING or ERROR. A handler's failure is logged at WARNING, a give-up "
+    "(dead letter) at ERROR.",
+)
+@click.option(
+    "--log-format",
+    envvar="CHOREOGRAPH_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line, with correlation_id and event_id.",
+)
+def main(log_level: str, log_format: str) -> None:
+    """Run and inspect choreographed services.
+
+    Exit codes: 0 done; 1 the command found a problem (see its --help); 2 bad usage, or a file,
+    service or id that does not exist.
+    """
+    level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         raise click.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(_Redacting(handler.formatter))
-
-
-class _Redacting(logging.Formatter):
-    """Formats as ``inner`` does, then redacts the URLs in the line (tracebacks included): a
-    library may log the URL it was given, password and all."""
-
-    def __init__(self, inner: logging.Formatter | None) -> None:
-        super().__init__()
-        self.inner = inner or logging.Formatter()
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(self.inner.format(record))
+    configure_logging(level, "json" if log_format == "json" else "text")
 
 
 def _register() -> None:
@@ -41,6 +51,17 @@ def _register() -> None:
     for module in (run, bus, observe, console):
         for command in module.COMMANDS:
             main.add_command(command)
+    _show_envvars(main)
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Every option read from the environment says which variable in ``--help``."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _show_envvars(sub)
 
 
 _register()

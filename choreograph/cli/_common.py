@@ -35,7 +35,7 @@ app_option = click.option(
     "app_spec",
     envvar="CHOREOGRAPH_APP",
     required=True,
-    help="The app, as module:attribute (env CHOREOGRAPH_APP).",
+    help="The app, as module:attribute.",
 )
 
 

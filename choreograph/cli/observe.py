@@ -36,7 +36,7 @@ db_option = click.option(
     envvar="CHOREOGRAPH_RECORDER_DB",
     default=DEFAULT_DB_URL,
     show_default=True,
-    help="Recorder database: sqlite:///flows.db or postgresql://... (env CHOREOGRAPH_RECORDER_DB).",
+    help="Recorder database: sqlite:///flows.db or postgresql://....",
 )
 optional_app_option = click.option(
     "--app",
@@ -44,7 +44,7 @@ optional_app_option = click.option(
     "app_spec",
     envvar="CHOREOGRAPH_APP",
     default=None,
-    help="The app (module:attribute), to overlay its declared flow (env CHOREOGRAPH_APP).",
+    help="The app (module:attribute), to overlay its declared flow.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
 app_argument = click.argument("app_spec", metavar="APP", envvar="CHOREOGRAPH_APP")

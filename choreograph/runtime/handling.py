@@ -35,6 +35,7 @@ from choreograph.events import (
     HandlerFailed,
     JoinTimedOut,
 )
+from choreograph.logs import bounded_traceback
 from choreograph.middleware import Outcome
 from choreograph.retry import RetryPolicy
 from choreograph.runtime.hooks import Hooks
@@ -518,5 +519,11 @@ def _failure(exc: Exception, *, gave_up: bool = False) -> Failure:
         reason = "attempts exhausted"
     else:
         reason = "handler error"
-    trace = "".join(traceback.format_exception(exc))[-8000:]
-    return Failure(reason, type(exc).__name__, str(exc)[:2000], trace)
+    # A message that could not be read has no useful traceback: the reason says it all.
+    trace = "" if isinstance(exc, InvalidMessage) else "".join(traceback.format_exception(exc))
+    return Failure(
+        reason=reason,
+        error_type=type(exc).__name__,
+        error=str(exc)[:2000],
+        traceback=bounded_traceback(trace),
+    )

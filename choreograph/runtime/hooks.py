@@ -18,20 +18,28 @@ hook                  when a middleware raises
 
 Only the middleware that override a hook are called for it, so an empty chain (or a chain that
 does not use a hook) costs nothing per message.
+
+Logging belongs here too, as the one observer every runtime has: a handling runs with its fields
+bound for :class:`choreograph.logs.HandlingFilter`; a failure that will be retried is logged at
+WARNING and a give-up (dead letter) at ERROR, each with the service, handler, event type and id,
+correlation id, attempt and the traceback.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from choreograph.context import Context
 from choreograph.envelope import Envelope
 from choreograph.events import Event
+from choreograph.logs import handling_fields
 from choreograph.middleware import Checkpoint, Middleware, Next, Outcome, RuntimeView
 from choreograph.transport import Failure
 
 log = logging.getLogger("choreograph.hooks")
+failures = logging.getLogger("choreograph.handling")
 
 
 def _overriding(middleware: Sequence[Middleware], hook: str) -> tuple[Middleware, ...]:
@@ -67,13 +75,15 @@ class Hooks:
                 log.exception("middleware %r failed to stop", mw)
 
     async def handle(self, ctx: Context, react: Next) -> list[Event]:
-        """Run ``react`` inside every ``around_handle``, the first middleware outermost."""
-        if not self._around:
-            return await react()
-        call = react
-        for mw in reversed(self._around):
-            call = _bind(mw, ctx, call)
-        return await call()
+        """Run ``react`` inside every ``around_handle``, the first middleware outermost, with the
+        handling's fields bound for every record logged meanwhile."""
+        with handling_fields(**_fields(ctx)):
+            if not self._around:
+                return await react()
+            call = react
+            for mw in reversed(self._around):
+                call = _bind(mw, ctx, call)
+            return await call()
 
     def stamp(self, ctx: Context | None, envelope: Envelope) -> Envelope:
         for mw in self._stamp:
@@ -85,6 +95,8 @@ class Hooks:
         return envelope
 
     def outcome(self, ctx: Context, outcome: Outcome) -> None:
+        if outcome.failure is not None and outcome.kind in ("retry", "dead_letter"):
+            _log_failure(ctx, outcome, outcome.failure)
         for mw in self._outcome:
             try:
                 mw.on_outcome(ctx, outcome)
@@ -92,6 +104,11 @@ class Hooks:
                 log.exception("%s: middleware %r failed in on_outcome", ctx.service, mw)
 
     def invalid(self, service: str, body: bytes, failure: Failure) -> None:
+        failures.error(
+            "%s dead-lettered a message it cannot handle (%s): %s: %s",
+            service, failure.reason, failure.error_type, failure.error,
+            extra={"service": service, "reason": failure.reason},
+        )  # fmt: skip
         for mw in self._invalid:
             try:
                 mw.on_invalid(service, body, failure)
@@ -111,3 +128,35 @@ def _bind(mw: Middleware, ctx: Context, call_next: Next) -> Next:
         return await mw.around_handle(ctx, call_next)
 
     return call
+
+
+def _fields(ctx: Context) -> dict[str, Any]:
+    return {
+        "service": ctx.service,
+        "handler": ctx.handler,
+        "event_type": ctx.envelope.type,
+        "event_id": ctx.event_id,
+        "correlation_id": ctx.correlation_id,
+        "attempt": ctx.attempt,
+    }
+
+
+def _log_failure(ctx: Context, outcome: Outcome, failure: Failure) -> None:
+    """WARNING for a failure that will be retried, ERROR for a give-up; the traceback goes where
+    every formatter shows an exception's (``exc_text``)."""
+    level = logging.WARNING if outcome.kind == "retry" else logging.ERROR
+    if not failures.isEnabledFor(level):
+        return
+    what = f"{ctx.service}.{ctx.handler or '?'}"
+    where = f"{ctx.envelope.type} {ctx.event_id} (correlation {ctx.correlation_id}, attempt "
+    if outcome.kind == "retry":
+        text = f"{what} failed on {where}{ctx.attempt}); retrying in {outcome.delay:.2f}s"
+    else:
+        text = f"{what} gave up on {where}{ctx.attempt}): {failure.reason}, dead-lettered"
+    extra = {**_fields(ctx), "reason": failure.reason, "error_type": failure.error_type}
+    record = failures.makeRecord(
+        failures.name, level, __file__, 0, "%s: %s: %s", (text, failure.error_type, failure.error),
+        None, extra=extra,
+    )  # fmt: skip
+    record.exc_text = failure.traceback or None
+    failures.handle(record)

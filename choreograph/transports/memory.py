@@ -106,6 +106,9 @@ class MemoryTransport(Transport):
         found = [d for d in self._dead.values() if group is None or d.group == group]
         return found[:limit]
 
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        return self._dead.get(dead_letter_id)
+
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
         dead = self._dead.get(dead_letter_id)
         if dead is None:

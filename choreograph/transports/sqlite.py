@@ -153,7 +153,8 @@ class _Schema:
                 error_type TEXT NOT NULL,
                 error TEXT NOT NULL,
                 attempts INTEGER NOT NULL,
-                failed_at REAL NOT NULL
+                failed_at REAL NOT NULL,
+                traceback TEXT NOT NULL DEFAULT ''
             );
             CREATE INDEX IF NOT EXISTS "{ns}_dead_letters_grp" ON {dead} (grp, dlid);
         """
@@ -177,8 +178,8 @@ class _Schema:
         )
         self.bury = (
             f"INSERT INTO {dead} "
-            "(grp, id, topic, body, reason, error_type, error, attempts, failed_at) "
-            f"SELECT grp, id, topic, body, ?, ?, ?, attempt, ? FROM {queue} "
+            "(grp, id, topic, body, reason, error_type, error, traceback, attempts, failed_at) "
+            f"SELECT grp, id, topic, body, ?, ?, ?, ?, attempt, ? FROM {queue} "
             "WHERE did = ? AND attempt = ?"
         )
         # a message too big to send: a dead letter (attempts 0) for each group it was meant for
@@ -189,9 +190,17 @@ class _Schema:
             f"(SELECT grp FROM {bindings} WHERE ?8 IS NULL AND topic = ?3 UNION ALL SELECT ?8 "
             "WHERE ?8 IS NOT NULL)"
         )
-        dead_columns = "dlid, grp, id, topic, body, reason, error_type, error, attempts, failed_at"
+        # files made before dead letters kept their traceback get the column on open
+        self.dead_has_traceback = (
+            f"SELECT 1 FROM pragma_table_info('{ns}_dead_letters') WHERE name = 'traceback'"
+        )
+        self.add_traceback = f"ALTER TABLE {dead} ADD COLUMN traceback TEXT NOT NULL DEFAULT ''"
+        dead_columns = (
+            "dlid, grp, id, topic, body, reason, error_type, error, traceback, attempts, failed_at"
+        )
         self.dead_all = f"SELECT {dead_columns} FROM {dead} ORDER BY dlid LIMIT ?"
         self.dead_of = f"SELECT {dead_columns} FROM {dead} WHERE grp = ? ORDER BY dlid LIMIT ?"
+        self.dead_by_id = f"SELECT {dead_columns} FROM {dead} WHERE dlid = ?"
         self.dead_one = f"SELECT grp, id, topic, body FROM {dead} WHERE dlid = ?"
         self.forget_dead = f"DELETE FROM {dead} WHERE dlid = ?"
         self.group_known = f"SELECT 1 FROM {groups} WHERE grp = ?"
@@ -255,6 +264,8 @@ class SqliteTransport(Transport):
             for statement in self._sql.create.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if db.execute(self._sql.dead_has_traceback).fetchone() is None:
+                db.execute(self._sql.add_traceback)
             db.execute("COMMIT")
         except BaseException:
             db.close()
@@ -312,6 +323,14 @@ class SqliteTransport(Transport):
             else:
                 rows = db.execute(self._sql.dead_of, (group, limit)).fetchall()
         return [_dead_letter(row) for row in rows]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        key = _dead_letter_key(dead_letter_id)
+        if key is None:
+            return None
+        with self._read() as db:
+            row = db.execute(self._sql.dead_by_id, (key,)).fetchone()
+        return None if row is None else _dead_letter(row)
 
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
         key = _dead_letter_key(dead_letter_id)
@@ -416,12 +435,12 @@ class SqliteTransport(Transport):
 
 
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    dlid, group, event_id, topic, body, reason, error_type, error, attempts, failed_at = row
+    dlid, group, event_id, topic, body, reason, error_type, error, trace, attempts, failed_at = row
     return DeadLetter(
         id=str(dlid),
         group=group,
         message=Message(event_id, topic, body),
-        failure=Failure(reason, error_type, error),
+        failure=Failure(reason, error_type, error, trace),
         attempts=attempts,
         failed_at=failed_at,
     )
@@ -503,7 +522,10 @@ class SqliteSubscription(Subscription):
         did, attempt = delivery.handle
         sql = self._bus._sql
         with self._bus._write() as db:
-            bury = (failure.reason, failure.error_type, failure.error, time.time(), did, attempt)
+            bury = (
+                failure.reason, failure.error_type, failure.error, failure.traceback,
+                time.time(), did, attempt,
+            )  # fmt: skip
             if db.execute(sql.bury, bury).rowcount:
                 db.execute(sql.ack, (did, attempt))
         self._held.discard(delivery.handle)

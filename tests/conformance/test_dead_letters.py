@@ -209,3 +209,58 @@ async def test_replay_with_an_oversized_body_is_refused_and_keeps_the_dead_lette
     [kept] = await bus.dead_letters(group)
     assert (kept.id, kept.message.body) == (dead.id, dead.message.body)
     assert await receive_for(sub, 0.3) == []
+
+
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    + '  File "handlers.py", line 12, in reserve\n    1 / 0\n' * 60
+    + "ZeroDivisionError: division by zero (é)\n"
+)
+
+
+async def test_a_dead_letter_keeps_the_traceback_of_its_failure(
+    make_transport: TransportFactory,
+) -> None:
+    # given a member that received a message
+    bus = await make_transport()
+    group, topic = unique("g"), unique("topic")
+    sub = await bus.subscribe(group, [topic])
+    await bus.publish([message(topic)])
+    [delivery] = await receive_n(sub, 1, within=5)
+
+    # when it dead-letters it with a failure that has a multi-line traceback
+    failure = Failure("attempts exhausted", "ZeroDivisionError", "division by zero", TRACEBACK)
+    await sub.dead_letter(delivery, failure)
+
+    # then the dead letter, listed or fetched alone, keeps the traceback as it was
+    [listed] = await bus.dead_letters(group)
+    assert listed.failure == failure and listed.failure.traceback == TRACEBACK
+    fetched = await bus.get_dead_letter(listed.id)
+    assert fetched is not None and fetched.failure.traceback == TRACEBACK
+
+
+async def test_one_dead_letter_is_fetched_by_its_id(make_transport: TransportFactory) -> None:
+    # given three dead letters in two groups
+    bus = await make_transport()
+    topic = unique("topic")
+    first, second = unique("g"), unique("g")
+    await _dead_letter_one(bus, first, topic)
+    sub = await bus.subscribe(second, [topic])
+    await bus.publish(messages(topic, 2))
+    for delivery in await receive_n(sub, 2, within=5):
+        await sub.dead_letter(delivery, FAILURE)
+    letters = await bus.dead_letters(second)
+    assert len(letters) == 2
+
+    # when one of them is fetched by its id
+    wanted = letters[1]
+    fetched = await bus.get_dead_letter(wanted.id)
+
+    # then it is that letter, whole; an unknown or discarded id finds nothing
+    assert fetched is not None
+    assert (fetched.id, fetched.group, fetched.message, fetched.failure, fetched.attempts) == (
+        wanted.id, wanted.group, wanted.message, wanted.failure, wanted.attempts,
+    )  # fmt: skip
+    assert await bus.get_dead_letter("no-such-letter") is None
+    assert await bus.discard(wanted.id)
+    assert await bus.get_dead_letter(wanted.id) is None

@@ -22,6 +22,8 @@ from choreograph import (
     PayloadTooLarge,
     Service,
 )
+from choreograph.clock import SYSTEM_CLOCK
+from choreograph.envelope import new_envelope
 from choreograph.middleware import Checkpoint, Next
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import UNPUBLISHABLE
@@ -146,7 +148,8 @@ async def test_only_middleware_overriding_a_hook_are_called_for_it() -> None:
         return []
 
     # when a handling runs through the hooks
-    await hooks.handle(None, react)  # type: ignore[arg-type]
+    ctx = Context("s", new_envelope("T", {}, source="test"), 1, None, SYSTEM_CLOCK)  # type: ignore[arg-type]
+    await hooks.handle(ctx, react)
     # then the onion holds, the first middleware outermost, the observer not involved
     assert order == ["outer in", "inner in", "react", "inner out", "outer out"]
     assert bool(Hooks()) is False and bool(hooks) is True

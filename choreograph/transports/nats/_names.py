@@ -29,6 +29,7 @@ import re
 import uuid
 from typing import Any
 
+from choreograph.logs import bounded_traceback
 from choreograph.transport import Failure, Message
 
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
@@ -176,6 +177,7 @@ def dead_letter_header(
         "reason": failure.reason,
         "error_type": failure.error_type,
         "error": failure.error[:MAX_ERROR_CHARS],
+        "traceback": bounded_traceback(failure.traceback),
         "attempts": attempts,
         "failed_at": failed_at,
     }

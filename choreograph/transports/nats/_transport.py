@@ -327,6 +327,7 @@ class NatsTransport(Transport):
                 str(record.get("reason", "")),
                 str(record.get("error_type", "")),
                 str(record.get("error", "")),
+                str(record.get("traceback", "")),
             ),
             attempts=int(record.get("attempts", 0)),
             failed_at=float(record.get("failed_at", 0.0)),
@@ -356,6 +357,11 @@ class NatsTransport(Transport):
             return None
         seq = int(dead_letter_id)
         return seq if seq > 0 else None
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        self._check_open()
+        with translated(f"fetching dead letter {dead_letter_id[:40]}"):
+            return await self._get_dead_letter(dead_letter_id)
 
     async def _get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         seq = self._sequence(dead_letter_id)

@@ -24,6 +24,7 @@ REASON, ERROR_TYPE, ERROR = (
     "x-choreograph-error",
 )
 ATTEMPTS, FAILED_AT = "x-choreograph-attempts", "x-choreograph-failed-at-ms"
+TRACEBACK = "x-choreograph-traceback"
 REFUSED = "oversized"
 """``KIND`` of a reference published in place of an oversized message: the member that receives
 it dead-letters it at once (the broker, not the transport, knows which groups it was for)."""

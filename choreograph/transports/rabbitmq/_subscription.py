@@ -25,6 +25,7 @@ from choreograph.transports.rabbitmq._frames import (
     GROUP,
     KIND,
     REASON,
+    TRACEBACK,
     Out,
     content_header,
     rich_header,
@@ -118,7 +119,11 @@ class RabbitMQSubscription(Consumer, Subscription):
         if not self._claim(delivery):
             return
         message = delivery.message
-        error = failure.error.encode()[: self._bus.header_budget()].decode(errors="ignore")
+        budget = self._bus.header_budget()
+        error = failure.error.encode()[:budget].decode(errors="ignore")
+        # the traceback gets what the error text left of the budget; its end is where it raised
+        room = budget - len(error.encode())
+        trace = failure.traceback.encode()[-room:] if room > 0 else b""
         headers: dict[str, Any] = {
             KIND: "dead",
             DL_ID: uuid.uuid4().hex,
@@ -126,6 +131,7 @@ class RabbitMQSubscription(Consumer, Subscription):
             REASON: failure.reason.encode()[:500].decode(errors="ignore"),
             ERROR_TYPE: failure.error_type.encode()[:200].decode(errors="ignore"),
             ERROR: error,
+            TRACEBACK: trace.decode(errors="ignore"),
             ATTEMPTS: delivery.attempt,
             FAILED_AT: round(time.time() * 1000),  # an int: AMQP tables carry floats as float32
         }

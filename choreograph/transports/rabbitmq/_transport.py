@@ -35,6 +35,7 @@ from choreograph.transports.rabbitmq._frames import (
     KIND,
     REASON,
     REFUSED,
+    TRACEBACK,
     Out,
     content_header,
     int_value,
@@ -156,9 +157,10 @@ class RabbitMQTransport(Link):
 
     # dead letters -------------------------------------------------------------------------------
 
-    async def _scan(self) -> dict[str, DeadLetter]:
+    async def _scan(self, only: str | None = None) -> dict[str, DeadLetter]:
         """Read the dead-letter stream from its start to a marker written now: the live dead
-        letters, oldest first (a tombstone removes the record it names)."""
+        letters, oldest first (a tombstone removes the record it names). With ``only``, just
+        that one is kept, so finding one letter holds one in memory."""
         if not self._dlq_declared:
             if await self._length(self._dlq) is None:
                 return {}  # nothing was ever dead-lettered in this namespace
@@ -175,11 +177,12 @@ class RabbitMQTransport(Link):
             p = m.header.properties
             headers = p.headers or {}
             kind, key = headers.get(KIND), str_value(headers.get(DL_ID))
-            if kind == "dead":
+            if kind == "dead" and (only is None or key == only):
                 failure = Failure(
                     str_value(headers.get(REASON)),
                     str_value(headers.get(ERROR_TYPE)),
                     str_value(headers.get(ERROR)),
+                    str_value(headers.get(TRACEBACK)),
                 )
                 message = Message(p.message_id or "", p.message_type or "", m.body)
                 failed_at = int_value(headers.get(FAILED_AT), 0) / 1000
@@ -220,8 +223,11 @@ class RabbitMQTransport(Link):
         out = Out(self._groups_ex, DLQ_KEY, rich_header(props, 0), b"", dead.message.id)
         await self._send([out], mandatory=True)
 
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        return (await self._scan(only=dead_letter_id)).get(dead_letter_id)
+
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
-        dead = (await self._scan()).get(dead_letter_id)
+        dead = await self.get_dead_letter(dead_letter_id)
         if dead is None:
             return False
         message = dead.message
@@ -236,7 +242,7 @@ class RabbitMQTransport(Link):
         return True
 
     async def discard(self, dead_letter_id: str) -> bool:
-        dead = (await self._scan()).get(dead_letter_id)
+        dead = await self.get_dead_letter(dead_letter_id)
         if dead is None:
             return False
         await self._remove(dead)

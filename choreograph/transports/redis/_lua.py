@@ -212,7 +212,7 @@ return 1
 """
 
 # KEYS: stream, dead letters | ARGV: group, consumer, entry id, attempts, reason, error type,
-# error, failed at
+# error, failed at, traceback
 _DEAD_LETTER = """
 local group, me, eid = ARGV[1], ARGV[2], ARGV[3]
 if not owned(KEYS[1], group, eid, me) then return 0 end
@@ -221,7 +221,7 @@ if not rec then return 0 end
 local id, topic, body = unrecord(rec)
 redis.call('XADD', KEYS[2], '*', 'id', id, 'topic', topic, 'body', body, 'group', group,
            'reason', ARGV[5], 'error_type', ARGV[6], 'error', ARGV[7], 'attempts', ARGV[4],
-           'failed_at', ARGV[8])
+           'failed_at', ARGV[8], 'traceback', ARGV[9])
 return 1
 """
 

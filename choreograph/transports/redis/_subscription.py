@@ -158,6 +158,7 @@ class RedisSubscription(Subscription):
         bus = self._bus
         args = [self.group, self._consumer, delivery.handle, delivery.attempt]
         args += [failure.reason, failure.error_type, failure.error, repr(time.time())]
+        args.append(failure.traceback)
         await bus._script("dead_letter", [self._stream, bus._dlq(self.group)], args, "dead_letter")
         self._held.pop(delivery.handle, None)
         await bus._wait_replicas("dead_letter")

@@ -201,7 +201,9 @@ class RedisTransport(Transport):
                 now = time.monotonic()
                 if failing_since is None:
                     failing_since = now
-                    log.warning("redis: %s failed (%s); retrying", what, exc)
+                    # a first connect that keeps failing ends in a clean error of its own
+                    level = logging.INFO if what == "connect" else logging.WARNING
+                    log.log(level, "redis: %s failed (%s); retrying", what, exc)
                 if not retry or now - failing_since >= budget:
                     raise TransportError(
                         f"{what}: Redis at {redact(self.settings.url)} did not answer "
@@ -321,29 +323,24 @@ class RedisTransport(Transport):
             return await pipe.execute()
 
         replies = await self._call(fetch, "dead_letters") if groups else []
-        found: list[DeadLetter] = []
-        for name, entries in zip(groups, replies, strict=True):
-            for eid, f in entries:
-                found.append(
-                    DeadLetter(
-                        id=f"{name}:{eid.decode()}",
-                        group=name,
-                        message=Message(
-                            f.get(b"id", b"").decode(),
-                            f.get(b"topic", b"").decode(),
-                            f.get(b"body", b""),
-                        ),
-                        failure=Failure(
-                            f.get(b"reason", b"").decode(),
-                            f.get(b"error_type", b"").decode(),
-                            f.get(b"error", b"").decode(),
-                        ),
-                        attempts=int(f.get(b"attempts", b"0")),
-                        failed_at=float(f.get(b"failed_at", b"0")),
-                    )
-                )
+        found = [
+            _dead_letter(name, eid, fields)
+            for name, entries in zip(groups, replies, strict=True)
+            for eid, fields in entries
+        ]
         found.sort(key=lambda d: stream_id_key(d.id.partition(":")[2]))
         return found[:limit]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        client = self._redis()
+        parsed = _DEAD_LETTER_ID.match(dead_letter_id)
+        if parsed is None:
+            return None
+        group, eid = parsed.groups()
+        entries: Any = await self._call(
+            lambda: client.xrange(self._dlq(group), eid, eid, count=1), "get_dead_letter"
+        )
+        return _dead_letter(group, entries[0][0], entries[0][1]) if entries else None
 
     async def replay(self, dead_letter_id: str, body: bytes | None = None) -> bool:
         self._redis()
@@ -379,3 +376,22 @@ class RedisTransport(Transport):
             "lag", [self._stream(group), self._delayed_counts_key], [group], "lag"
         )
         return None if value < 0 else int(value)
+
+
+def _dead_letter(group: str, eid: bytes, f: dict[bytes, bytes]) -> DeadLetter:
+    """A dead letter from its entry in ``group``'s dead-letter stream."""
+    return DeadLetter(
+        id=f"{group}:{eid.decode()}",
+        group=group,
+        message=Message(
+            f.get(b"id", b"").decode(), f.get(b"topic", b"").decode(), f.get(b"body", b"")
+        ),
+        failure=Failure(
+            f.get(b"reason", b"").decode(),
+            f.get(b"error_type", b"").decode(),
+            f.get(b"error", b"").decode(),
+            f.get(b"traceback", b"").decode(),
+        ),
+        attempts=int(f.get(b"attempts", b"0")),
+        failed_at=float(f.get(b"failed_at", b"0")),
+    )
