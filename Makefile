@@ -7,7 +7,7 @@ TRANSPORT ?=
 DELIVERIES ?= 200
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench services install clean
+.PHONY: demo test lint format bench services install clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 ## test: the whole suite; broker tests skip locally when a server is down, fail under CI=true
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## docs: the documentation site into site/ (MkDocs), warnings as errors; nothing fetched
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check choreograph examples tests benchmarks

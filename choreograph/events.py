@@ -77,7 +77,8 @@ class HandlerFailed(Event):
 
 
 class DeadlineExpired(Event):
-    """An awaited event did not arrive in time (see :meth:`Context.set_deadline`)."""
+    """An awaited event did not arrive in time: what a deadline's function receives (see
+    :meth:`Service.deadline`). It is not published; the function returns what to emit."""
 
     event_type: ClassVar[str] = "choreograph.DeadlineExpired"
     service: str
