@@ -135,8 +135,13 @@ def asyncapi_document(
         "components": {"messages": messages, "schemas": schemas},
     }
     if server:
-        protocol = server.split("://", 1)[0] if "://" in server else "sqlite"
-        host = server.split("://", 1)[1] if "://" in server else server
+        protocol, found, rest = server.partition("://")
+        if not found:
+            protocol, rest = "sqlite", server
+        # where, never how to log in: no user, password or token, no options
+        host = rest.split("?", 1)[0]
+        authority, slash, path = host.partition("/")
+        host = authority.rpartition("@")[2] + slash + path
         doc["servers"] = {"bus": {"host": host or "localhost", "protocol": protocol}}
     return doc
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 
+from choreograph.cli import _Redacting
 from choreograph.stores.postgres import PostgresSettings
 from choreograph.transport import redact
 from choreograph.transports.nats import NatsSettings
@@ -49,3 +53,21 @@ def test_settings_never_show_credentials_in_their_repr() -> None:
     postgres = PostgresSettings.from_url("postgresql://u:s3cret@127.0.0.1/test", "svc")
     assert "s3cret" not in repr(nats) and "s3cret" not in repr(postgres)
     assert "s3cret" in postgres.dsn  # the driver still gets it
+
+
+def test_log_lines_of_the_cli_are_redacted_tracebacks_included() -> None:
+    # given the formatter the CLI puts on its log handlers
+    formatter = _Redacting(logging.Formatter("%(name)s: %(message)s"))
+    try:
+        raise ConnectionError("refused by amqp://guest:s3cret@127.0.0.1:5672/")
+    except ConnectionError:
+        record = logging.LogRecord(
+            "aiormq.connection", logging.WARNING, __file__, 1, "connecting to %s",
+            ("nats://s3cret@127.0.0.1:4222",), sys.exc_info(),
+        )  # fmt: skip
+    # when a library logs a URL, with an exception naming another
+    line = formatter.format(record)
+    # then neither secret is in the line, and the rest is
+    assert "s3cret" not in line
+    assert "aiormq.connection: connecting to nats://***@127.0.0.1:4222" in line
+    assert "ConnectionError: refused by amqp://guest:***@127.0.0.1:5672/" in line
