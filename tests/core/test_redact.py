@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from choreograph.cli import _Redacting
+from choreograph.logs import JsonFormatter, TextFormatter
 from choreograph.stores.postgres import PostgresSettings
 from choreograph.transport import redact
 from choreograph.transports.nats import NatsSettings
@@ -55,9 +55,9 @@ def test_settings_never_show_credentials_in_their_repr() -> None:
     assert "s3cret" in postgres.dsn  # the driver still gets it
 
 
-def test_log_lines_of_the_cli_are_redacted_tracebacks_included() -> None:
-    # given the formatter the CLI puts on its log handlers
-    formatter = _Redacting(logging.Formatter("%(name)s: %(message)s"))
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_log_lines_are_redacted_tracebacks_included(formatter: logging.Formatter) -> None:
+    # given the formatters the CLI logs with
     try:
         raise ConnectionError("refused by amqp://guest:s3cret@127.0.0.1:5672/")
     except ConnectionError:
@@ -69,5 +69,5 @@ def test_log_lines_of_the_cli_are_redacted_tracebacks_included() -> None:
     line = formatter.format(record)
     # then neither secret is in the line, and the rest is
     assert "s3cret" not in line
-    assert "aiormq.connection: connecting to nats://***@127.0.0.1:4222" in line
+    assert "connecting to nats://***@127.0.0.1:4222" in line
     assert "ConnectionError: refused by amqp://guest:***@127.0.0.1:5672/" in line
