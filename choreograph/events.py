@@ -13,14 +13,18 @@ on every broker) is the class name, or the ``event_type`` class variable when se
         drone_id: str
 
 Payloads are validated when received; unknown fields are ignored so that producers may add fields
-without breaking older consumers.
+without breaking older consumers. Numbers must be finite: NaN and Infinity have no JSON form (they
+would travel as ``null`` and fail every consumer), so an event holding one, at any depth, is
+refused when it is made. A class that wants them anyway sets
+``model_config = ConfigDict(allow_inf_nan=True)`` (and gets ``null`` on the wire).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from choreograph.envelope import check_event_type
 from choreograph.errors import SchemaViolation
@@ -29,7 +33,7 @@ from choreograph.errors import SchemaViolation
 class Event(BaseModel):
     """Base class of every event type."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     event_type: ClassVar[str]
 
@@ -39,6 +43,19 @@ class Event(BaseModel):
         if "event_type" not in cls.__dict__:
             cls.event_type = cls.__name__
         check_event_type(cls.event_type)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        # allow_inf_nan covers float fields; this covers numbers inside dicts, lists and Any.
+        if cls.model_config.get("allow_inf_nan") is False:
+            where = _non_finite(data, "")
+            if where is not None:
+                raise ValueError(
+                    f"{where or 'a value'} is not a finite number (NaN and Infinity have no JSON "
+                    "form)"
+                )
+        return data
 
     @classmethod
     def parse_data(cls, data: dict[str, Any]) -> Event:
@@ -54,6 +71,25 @@ class Event(BaseModel):
 
     def to_data(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinite float in ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, BaseModel):
+        value = value.__dict__
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 # Events the runtime itself publishes. Services react to them like to any other event.

@@ -160,6 +160,25 @@ _STORES: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+def check_not_shared(url: str, services: Sequence[str]) -> None:
+    """Refuse a store URL under which several of ``services`` would share one store: one inbox
+    for all, where each would skip the others' events as duplicates and transactions would stall
+    with no error. A URL with ``{service}`` gives each its own; so do ``memory://`` (a database per
+    store) and PostgreSQL without ``schema=`` (a schema per service)."""
+    if "{service}" in url or len(set(services)) < 2:
+        return
+    parts = urlsplit(url)
+    if parts.scheme == "memory":
+        return
+    if parts.scheme in ("postgresql", "postgres") and "schema=" not in parts.query:
+        return
+    raise ConfigurationError(
+        f"the store URL {redact(url)} has no {{service}}: services {', '.join(services)} would "
+        "share one store (one inbox: each would skip the others' events as duplicates). Put "
+        "{service} in it, e.g. sqlite:///.choreograph/{service}.db"
+    )
+
+
 def store_from_url(url: str, service: str) -> Store:
     """Create (not yet opened) the store a URL names; ``{service}`` in it is replaced by the
     service's name, so one template serves every service."""

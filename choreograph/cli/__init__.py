@@ -1,9 +1,4 @@
-"""The ``choreograph`` command line.
-
-Exit codes: 0 success, 1 the command ran and found a problem (a check failed, stuck transactions
-found, an id not found), 2 usage errors and missing or unknown inputs (click's convention).
-Commands that differ say so in their own ``--help``.
-"""
+"""The ``choreograph`` command line. Exit codes are listed in ``choreograph --help``."""
 
 from __future__ import annotations
 
@@ -36,8 +31,12 @@ from choreograph.logs import configure_logging
 def main(log_level: str, log_format: str) -> None:
     """Run and inspect choreographed services.
 
-    Exit codes: 0 done; 1 the command found a problem (see its --help); 2 bad usage, or a file,
-    service or id that does not exist.
+    \b
+    Exit codes:
+      0  done
+      1  the command ran and found a problem, or not what was named (stuck transactions, lint
+         errors, a dead letter or timer that does not exist); each command's --help says which
+      2  bad usage, or nothing to read: no such bus or store file, service or recorder database
     """
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):

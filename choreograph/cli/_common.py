@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import glob
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -14,11 +16,72 @@ from rich.console import Console
 
 from choreograph.app import App, load_app
 from choreograph.errors import ChoreographError
-from choreograph.transport import DEFAULT_TRANSPORT_URL, redact
+from choreograph.store import Store, store_from_url
+from choreograph.stores.sqlite import SqliteStore
+from choreograph.transport import DEFAULT_TRANSPORT_URL, Transport, redact, transport_from_url
+from choreograph.transports.sqlite import SqliteTransport
 
 T = TypeVar("T")
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich output at its width; a pipe or a file gets plain lines that are
+    never wrapped or cut (a table is as wide as its widest cell)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=100_000)
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+
+class MissingInput(click.ClickException):
+    """Nothing to read: a bus or store file, database or service that does not exist. Commands
+    that only read state refuse it (exit code 2) rather than create an empty one."""
+
+    exit_code = 2
+
+
+def existing_bus(url: str) -> Transport:
+    """The transport ``url`` names, refusing an embedded bus file that does not exist."""
+    transport = transport_from_url(url)
+    if isinstance(transport, SqliteTransport) and not Path(transport.settings.path).exists():
+        raise MissingInput(
+            f"no bus at {redact(url)} (no such file): name the bus the services use with "
+            "--transport or CHOREOGRAPH_TRANSPORT"
+        )
+    return transport
+
+
+def existing_store(url: str, service: str) -> Store:
+    """The store of ``service`` under the template ``url``, refusing a store file that does not
+    exist (a misspelt service, or the wrong --store); the message names the services found."""
+    store = store_from_url(url, service)
+    path = store.path if isinstance(store, SqliteStore) else ":memory:"
+    if path != ":memory:" and not Path(path).exists():
+        raise MissingInput(
+            f"service {service!r} has no store at {path}; "
+            + _stores_found(url)
+            + " (pass the services' store template with --store or CHOREOGRAPH_STORE)"
+        )
+    return store
+
+
+def _stores_found(template: str) -> str:
+    if "{service}" not in template:
+        return "no store there"
+    probe = store_from_url(template, "{service}")  # its path, with {service} left in it
+    if not isinstance(probe, SqliteStore):
+        return "no store there"
+    head, _, tail = probe.path.partition("{service}")
+    found = sorted(
+        path[len(head) : len(path) - len(tail)]
+        for path in glob.glob(glob.escape(head) + "*" + glob.escape(tail))
+    )
+    return f"services with a store there: {', '.join(found)}" if found else "no store there"
+
 
 transport_option = click.option(
     "--transport",

@@ -14,6 +14,8 @@ from choreograph.app import App
 from choreograph.cli._common import (
     app_option,
     console,
+    existing_bus,
+    existing_store,
     resolve_app,
     run_async,
     transport_option,
@@ -23,8 +25,7 @@ from choreograph.envelope import decode, encode, new_envelope
 from choreograph.errors import ChoreographError, ConfigurationError
 from choreograph.events import Event
 from choreograph.runtime.runner import declare_groups
-from choreograph.store import store_from_url
-from choreograph.transport import DeadLetter, Message, transport_from_url
+from choreograph.transport import DeadLetter, Message, Transport, transport_from_url
 
 
 def _event_class(app: App, type_name: str) -> type[Event]:
@@ -79,6 +80,17 @@ async def publish(
     )
 
 
+def _valid_data(app_spec: str, event_type: str, data: str) -> dict[str, Any]:
+    """``data`` parsed and validated against the class of ``event_type`` in the app."""
+    cls = _event_class(resolve_app(app_spec), event_type)
+    value = _read_json(data)
+    try:
+        cls.parse_data(value)
+    except ChoreographError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    return value  # as given: fields this version does not know may matter to other consumers
+
+
 # dead letters ------------------------------------------------------------------------------------
 
 
@@ -105,6 +117,7 @@ def _dead_json(dead: DeadLetter) -> dict[str, Any]:
         "reason": dead.failure.reason,
         "error_type": dead.failure.error_type,
         "error": dead.failure.error,
+        "traceback": dead.failure.traceback,
         "attempts": dead.attempts,
         "failed_at": _when(dead.failed_at),
         "message": body,
@@ -118,8 +131,8 @@ def _dead_json(dead: DeadLetter) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @run_async
 async def dlq_list(transport_url: str, group: str | None, limit: int, as_json: bool) -> None:
-    """List dead letters, oldest first."""
-    async with transport_from_url(transport_url) as transport:
+    """List dead letters, oldest first. Exits 2 when there is no such bus."""
+    async with existing_bus(transport_url) as transport:
         dead = await transport.dead_letters(group, limit)
     if as_json:
         for item in dead:
@@ -142,12 +155,12 @@ async def dlq_list(transport_url: str, group: str | None, limit: int, as_json: b
     console.print(table)
 
 
-async def _find(transport_url: str, dead_letter_id: str) -> DeadLetter:
-    async with transport_from_url(transport_url) as transport:
-        for item in await transport.dead_letters(None, 1_000_000):
-            if item.id == dead_letter_id:
-                return item
-    raise ConfigurationError(f"no dead letter {dead_letter_id!r} (see 'choreograph dlq list')")
+async def _find(transport: Transport, dead_letter_id: str) -> DeadLetter:
+    """One dead letter, fetched alone."""
+    found = await transport.get_dead_letter(dead_letter_id)
+    if found is None:
+        raise ConfigurationError(f"no dead letter {dead_letter_id!r} (see 'choreograph dlq list')")
+    return found
 
 
 @dlq.command("show")
@@ -155,8 +168,10 @@ async def _find(transport_url: str, dead_letter_id: str) -> DeadLetter:
 @transport_option
 @run_async
 async def dlq_show(dead_letter_id: str, transport_url: str) -> None:
-    """Show one dead letter with its whole message."""
-    item = await _find(transport_url, dead_letter_id)
+    """Show one dead letter with its whole message and the failure's traceback. Exits 1 when
+    there is no such dead letter, 2 when there is no such bus."""
+    async with existing_bus(transport_url) as transport:
+        item = await _find(transport, dead_letter_id)
     click.echo(orjson.dumps(_dead_json(item), option=orjson.OPT_INDENT_2).decode())
 
 
@@ -168,7 +183,16 @@ async def dlq_show(dead_letter_id: str, transport_url: str) -> None:
 @click.option(
     "--data",
     default=None,
-    help="Replace the event's data with this JSON object (or - for stdin); one id only.",
+    help="Replace the event's data with this JSON object (or - for stdin); one id only. It is "
+    "validated against the event's class in --app first.",
+)
+@click.option(
+    "--app",
+    "-a",
+    "app_spec",
+    envvar="CHOREOGRAPH_APP",
+    default=None,
+    help="The app (module:attribute) whose event classes validate --data.",
 )
 @run_async
 async def dlq_replay(
@@ -177,21 +201,24 @@ async def dlq_replay(
     replay_all: bool,
     group: str | None,
     data: str | None,
+    app_spec: str | None,
 ) -> None:
-    """Send dead letters back to their own group only (as first attempts)."""
+    """Send dead letters back to their own group only (as first attempts). Exits 1 when some
+    id names no dead letter, 2 on bad usage, invalid --data or no such bus."""
     if not dead_letter_ids and not replay_all:
         raise click.UsageError("name dead letter ids, or use --all")
     if data is not None and len(dead_letter_ids) != 1:
         raise click.UsageError("--data replaces the data of exactly one dead letter")
-    async with transport_from_url(transport_url) as transport:
+    if data is not None and app_spec is None:
+        raise click.UsageError("--data needs --app (or CHOREOGRAPH_APP) to validate the new data")
+    async with existing_bus(transport_url) as transport:
         ids = list(dead_letter_ids)
         if replay_all:
             ids += [d.id for d in await transport.dead_letters(group, 1_000_000)]
         body = None
-        if data is not None:
-            (dead,) = [d for d in await transport.dead_letters(None, 1_000_000) if d.id == ids[0]]
-            envelope = decode(dead.message.body)
-            body = encode(envelope.evolve(data=_read_json(data)))
+        if data is not None and app_spec is not None:
+            envelope = decode((await _find(transport, ids[0])).message.body)
+            body = encode(envelope.evolve(data=_valid_data(app_spec, envelope.type, data)))
         replayed = 0
         with click.progressbar(ids, label="replaying", file=sys.stderr) as bar:
             for item in bar:
@@ -209,8 +236,8 @@ async def dlq_replay(
 @transport_option
 @run_async
 async def dlq_discard(dead_letter_ids: tuple[str, ...], transport_url: str) -> None:
-    """Delete dead letters for good."""
-    async with transport_from_url(transport_url) as transport:
+    """Delete dead letters for good. Exits 1 when some id names no dead letter."""
+    async with existing_bus(transport_url) as transport:
         missing = [i for i in dead_letter_ids if not await transport.discard(i)]
     for item in missing:
         console.print(f"[yellow]no dead letter {item}[/]")
@@ -234,8 +261,8 @@ def timers() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def timers_list(service: str, store_url: str, key: str | None, as_json: bool) -> None:
-    """List the pending timers of SERVICE, soonest first."""
-    store = store_from_url(store_url, service)
+    """List the pending timers of SERVICE, soonest first. Exits 2 when SERVICE has no store."""
+    store = existing_store(store_url, service)
     await store.open()
     try:
         pending = await store.list_timers(key, 100_000)
@@ -261,8 +288,9 @@ async def timers_list(service: str, store_url: str, key: str | None, as_json: bo
 @store_option
 @run_async
 async def timers_cancel(name: str, key: str, service: str, store_url: str) -> None:
-    """Cancel the timer NAME (e.g. deadline:drone_late) of KEY; it will never fire."""
-    store = store_from_url(store_url, service)
+    """Cancel the timer NAME (e.g. deadline:drone_late) of KEY; it will never fire. Exits 1 when
+    there is no such timer, 2 when SERVICE has no store."""
+    store = existing_store(store_url, service)
     await store.open()
     try:
         cancelled = await store.cancel_timer(name, key)

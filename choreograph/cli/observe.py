@@ -16,6 +16,7 @@ from rich.tree import Tree
 
 from choreograph.app import App
 from choreograph.cli._common import (
+    MissingInput,
     app_option,
     console,
     err_console,
@@ -86,7 +87,7 @@ def _seconds(value: float) -> str:
 def _existing(db_url: str) -> FlowDb:
     db = flowdb_from_url(db_url)
     if isinstance(db, SqliteFlowDb) and not Path(db.path).exists():
-        raise ConfigurationError(
+        raise MissingInput(
             f"no recorder database at {db_url}: run `choreograph record` first (or pass --db)"
         )
     return db
@@ -302,7 +303,14 @@ async def stuck(
     db_url: str, app_spec: str | None, as_json: bool, older_than: str, limit: int
 ) -> None:
     """List transactions with no terminal event that started longer ago than --older-than;
-    with --app, what each is waiting for. Exits 1 when there is any."""
+    with --app, what each is waiting for.
+
+    \b
+    Exit codes:
+      0  none is stuck
+      1  some are (scripts can alert on it)
+      2  no recorder database, or bad usage
+    """
     age = parse_duration(older_than)
     model = FlowModel(_app(app_spec)) if app_spec else None
     db = await _open(db_url)

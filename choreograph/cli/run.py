@@ -141,14 +141,34 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
     default=Path(".choreograph/demo"),
     show_default=True,
 )
-@click.option("--rejection-rate", type=click.FloatRange(0, 1), default=None)
-@click.option("--transient-error-rate", type=click.FloatRange(0, 1), default=None)
-@click.option("--slow-drone-rate", type=click.FloatRange(0, 1), default=None)
-@click.option("--slow-drone-seconds", type=click.FloatRange(0), default=None)
-@click.option("--silent-drone-scheduler", is_flag=True, default=None)
-@click.option("--fleet-size", type=click.IntRange(1), default=None)
-@click.option("--flight-seconds", type=click.FloatRange(0), default=None)
-@click.option("--join-timeout", type=click.FloatRange(0.1), default=None)
+@click.option(
+    "--rejection-rate", type=click.FloatRange(0, 1), default=None, envvar="DRONE_REJECTION_RATE"
+)
+@click.option(
+    "--transient-error-rate",
+    type=click.FloatRange(0, 1),
+    default=None,
+    envvar="DRONE_TRANSIENT_ERROR_RATE",
+)
+@click.option(
+    "--slow-drone-rate", type=click.FloatRange(0, 1), default=None, envvar="DRONE_SLOW_DRONE_RATE"
+)
+@click.option(
+    "--slow-drone-seconds",
+    type=click.FloatRange(0),
+    default=None,
+    envvar="DRONE_SLOW_DRONE_SECONDS",
+)
+@click.option(
+    "--silent-drone-scheduler", is_flag=True, default=None, envvar="DRONE_SILENT_DRONE_SCHEDULER"
+)
+@click.option("--fleet-size", type=click.IntRange(1), default=None, envvar="DRONE_FLEET_SIZE")
+@click.option(
+    "--flight-seconds", type=click.FloatRange(0), default=None, envvar="DRONE_FLIGHT_SECONDS"
+)
+@click.option(
+    "--join-timeout", type=click.FloatRange(0.1), default=None, envvar="DRONE_JOIN_TIMEOUT"
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 512),

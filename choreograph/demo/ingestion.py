@@ -103,7 +103,8 @@ def create_http_app(runtime: Runtime) -> Starlette:
 
     async def submit(request: Request) -> Response:
         try:
-            body = DeliveryRequestBody.model_validate(await read_json(request))
+            # strict: a client's true is not 1.0, nor is its "47.6" a number
+            body = DeliveryRequestBody.model_validate(await read_json(request), strict=True)
         except _Reject as reject:
             return problem(reject.status, reject.detail)
         except ValidationError as exc:

@@ -19,7 +19,7 @@ from choreograph.middleware import Middleware
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.worker import ServiceWorker, WorkerSettings
 from choreograph.service import Service
-from choreograph.store import StoreTx, store_from_url
+from choreograph.store import StoreTx, check_not_shared, store_from_url
 from choreograph.transport import Message, Transport, transport_from_url
 
 log = logging.getLogger("choreograph.runtime")
@@ -73,6 +73,7 @@ class Runtime:
         names = list(app.services) if services is None else list(services)
         for name in names:
             app.service(name)  # raises a clear error for an unknown name
+        check_not_shared(store, names)
         self._selected = names
         self.workers: dict[str, ServiceWorker] = {}
         self._started = False

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS timers (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS timers_due ON timers (due_at);
 CREATE INDEX IF NOT EXISTS timers_key ON timers (key);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -213,9 +214,13 @@ class _SqliteTx(StoreTx):
 
 
 class SqliteStore(Store):
-    def __init__(self, url: str, path: str, *, busy_timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, path: str, *, busy_timeout: float = 10.0, service: str = ""
+    ) -> None:
         self.url = url
         self.path = path
+        self.service = service
+        """The service owning the file: the first to open it claims it; another is refused."""
         self._busy_timeout = busy_timeout
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
@@ -229,7 +234,7 @@ class SqliteStore(Store):
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ConfigurationError(f"store URL {url!r} names no file (sqlite:///path.db)")
-        return cls(url, path)
+        return cls(url, path, service=service)
 
     async def open(self) -> None:
         if self._db is not None:
@@ -249,13 +254,30 @@ class SqliteStore(Store):
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)
+                owner = self._claim(db)
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > give_up:
                     db.close()
                     raise
                 await asyncio.sleep(_LOCK_POLL)
+        if owner != self.service:
+            db.close()
+            raise ConfigurationError(
+                f"the store {self.path} belongs to service {owner!r}; {self.service!r} cannot "
+                "share it (one inbox for both: each would skip the other's events as "
+                "duplicates). Give each service its own store: put {service} in the store URL, "
+                "e.g. sqlite:///.choreograph/{service}.db"
+            )
         self._db = db
+
+    def _claim(self, db: sqlite3.Connection) -> str:
+        """Record this store's service in a new file; return the service the file belongs to."""
+        if not self.service or self.path == ":memory:":
+            return self.service
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('service', ?)", (self.service,))
+        row = db.execute("SELECT value FROM meta WHERE key = 'service'").fetchone()
+        return str(row[0])
 
     async def close(self) -> None:
         if self._db is not None:

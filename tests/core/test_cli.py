@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from choreograph.cli import main
+from choreograph.store import Store, store_from_url
 
 HELLO = "examples.hello:app"
 
@@ -61,8 +63,14 @@ def test_publish_then_dead_letters_can_be_listed_shown_and_discarded(bus: str) -
 
 def test_timers_commands_report_an_empty_service(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path}/{{service}}.db"
+    asyncio.run(_open_and_close(store_from_url(store, "delivery")))  # the service ran once
     code, output = invoke("timers", "list", "--service", "delivery", "--store", store)
     assert (code, output.strip()) == (0, "no pending timers in delivery")
     code, output = invoke("timers", "cancel", "deadline:x", "k", "-s", "delivery", "--store", store)
     assert code != 0
     assert "has no pending timer deadline:x for k" in output
+
+
+async def _open_and_close(store: Store) -> None:
+    await store.open()
+    await store.close()

@@ -277,8 +277,25 @@ async def test_an_oversized_streamed_body_without_length_is_413(api: Api) -> Non
         ),
         (lambda b: b.update(surprise=True), ["surprise"]),
         (lambda b: b.update(expedited="maybe", dropoff="here"), ["dropoff", "expedited"]),
+        # strict: no bool taken as a number, no string as a number or a bool
+        (lambda b: b["pickup"].update(latitude=True), ["pickup.latitude"]),
+        (lambda b: b["dropoff"].update(longitude="-122.2"), ["dropoff.longitude"]),
+        (lambda b: b["package"].update(weight_kg="2"), ["package.weight_kg"]),
+        (lambda b: b.update(expedited="true"), ["expedited"]),
+        (lambda b: b.update(expedited=1), ["expedited"]),
     ],
-    ids=["missing", "out-of-range", "two-in-one", "unknown-field", "wrong-types"],
+    ids=[
+        "missing",
+        "out-of-range",
+        "two-in-one",
+        "unknown-field",
+        "wrong-types",
+        "bool-as-number",
+        "string-as-number",
+        "string-as-weight",
+        "string-as-bool",
+        "int-as-bool",
+    ],
 )
 async def test_a_schema_violation_is_422_naming_the_fields(
     api: Api, change: Callable[[dict[str, Any]], Any], fields: list[str]

@@ -139,7 +139,20 @@ def test_stats_counts_transactions_and_handlings(db_url: str) -> None:
 
 def test_a_missing_database_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["stats", "--db", f"sqlite:///{tmp_path}/none.db"])
-    assert result.exit_code == 1 and "run `choreograph record` first" in result.output
+    assert result.exit_code == 2 and "run `choreograph record` first" in result.output
+
+
+def test_stuck_tells_found_stuck_from_no_database_by_its_exit_code(
+    db_url: str, tmp_path: Path
+) -> None:
+    # given a recorder database with a stuck transaction, and a path with none
+    found = cli("stuck", "--older-than", "0s", "--db", db_url)
+    missing = CliRunner().invoke(main, ["stuck", "--db", f"sqlite:///{tmp_path}/none.db"])
+    # then the two exit differently, and --help says which is which
+    assert (found.exit_code, missing.exit_code) == (1, 2)
+    assert not (tmp_path / "none.db").exists()
+    help_text = " ".join(cli("stuck", "--help").output.split())
+    assert "1 some are" in help_text and "2 no recorder database" in help_text
 
 
 @pytest.mark.parametrize(
