@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from choreograph.errors import ConfigurationError
 from choreograph.transport import Message, transport_from_url
 from tests.support.nats_cluster import NatsCluster
 
@@ -70,3 +71,21 @@ async def test_a_killed_stream_leader_is_replaced_and_rejoins_when_restarted(
     finally:
         await bus.delete_namespace()
         await bus.close()
+
+
+async def test_interest_retention_with_replicas_is_refused_on_nats_server_2_9(
+    nats_cluster: NatsCluster,
+) -> None:
+    # given a URL asking for replicated streams with interest retention (what loses messages on
+    # nats-server 2.9: a message one group acked is removed before the other groups got it)
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    url = nats_cluster.transport_url(namespace, retention="interest")
+    bus = transport_from_url(url)
+    # when the transport connects, then it refuses, saying what to use instead
+    with pytest.raises(ConfigurationError, match="retention=limits with max_age"):
+        await bus.connect()
+    # and it created nothing, and closed its connection
+    assert nats_cluster.stream_leader(f"{namespace}_events") is None
+    await _until(
+        lambda: not sum(nats_cluster.connections(namespace).values()), 30, "the connection closed"
+    )

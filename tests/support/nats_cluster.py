@@ -213,9 +213,16 @@ class NatsCluster:
 
     def transport_url(self, namespace: str, first: str | None = None, **options: object) -> str:
         """A ``nats://`` URL for the transport naming every node (``servers=``), with
-        ``replicas`` set to the cluster's size unless given."""
+        ``replicas`` set to the cluster's size and limits retention (a day) unless given:
+        nats-server 2.9 loses messages of replicated interest-retention streams, and the transport
+        refuses that combination."""
         head, *rest = self.servers(first)
-        query: dict[str, object] = {"namespace": namespace, "replicas": len(self.nodes)}
+        query: dict[str, object] = {
+            "namespace": namespace,
+            "replicas": len(self.nodes),
+            "retention": "limits",
+            "max_age": 86400,
+        }
         query.update(options)
         query["servers"] = ",".join(rest)
         return f"{head}?{urlencode({k: str(v) for k, v in query.items()}, safe=':/,')}"

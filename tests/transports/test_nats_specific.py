@@ -33,7 +33,7 @@ from choreograph.errors import (
 )
 from choreograph.transport import Delivery, Failure, Message, Subscription, transport_from_url
 from choreograph.transports.nats import NatsSettings, NatsTransport
-from choreograph.transports.nats._errors import ERROR_TABLE, translate, translated
+from choreograph.transports.nats._errors import ERROR_TABLE, is_transient, translate, translated
 from choreograph.transports.nats._names import (
     Names,
     message_headers,
@@ -439,6 +439,41 @@ def test_the_error_table_is_covered_by_the_cases() -> None:
     covered = {type(raised) for raised, _, _ in ERROR_CASES}
     for kinds, _, _ in ERROR_TABLE:
         assert any(issubclass(c, kinds) for c in covered), kinds
+
+
+TRANSIENT_CASES: list[tuple[BaseException, bool]] = [
+    (ne.TimeoutError(), True),
+    (TimeoutError(), True),
+    (ne.NoRespondersError(), True),
+    (jse.ServiceUnavailableError(code=503, err_code=10008), True),
+    (jse.ServerError(code=500, err_code=10009, description="cluster can not handle request"), True),
+    (jse.BadRequestError(code=400, err_code=10005, description="no suitable peers"), True),
+    (jse.ServerError(code=500, err_code=10007, description="not assigned"), True),
+    (jse.APIError(code=503, err_code=10023, description="insufficient resources"), True),
+    (ne.ConnectionReconnectingError(), True),
+    (jse.NotFoundError(code=404, err_code=10014, description="consumer not found"), False),
+    (jse.BadRequestError(code=400, err_code=10058, description="stream name in use"), False),
+    (jse.ServerError(code=500, err_code=10012, description="consumer create failed"), False),
+    (ne.ConnectionClosedError(), False),
+    (ne.MaxPayloadError(), False),
+    (ConnectionRefusedError(), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("raised", "transient"),
+    TRANSIENT_CASES,
+    ids=[f"{type(c[0]).__name__}-{getattr(c[0], 'err_code', '')}" for c in TRANSIENT_CASES],
+)
+def test_a_cluster_electing_or_missing_a_node_is_told_apart_from_a_refusal(
+    raised: BaseException, transient: bool
+) -> None:
+    # given an error of a JetStream request, as raised or as translated by the transport
+    translated_error = translate(raised, "a request")
+    translated_error.__cause__ = raised
+    # then only what passes once the cluster settles is retried
+    assert is_transient(raised) is transient
+    assert is_transient(translated_error) is transient
 
 
 def test_choreograph_errors_and_others_pass_through() -> None:
@@ -862,8 +897,8 @@ async def test_every_confirmed_publish_survives_a_private_server_restart(
 async def test_a_publish_gives_up_with_transport_error_when_the_server_stays_away(
     private_server: PrivateServer, open_bus: Opener
 ) -> None:
-    # given a transport with a 1 s publish timeout, and its server gone
-    bus = await open_bus(private_server.url, publish_timeout=1)
+    # given a transport with a 1 s publish timeout (and API retry timeout), and its server gone
+    bus = await open_bus(private_server.url, publish_timeout=1, api_retry_timeout=1)
     await bus.declare_group(_unique("g"), ["T"])
     await asyncio.to_thread(private_server.stop, signal.SIGKILL)
 

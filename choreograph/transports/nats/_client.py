@@ -18,7 +18,7 @@ from nats.js.errors import APIError, ServiceUnavailableError
 
 from choreograph.errors import ChoreographError, TransportError
 from choreograph.transport import redact
-from choreograph.transports.nats._errors import TRANSLATED, translate, translated
+from choreograph.transports.nats._errors import TRANSLATED, is_transient, translate, translated
 from choreograph.transports.nats._settings import NatsSettings
 
 log = logging.getLogger("choreograph.transports.nats")
@@ -28,6 +28,10 @@ Outgoing = tuple[str, bytes, dict[str, str] | None]
 
 _RETRYABLE_CODES = frozenset({503})
 """Publish refusals worth resending: JetStream not ready (e.g. recovering after a restart)."""
+_API_FIRST_PAUSE = 0.1
+_API_MAX_PAUSE = 2.0
+"""Seconds between attempts at a JetStream API request the cluster could not answer: doubling
+from the first to the most."""
 _WRITE_CHUNK = 1024 * 1024
 """Bytes of protocol handed to the client at a time on the fast path."""
 
@@ -201,8 +205,7 @@ class Client:
             await asyncio.wait_for(self.connected.wait(), remaining)
         except TimeoutError:
             raise TransportError(
-                f"NATS: {doing}: not connected to the server "
-                f"(still reconnecting after {self.settings.publish_timeout:g} s)"
+                f"NATS: {doing}: not connected to the server (still reconnecting)"
             ) from None
         self.nc  # noqa: B018
 
@@ -210,10 +213,36 @@ class Client:
 
     async def api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """One ``$JS.API`` request. An error answer raises nats-py's APIError (subclass), for the
-        caller to expect or translate; anything else raises TransportError."""
+        caller to expect or translate; anything else raises TransportError.
+
+        While the server or the cluster cannot answer (see :func:`is_transient`: timeouts, no
+        responders, no leader...), the request is sent again with a growing pause, each time
+        logged, for up to ``api_retry_timeout``. Every request this transport makes is safe to
+        repeat (creating what exists with the same configuration is a no-op on the server)."""
         loop = asyncio.get_running_loop()
-        await self.wait_connected(loop.time() + self.settings.publish_timeout, subject)
+        deadline = loop.time() + self.settings.api_retry_timeout
         payload = json.dumps(request).encode() if request is not None else b""
+        pause = _API_FIRST_PAUSE
+        for attempt in itertools.count(1):
+            try:
+                return await self._api_once(subject, payload, deadline)
+            except (APIError, TransportError) as exc:
+                left = deadline - loop.time()
+                if not is_transient(exc) or left <= 0 or not self.is_open:
+                    raise
+                log.warning(
+                    "JetStream request %s failed (attempt %d), retrying in %.1f s: %s",
+                    subject,
+                    attempt,
+                    min(pause, left),
+                    exc,
+                )
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, _API_MAX_PAUSE)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _api_once(self, subject: str, payload: bytes, deadline: float) -> dict[str, Any]:
+        await self.wait_connected(deadline, subject)
         doing = f"JetStream request {subject}"
         try:
             reply = await self.nc.request(

@@ -51,6 +51,32 @@ ERROR_TABLE: list[tuple[tuple[type[BaseException], ...], type[ChoreographError],
     ((OSError,), TransportError, "network error"),
 ]
 
+TRANSIENT_API_CODES = frozenset({10004, 10005, 10007, 10008, 10009, 10041})
+"""JetStream error codes of a cluster that is electing or moving: incomplete results, no peers
+for placement (a node is down), not assigned to this server, temporarily unavailable, not the
+leader, a raft error. Each passes once the cluster settles; any 503 does too."""
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ne.TimeoutError,
+    asyncio.TimeoutError,
+    ne.NoRespondersError,
+    jse.ServiceUnavailableError,
+    jse.NoStreamResponseError,
+    ne.ConnectionReconnectingError,
+    ne.StaleConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Does ``exc`` (a nats-py error, or a choreograph error caused by one) come from a server or
+    cluster that is busy, restarting or electing a leader, so that the same request can succeed
+    a little later?"""
+    while isinstance(exc, ChoreographError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, jse.APIError) and not isinstance(exc, jse.ServiceUnavailableError):
+        return exc.code == 503 or exc.err_code in TRANSIENT_API_CODES
+    return isinstance(exc, _TRANSIENT_ERRORS)
+
+
 TRANSLATED: tuple[type[BaseException], ...] = tuple(
     kind for kinds, _, _ in ERROR_TABLE for kind in kinds
 )

@@ -58,6 +58,10 @@ class NatsSettings(TransportSettings):
     """Seconds one publish attempt waits for the server's confirmations before resending."""
     request_timeout: float = 5.0
     """Seconds one JetStream API request (declare, lag, dead letters) may take."""
+    api_retry_timeout: float = 120.0
+    """Seconds a JetStream API request keeps being retried, with backoff, while the server or the
+    cluster cannot answer it (timeouts, no responders, no leader, a node down) before it raises
+    TransportError: start-up waits out a cluster that is electing or missing a node."""
     connect_timeout: float = 5.0
     reconnect_wait: float = 0.5
     """Seconds between reconnection attempts (the client reconnects for ever)."""
@@ -104,6 +108,7 @@ class NatsSettings(TransportSettings):
             "publish_timeout": self.publish_timeout,
             "confirm_timeout": self.confirm_timeout,
             "request_timeout": self.request_timeout,
+            "api_retry_timeout": self.api_retry_timeout,
             "connect_timeout": self.connect_timeout,
             "reconnect_wait": self.reconnect_wait,
         }
