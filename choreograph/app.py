@@ -74,8 +74,11 @@ def load_app(spec: str) -> App:
     except ImportError as exc:
         raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from None
     found = getattr(module, attribute or "app", None)
-    if callable(found) and not isinstance(found, App):
-        found = found()
+    if callable(found) and not isinstance(found, App | type):  # a factory, not a class
+        try:
+            found = found()
+        except TypeError as exc:
+            raise ConfigurationError(f"cannot call the app factory {spec!r}: {exc}") from None
     if not isinstance(found, App):
         raise ConfigurationError(
             f"{spec!r} is not a choreograph App (expected 'module:attribute' naming an App)"

@@ -472,7 +472,10 @@ def asyncapi(app_spec: str, output: Path | None, doc_version: str, server: str |
     operations per service, messages as CloudEvents envelopes with JSON Schema payloads."""
     from choreograph.observe.asyncapi import asyncapi_document
 
-    doc = asyncapi_document(_app(app_spec), version=doc_version, server=server)
+    try:
+        doc = asyncapi_document(_app(app_spec), version=doc_version, server=server)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
     _write(output, orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

@@ -67,9 +67,15 @@ async def run(
     host: str,
     middleware_specs: tuple[str, ...],
 ) -> None:
-    """Run services of an app (all by default) until SIGINT or SIGTERM."""
+    """Run services of an app (all by default) until SIGINT or SIGTERM.
+
+    Tracing, metrics and flow reports are turned on by OTEL_TRACES_EXPORTER,
+    CHOREOGRAPH_METRICS_PORT and CHOREOGRAPH_RECORD=1 (before any --middleware)."""
+    from choreograph.observe import middleware_from_env
+
     app = resolve_app(app_spec)
-    middleware = [mw for spec in middleware_specs for mw in load_middleware(spec)]
+    middleware = middleware_from_env()
+    middleware += [mw for spec in middleware_specs for mw in load_middleware(spec)]
     settings = WorkerSettings(concurrency=concurrency, batch_size=batch_size, lease=lease)
     runtime = Runtime(
         app,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from choreograph.errors import ConfigurationError
 from choreograph.middleware import Middleware
 from choreograph.observe.asyncapi import asyncapi_document
 from choreograph.observe.flowdb import FlowDb, flowdb_from_url
@@ -44,6 +45,10 @@ def middleware_from_env(environ: dict[str, str] | None = None) -> list[Middlewar
         found.append(TracingMiddleware(configure_tracing(exporter)))
     port = env.get("CHOREOGRAPH_METRICS_PORT", "").strip()
     if port:
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(
+                f"CHOREOGRAPH_METRICS_PORT must be a port number 1-65535, got {port!r}"
+            )
         addr = env.get("CHOREOGRAPH_METRICS_ADDR", "").strip() or "127.0.0.1"
         found.append(MetricsMiddleware(port=int(port), addr=addr))
     if env.get("CHOREOGRAPH_RECORD", "").strip().lower() in ("1", "true", "yes", "on"):
