@@ -45,9 +45,9 @@ def middleware_from_env(environ: dict[str, str] | None = None) -> list[Middlewar
         found.append(TracingMiddleware(configure_tracing(exporter)))
     port = env.get("CHOREOGRAPH_METRICS_PORT", "").strip()
     if port:
-        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        if not (port.isascii() and port.isdigit() and int(port) <= 65535):
             raise ConfigurationError(
-                f"CHOREOGRAPH_METRICS_PORT must be a port number 1-65535, got {port!r}"
+                f"CHOREOGRAPH_METRICS_PORT must be a port number (0: any free one), got {port!r}"
             )
         addr = env.get("CHOREOGRAPH_METRICS_ADDR", "").strip() or "127.0.0.1"
         found.append(MetricsMiddleware(port=int(port), addr=addr))
