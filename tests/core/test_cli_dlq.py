@@ -112,7 +112,7 @@ def test_replay_with_data_sends_the_corrected_event(bus: str) -> None:
     [dead] = bury(bus, "ga", original := ping("wrong"))
 
     # when it is replayed with corrected data
-    result = cli("dlq", "replay", dead.id, "--data", '{"text": "right"}', "-t", bus)
+    result = cli("dlq", "replay", dead.id, "--data", '{"text": "right"}', "--app", HELLO, "-t", bus)
 
     # then the group receives the same event (same id, type, transaction) with the new data
     assert result.exit_code == 0, result.output
@@ -130,7 +130,10 @@ def test_replay_with_data_sends_the_corrected_event(bus: str) -> None:
 def test_replay_with_data_from_stdin(bus: str) -> None:
     [dead] = bury(bus, "ga", ping("wrong"))
 
-    result = cli("dlq", "replay", dead.id, "--data", "-", "-t", bus, stdin='{"text": "piped"}')
+    result = cli(
+        "dlq", "replay", dead.id, "--data", "-", "--app", HELLO, "-t", bus,
+        stdin='{"text": "piped"}',
+    )  # fmt: skip
 
     assert result.exit_code == 0, result.output
     [back] = take(bus, "ga", 1)
@@ -142,7 +145,7 @@ def test_replay_with_data_of_an_unknown_id_is_a_clear_error(bus: str) -> None:
     bury(bus, "ga", ping("kept"))
 
     # when a dead letter that does not exist is replayed with data
-    result = cli("dlq", "replay", "nope", "--data", "{}", "-t", bus)
+    result = cli("dlq", "replay", "nope", "--data", "{}", "--app", HELLO, "-t", bus)
 
     # then the command says so and exits 1, without a traceback, and nothing changed
     assert result.exit_code == 1
@@ -154,14 +157,18 @@ def test_replay_with_data_of_an_unknown_id_is_a_clear_error(bus: str) -> None:
 
 @pytest.mark.parametrize(
     ("data", "says"),
-    [("{oops", "not valid JSON"), ("[1, 2]", "must be a JSON object")],
+    [
+        ("{oops", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"text": 5}', "Ping: text"),
+    ],
 )
 def test_replay_with_bad_data_is_refused_and_keeps_the_letter(
     bus: str, data: str, says: str
 ) -> None:
     [dead] = bury(bus, "ga", ping("kept"))
 
-    result = cli("dlq", "replay", dead.id, "--data", data, "-t", bus)
+    result = cli("dlq", "replay", dead.id, "--data", data, "--app", HELLO, "-t", bus)
 
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit)
@@ -172,7 +179,7 @@ def test_replay_with_bad_data_is_refused_and_keeps_the_letter(
 def test_replay_with_data_needs_exactly_one_id(bus: str) -> None:
     first, second = bury(bus, "ga", ping("one"), ping("two"))
 
-    result = cli("dlq", "replay", first.id, second.id, "--data", "{}", "-t", bus)
+    result = cli("dlq", "replay", first.id, second.id, "--data", "{}", "--app", HELLO, "-t", bus)
 
     assert result.exit_code != 0
     assert "exactly one dead letter" in result.output
