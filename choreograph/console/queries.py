@@ -266,9 +266,10 @@ async def service_activity(
         end = now
     width = max((end - start) / buckets, 1e-3)
     for row in await db.fetch(
+        # grouped by the alias: PostgreSQL cannot tell that two parameters repeat one expression
         "SELECT service, CAST((ended - ?) / ? AS INTEGER) AS b, COUNT(*) AS n FROM cg_handlings "
-        "WHERE ended >= ? GROUP BY service, CAST((ended - ?) / ? AS INTEGER)",
-        (start, width, start, start, width),
+        "WHERE ended >= ? GROUP BY service, b",
+        (start, width, start),
     ):
         index = min(max(int(row["b"]), 0), buckets - 1)
         entry(row["service"])["series"][index] += row["n"]

@@ -1,6 +1,7 @@
 """No command prints a password or token: a secret is planted in every URL a command takes
 (the bus, the service stores, the recorder database), every command of the CLI runs against the
-real servers with DEBUG logging, and its whole output (stdout, stderr, log) is searched for it.
+real servers with DEBUG logging, and its whole output (stdout, stderr, log) is searched for it,
+as are the pages of the web console.
 
 Where it is planted so that the servers still accept the connection (the commands must really
 work, or their output proves little):
@@ -20,6 +21,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -157,6 +159,22 @@ def test_no_command_prints_a_secret_planted_in_its_urls(tmp_path: Path, namespac
                             "--fresh"),
                 "drone delivery",
             )  # fmt: skip
+            # and the web console serves its pages from the same URLs
+            port = free_port()
+            console = procs.start(
+                "console",
+                ["--log-level", "DEBUG", "console", "--db", flows, "--app", APP, "-t", bus,
+                 "--store", store, "--port", str(port)],
+            )  # fmt: skip
+            console.wait_port(port)
+            for page in ("/", "/transactions", "/transactions/o-ok", "/transactions/o-stuck",
+                         "/dead-letters", "/choreography", "/api/transactions"):  # fmt: skip
+                response = httpx.get(f"http://127.0.0.1:{port}{page}", timeout=30)
+                assert response.status_code == 200, (page, console.output()[-3000:])
+                outputs[f"console {page}"] = response.text
+                results[f"console {page}"] = 0
+            console.stop()  # (uvicorn ends by re-raising the signal: no exit code to check)
+            outputs["console"] = console.output()
             # and each one meets a server it cannot use
             down = free_port()
             check(
