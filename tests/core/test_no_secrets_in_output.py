@@ -116,8 +116,7 @@ def test_no_command_prints_a_secret_planted_in_its_urls(tmp_path: Path, namespac
             recorder.wait_output("recording ")
             services = procs.start(
                 "run",
-                ["--log-level", "DEBUG", "run", "--app", APP, "-t", bus, "--store", store,
-                 "--middleware", "choreograph.observe:middleware_from_env"],
+                ["--log-level", "DEBUG", "run", "--app", APP, "-t", bus, "--store", store],
                 env={"CHOREOGRAPH_RECORD": "1", "CHOREOGRAPH_METRICS_PORT": str(free_port())},
             )  # fmt: skip
             Procs.ready(services)
