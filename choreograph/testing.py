@@ -25,20 +25,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from choreograph.app import App
 from choreograph.clock import VirtualClock
+from choreograph.context import Context
 from choreograph.envelope import Envelope, decode, encode, new_envelope
 from choreograph.errors import ConfigurationError, InvalidMessage
 from choreograph.events import BUILTIN_EVENTS, Event
-from choreograph.middleware import Middleware, OutcomeKind
+from choreograph.middleware import Middleware, Outcome, OutcomeKind
 from choreograph.runtime.handling import Handling
 from choreograph.runtime.runner import Runtime
 from choreograph.runtime.worker import WorkerSettings
+from choreograph.service import Service
 from choreograph.store import OutboxRow, StoreTx, Timer, store_from_url
 from choreograph.transport import DeadLetter, Delivery, Failure, Message
 from choreograph.transports.memory import MemoryTransport
@@ -193,7 +195,64 @@ class Harness:
             event.event_type, event.to_data(), source="harness", correlation_id=correlation_id
         )
         delivery = Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt)
-        store = store_from_url("memory://", service)
+        return await self._alone(spec, envelope, state, lambda tx: handling.handle(tx, delivery))
+
+    async def expire(
+        self,
+        service: str,
+        name: str,
+        *,
+        state: Mapping[str, Mapping[str, dict[str, Any]]] | None = None,
+        correlation_id: str = "call-1",
+        key: str | None = None,
+        attempt: int = 1,
+    ) -> Call:
+        """Run the expiry of the deadline or join timeout ``name`` of ``service`` alone, as
+        :meth:`call` runs a handling: for the transaction ``correlation_id`` (a join keyed by a
+        field expires for its ``key``), against a store holding exactly ``state``.
+
+        A join's parts so far are in ``state`` (pass the ``state`` of the calls that brought
+        them); with none, the join times out with every part missing.
+        """
+        spec = self.runtime.app.service(service)
+        handling = Handling(self.runtime.app, spec, self.clock, self.runtime.hooks)
+        start: type[Event]
+        if name in spec.deadlines:
+            timer_name, timer_key = f"deadline:{name}", correlation_id
+            start = spec.deadlines[name].starts_on
+        elif name in spec.joins and spec.joins[name].within is not None:
+            join = spec.joins[name]
+            timer_name, timer_key = f"join:{name}", key or correlation_id
+            start = join.starts_on or join.parts[0]
+        else:
+            known = [*spec.deadlines, *(j for j, s in spec.joins.items() if s.within)]
+            raise ConfigurationError(
+                f"service {service} has no deadline or join timeout named {name!r}; "
+                f"it has: {', '.join(known) or 'none'}"
+            )
+        cause = new_envelope(start.event_type, {}, source=service, correlation_id=correlation_id)
+        timer = Timer(
+            timer_name,
+            timer_key,
+            self.clock.now(),
+            {
+                "correlationid": correlation_id,
+                "causationid": cause.id,
+                "type": cause.type,
+                "attempt": attempt,
+            },
+        )
+        return await self._alone(spec, cause, state, lambda tx: handling.fire(tx, timer))
+
+    async def _alone(
+        self,
+        spec: Service,
+        envelope: Envelope,
+        state: Mapping[str, Mapping[str, dict[str, Any]]] | None,
+        run: Callable[[StoreTx], Awaitable[tuple[Context | None, Outcome]]],
+    ) -> Call:
+        """``run`` in one transaction of a fresh in-memory store of ``spec`` holding ``state``."""
+        store = store_from_url("memory://", spec.name)
         await store.open()
         try:
             async with store.transaction() as tx:
@@ -202,7 +261,7 @@ class Harness:
                         await tx.put(kind, key, dict(doc))
             async with store.transaction() as raw:
                 watched = _WatchedTx(raw)
-                ctx, outcome = await handling.handle(watched, delivery)
+                ctx, outcome = await run(watched)
                 after: Documents = {}
                 for kind in sorted(set(state or {}) | watched.kinds):
                     docs = dict(await raw.find(kind, limit=1_000_000))

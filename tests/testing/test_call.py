@@ -8,6 +8,7 @@ from choreograph import (
     App,
     ConfigurationError,
     Context,
+    DeadlineExpired,
     Event,
     HandlerFailed,
     RetryPolicy,
@@ -159,3 +160,62 @@ async def test_an_event_the_service_does_not_react_to_is_refused_clearly() -> No
     h = Harness(failing_app())
     with pytest.raises(ConfigurationError, match="calc does not react to PackageRejected"):
         await h.call("calc", PackageRejected(delivery_id="d", package_id="p", reason="r"))
+
+
+async def test_expire_runs_a_join_timeout_on_the_parts_a_call_left(
+    harness: HarnessFactory, drone_app: App
+) -> None:
+    # given the delivery service holding one part of its join
+    h = await harness(drone_app, services=[])
+    did = "d-expire"
+    half = await h.call(
+        "delivery",
+        PackageReady(delivery_id=did, package_id="p1", weight_kg=1.0),
+        correlation_id=did,
+    )
+    # when the join's timeout expires
+    result = await h.expire(
+        "delivery", "schedule_delivery", key=did, correlation_id=did, state=half.state
+    )
+    # then its on_timeout fails the delivery, naming the missing part, and the join is over
+    assert result.outcome == "done"
+    assert [type(e) for e in result.emitted] == [DeliveryFailed]
+    failed = result.emitted[0]
+    assert isinstance(failed, DeliveryFailed)
+    assert "DroneScheduled" in failed.reason
+    assert (result.stored("_join:schedule_delivery", did) or {})["status"] == "expired"
+
+
+class Asked(Event):
+    question: str
+
+
+class Unanswered(Event):
+    question: str
+
+
+def deadline_app() -> App:
+    svc = Service("desk")
+
+    @svc.deadline(starts_on=Asked, expect=[Done], within=60, emits=[Unanswered])
+    async def no_answer(expired: DeadlineExpired, ctx: Context) -> Unanswered:
+        asked = await ctx.state.get("asked", expired.key) or {}
+        return Unanswered(question=str(asked.get("question", "?")))
+
+    return App("desk", [svc])
+
+
+async def test_expire_runs_a_deadline_against_the_state_given() -> None:
+    # given a desk that remembers a question of transaction q-1
+    h = Harness(deadline_app())
+    state = {"asked": {"q-1": {"question": "why?"}}}
+    # when its deadline expires
+    result = await h.expire("desk", "no_answer", correlation_id="q-1", state=state)
+    # then its function ran for q-1 and emitted what it returned
+    assert result.emitted == [Unanswered(question="why?")]
+    assert result.envelopes[0].correlationid == "q-1"
+
+
+async def test_expire_of_an_unknown_timer_is_refused_clearly() -> None:
+    with pytest.raises(ConfigurationError, match="no deadline or join timeout named 'nope'"):
+        await Harness(deadline_app()).expire("desk", "nope")
