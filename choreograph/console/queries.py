@@ -141,11 +141,21 @@ async def search_transactions(
     where: list[str] = []
     params: list[Any] = []
     if f.q:
+        if db.dialect == "sqlite":  # binary collation: a prefix is an index range
+            prefix, prefix_params = (
+                "t.correlation_id >= ? AND t.correlation_id < ?",
+                [
+                    f.q,
+                    f.q + "\U0010ffff",
+                ],
+            )
+        else:
+            prefix, prefix_params = "starts_with(t.correlation_id, ?)", [f.q]
         where.append(
-            "(t.correlation_id >= ? AND t.correlation_id < ? OR t.correlation_id IN "
+            f"(t.correlation_id = ? OR {prefix} OR t.correlation_id IN "
             "(SELECT correlation_id FROM cg_keys WHERE value = ?))"
         )
-        params += [f.q, f.q + "\U0010ffff", f.q]
+        params += [f.q, *prefix_params, f.q]
     if f.event_type:
         where.append("t.correlation_id IN (SELECT correlation_id FROM cg_events WHERE type = ?)")
         params.append(f.event_type)
@@ -201,25 +211,27 @@ def status_of(row: Row, now: float, stuck_after: float) -> str:
 async def transaction_counts(
     db: FlowDb, since: float, *, now: float | None = None, stuck_after: float = 60.0
 ) -> dict[str, int]:
-    """Transactions started since ``since``, by status (plus ``late`` and ``total``)."""
+    """Transactions started since ``since``, by status (plus ``late`` and ``total``); three
+    index-only counts."""
     now = time.time() if now is None else now
-    rows = await db.fetch(
-        "SELECT outcome, COUNT(*) AS n, "
-        "SUM(CASE WHEN outcome IS NULL AND last_seen < ? THEN 1 ELSE 0 END) AS stuck, "
-        "SUM(CASE WHEN late > 0 THEN 1 ELSE 0 END) AS late "
-        "FROM cg_transactions WHERE first_seen >= ? GROUP BY outcome",
-        (now - stuck_after, since),
-    )
     counts = dict.fromkeys(("total", "in_flight", "stuck", "completed", "failed", "late"), 0)
-    for row in rows:
-        n, stuck = int(row["n"]), int(row["stuck"] or 0)
-        counts["total"] += n
-        counts["late"] += int(row["late"] or 0)
-        if row["outcome"] in ("completed", "failed"):
-            counts[row["outcome"]] += n
-        else:
-            counts["stuck"] += stuck
-            counts["in_flight"] += n - stuck
+    for row in await db.fetch(
+        "SELECT outcome, COUNT(*) AS n FROM cg_transactions WHERE first_seen >= ? GROUP BY outcome",
+        (since,),
+    ):
+        counts["total"] += int(row["n"])
+        counts[row["outcome"] or "in_flight"] += int(row["n"])
+    stuck = await db.fetch(
+        "SELECT COUNT(*) AS n FROM cg_transactions WHERE outcome IS NULL AND first_seen >= ? "
+        "AND last_seen < ?",
+        (since, now - stuck_after),
+    )
+    counts["stuck"] = int(stuck[0]["n"])
+    counts["in_flight"] -= counts["stuck"]
+    late = await db.fetch(
+        "SELECT COUNT(*) AS n FROM cg_transactions WHERE late > 0 AND first_seen >= ?", (since,)
+    )
+    counts["late"] = int(late[0]["n"])
     return counts
 
 
@@ -227,7 +239,8 @@ async def service_activity(
     db: FlowDb, since: float, *, now: float | None = None, buckets: int = 40
 ) -> dict[str, Row]:
     """Per service since ``since``: handlings by outcome, handled per second over the last
-    minute, and a series of handlings per bucket (for a sparkline)."""
+    minute, and a series of handlings per bucket (for a sparkline). Read from the per-minute
+    counts (``cg_rollup``), so a window of days costs no more than one of minutes."""
     now = time.time() if now is None else now
     services: dict[str, Row] = {}
 
@@ -235,44 +248,44 @@ async def service_activity(
         return services.setdefault(
             name,
             {"done": 0, "retry": 0, "dead_letter": 0, "ignored": 0, "duplicate": 0, "late": 0,
-             "compensations": 0, "per_second": 0.0, "series": [0] * buckets, "last": None},
+             "compensations": 0, "per_second": 0.0, "series": [0] * buckets},
         )  # fmt: skip
 
-    for row in await db.fetch(
-        "SELECT service, outcome, kind, COUNT(*) AS n, MAX(ended) AS last FROM cg_handlings "
-        "WHERE ended >= ? GROUP BY service, outcome, kind",
-        (since,),
-    ):
-        item = entry(row["service"])
-        item[row["outcome"]] = item.get(row["outcome"], 0) + row["n"]
-        if row["kind"] == "compensation" and row["outcome"] == "done":
-            item["compensations"] += row["n"]
-        item["last"] = max(item["last"] or 0.0, row["last"])
-    for row in await db.fetch(
-        "SELECT service, COUNT(*) AS n FROM cg_handlings WHERE ended >= ? AND outcome = 'done' "
-        "GROUP BY service",
-        (now - 60.0,),
-    ):
-        entry(row["service"])["per_second"] = round(row["n"] / 60.0, 2)
-    # The series spans the activity inside the window (a run that ended an hour ago still shows
-    # its shape), up to now while the system is busy.
+    first = int(since // 60) if math.isfinite(since) else 0
     span = await db.fetch(
-        "SELECT MIN(ended) AS lo, MAX(ended) AS hi FROM cg_handlings WHERE ended >= ?", (since,)
+        "SELECT MIN(minute) AS lo, MAX(minute) AS hi FROM cg_rollup "
+        "WHERE kind = 'handling' AND minute >= ?",
+        (first,),
     )
     if not span or span[0]["lo"] is None:
         return services
-    start, end = float(span[0]["lo"]), float(span[0]["hi"])
-    if now - end < 60.0:
-        end = now
-    width = max((end - start) / buckets, 1e-3)
+    last_minute = int(now // 60) - 1
     for row in await db.fetch(
-        # grouped by the alias: PostgreSQL cannot tell that two parameters repeat one expression
-        "SELECT service, CAST((ended - ?) / ? AS INTEGER) AS b, COUNT(*) AS n FROM cg_handlings "
-        "WHERE ended >= ? GROUP BY service, b",
-        (start, width, start),
+        "SELECT a, b, SUM(n) AS n, SUM(CASE WHEN minute = ? THEN n ELSE 0 END) AS recent "
+        "FROM cg_rollup WHERE kind = 'handling' AND minute >= ? GROUP BY a, b",
+        (last_minute, first),
     ):
-        index = min(max(int(row["b"]), 0), buckets - 1)
-        entry(row["service"])["series"][index] += row["n"]
+        item = entry(row["a"])
+        outcome, _, kind = str(row["b"]).partition("/")
+        n = int(row["n"])
+        item[outcome] = item.get(outcome, 0) + n
+        if kind == "compensation" and outcome == "done":
+            item["compensations"] += n
+        if outcome == "done":
+            item["per_second"] = round(item["per_second"] + int(row["recent"]) / 60.0, 2)
+    # The series spans the activity inside the window (a run that ended an hour ago still shows
+    # its shape), up to now while the system is busy.
+    start, end = int(span[0]["lo"]), int(span[0]["hi"]) + 1
+    if now / 60 - end < 1.0:
+        end = int(now // 60) + 1
+    width = max(1, math.ceil((end - start) / buckets))  # whole minutes: integer division in SQL
+    for row in await db.fetch(
+        "SELECT a, (minute - ?) / ? AS bucket, SUM(n) AS n FROM cg_rollup "
+        "WHERE kind = 'handling' AND minute >= ? GROUP BY a, bucket",
+        (start, width, first),
+    ):
+        index = min(max(int(row["bucket"]), 0), buckets - 1)
+        entry(row["a"])["series"][index] += int(row["n"])
     return services
 
 
@@ -300,20 +313,13 @@ async def data_window(db: FlowDb) -> tuple[float, float] | None:
 
 async def edge_counts(db: FlowDb, since: float) -> dict[tuple[str, str], int]:
     """How often each service handled each event type (``(event type, service)``) and published
-    each event type (``(service, event type)``) since ``since``."""
-    counts: dict[tuple[str, str], int] = {}
-    for row in await db.fetch(
-        "SELECT event_type, service, COUNT(*) AS n FROM cg_handlings WHERE ended >= ? "
-        "AND outcome IN ('done', 'ignored', 'dead_letter') GROUP BY event_type, service",
-        (since,),
-    ):
-        counts[(row["event_type"], row["service"])] = int(row["n"])
-    for row in await db.fetch(
-        "SELECT source, type, COUNT(*) AS n FROM cg_events WHERE time >= ? GROUP BY source, type",
-        (since,),
-    ):
-        counts[(row["source"], row["type"])] = int(row["n"])
-    return counts
+    each event type (``(service, event type)``) since ``since``, from the per-minute counts."""
+    first = int(since // 60) if math.isfinite(since) else 0
+    rows = await db.fetch(
+        "SELECT a, b, SUM(n) AS n FROM cg_rollup WHERE kind = 'edge' AND minute >= ? GROUP BY a, b",
+        (first,),
+    )
+    return {(r["a"], r["b"]): int(r["n"]) for r in rows}
 
 
 async def rejects(db: FlowDb, limit: int = 20) -> list[Row]:

@@ -30,7 +30,7 @@ SCHEMA = [
         recorded_at DOUBLE PRECISION NOT NULL, traceparent TEXT, subject TEXT,
         data TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS cg_events_tx ON cg_events (correlation_id, time)",
-    "CREATE INDEX IF NOT EXISTS cg_events_type ON cg_events (type, time)",
+    "CREATE INDEX IF NOT EXISTS cg_events_type_tx ON cg_events (type, correlation_id)",
     """CREATE TABLE IF NOT EXISTS cg_handlings (
         id TEXT PRIMARY KEY, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
         correlation_id TEXT NOT NULL, service TEXT NOT NULL, handler TEXT NOT NULL,
@@ -49,8 +49,19 @@ SCHEMA = [
         compensations INTEGER NOT NULL DEFAULT 0, terminal_type TEXT,
         ended_at DOUBLE PRECISION)""",
     "CREATE INDEX IF NOT EXISTS cg_transactions_open ON cg_transactions (ended_at, first_seen)",
-    "CREATE INDEX IF NOT EXISTS cg_transactions_started ON cg_transactions (first_seen)",
-    "CREATE INDEX IF NOT EXISTS cg_transactions_last ON cg_transactions (last_seen)",
+    # One index per sortable column of the transaction list, with the tie-breaker, so that a
+    # page of 50 in any order reads 50 index entries.
+    *(
+        f"CREATE INDEX IF NOT EXISTS cg_transactions_by_{column} "
+        f"ON cg_transactions ({column}, correlation_id)"
+        for column in ("first_seen", "last_seen", "events", "retries", "dead_letters")
+    ),
+    # Counts per minute, kept as the recorder writes, so that activity over days is a sum over
+    # a few thousand rows: ``handling`` (a = service, b = outcome/step kind) and ``edge``
+    # (a -> b: an event type handled by a service, or a service publishing an event type).
+    """CREATE TABLE IF NOT EXISTS cg_rollup (
+        kind TEXT NOT NULL, minute INTEGER NOT NULL, a TEXT NOT NULL, b TEXT NOT NULL,
+        n INTEGER NOT NULL, PRIMARY KEY (kind, minute, a, b))""",
     # Short identifying fields of each event's data (``delivery_id = d-42``), so that a search by
     # a business key is an index lookup rather than a scan of every event's JSON.
     """CREATE TABLE IF NOT EXISTS cg_keys (
@@ -87,7 +98,14 @@ MIGRATIONS = [
     ("cg_handlings", "traceback", "TEXT"),
 ]
 AFTER_MIGRATIONS = [
-    "CREATE INDEX IF NOT EXISTS cg_transactions_outcome ON cg_transactions (outcome, first_seen)",
+    "CREATE INDEX IF NOT EXISTS cg_transactions_by_outcome "
+    "ON cg_transactions (outcome, first_seen, correlation_id)",
+    "CREATE INDEX IF NOT EXISTS cg_transactions_late ON cg_transactions (late, first_seen)",
+    # Replaced by the indexes above.
+    "DROP INDEX IF EXISTS cg_events_type",
+    "DROP INDEX IF EXISTS cg_transactions_started",
+    "DROP INDEX IF EXISTS cg_transactions_last",
+    "DROP INDEX IF EXISTS cg_transactions_outcome",
 ]
 
 EVENT_COLUMNS = (
@@ -187,6 +205,8 @@ class FlowDb(ABC):
     """A connection to the recorder's database."""
 
     url: str
+    dialect: str
+    """``sqlite`` or ``postgresql``, for the few statements that differ."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -246,6 +266,8 @@ class _SqliteTx(Tx):
 class SqliteFlowDb(FlowDb):
     """One SQLite file in WAL mode: the recorder writes while the CLI reads. Statements are short
     and local, so they run on the event loop's thread."""
+
+    dialect = "sqlite"
 
     def __init__(self, url: str, path: str) -> None:
         self.url = url
@@ -328,6 +350,8 @@ class PostgresFlowDb(FlowDb):
     ``?schema=name`` keeps the tables in their own schema (created if needed); other query
     options go to asyncpg.
     """
+
+    dialect = "postgresql"
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -449,3 +473,9 @@ def touch_params(
 
 
 TOUCH = _TOUCH
+
+#: Adds one to a per-minute count of ``cg_rollup``: params ``(kind, minute, a, b)``.
+COUNT = (
+    "INSERT INTO cg_rollup (kind, minute, a, b, n) VALUES (?, ?, ?, ?, 1) "
+    "ON CONFLICT (kind, minute, a, b) DO UPDATE SET n = cg_rollup.n + 1"
+)

@@ -36,7 +36,7 @@ from choreograph.envelope import Envelope, decode, encode, new_id
 from choreograph.errors import InvalidMessage
 from choreograph.events import BUILTIN_EVENTS, Event
 from choreograph.middleware import Middleware, Next, Outcome, RuntimeView
-from choreograph.observe.flowdb import TOUCH, FlowDb, Tx, flowdb_from_url, touch_params
+from choreograph.observe.flowdb import COUNT, TOUCH, FlowDb, Tx, flowdb_from_url, touch_params
 from choreograph.observe.model import is_failure_type, step_kind
 from choreograph.observe.reports import (
     HandlingRow,
@@ -424,6 +424,7 @@ class Recorder:
                 "ON CONFLICT DO NOTHING",
                 (value, name, envelope.correlationid),
             )
+        await tx.execute(COUNT, ("edge", int(at // 60), envelope.source, envelope.type))
         terminal = envelope.type if envelope.type in self.terminal else None
         outcome = None
         if terminal:
@@ -465,6 +466,10 @@ class Recorder:
         )
         if not inserted:
             return
+        minute = int(row.ended // 60)
+        await tx.execute(COUNT, ("handling", minute, row.service, f"{row.outcome}/{row.kind}"))
+        if row.outcome in ("done", "ignored", "dead_letter", "late"):
+            await tx.execute(COUNT, ("edge", minute, row.event_type, row.service))
         await self._add_timers(tx, row)
         await tx.execute(
             TOUCH,
@@ -568,8 +573,10 @@ async def prune(db: FlowDb, before: float, *, batch: int = 500) -> int:
                     f"DELETE FROM cg_transactions WHERE correlation_id IN ({marks})", ids
                 )
             else:
-                for table, column in (("cg_heartbeats", "last_seen"), ("cg_rejects", "at")):
+                for table, column in (("cg_heartbeats", "last_seen"), ("cg_rejects", "at"),
+                                      ("cg_actions", "at")):  # fmt: skip
                     await tx.execute(f"DELETE FROM {table} WHERE {column} < ?", (before,))
+                await tx.execute("DELETE FROM cg_rollup WHERE minute < ?", (int(before // 60),))
         deleted += len(ids)
         if len(ids) < batch:
             return deleted

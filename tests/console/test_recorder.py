@@ -65,8 +65,9 @@ async def bus() -> AsyncIterator[Transport]:
 
 
 @pytest.fixture
-async def recorder(bus: Transport, tmp_path: Path) -> AsyncIterator[Recorder]:
-    recorder = Recorder(build_app(), bus, f"sqlite:///{tmp_path}/flows.db", poll_interval=0.05)
+async def recorder(bus: Transport, db_url: str) -> AsyncIterator[Recorder]:
+    """A recorder consuming the bus into a fresh database (SQLite, then PostgreSQL)."""
+    recorder = Recorder(build_app(), bus, db_url, poll_interval=0.05)
     await recorder.start()
     yield recorder
     await recorder.stop()
