@@ -7,7 +7,11 @@ TRANSPORT ?=
 DELIVERIES ?= 200
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench services install clean docs
+CHAOS_DELIVERIES ?= 2000
+CHAOS_CONFIGURATIONS ?= sqlite nats
+CHAOS_ARGS ?=
+
+.PHONY: demo test lint format bench chaos services install clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,17 +35,25 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
-	$(BIN)/ruff check choreograph examples tests benchmarks
-	$(BIN)/ruff format --check choreograph examples tests benchmarks
+	$(BIN)/ruff check choreograph examples tests benchmarks chaos
+	$(BIN)/ruff format --check choreograph examples tests benchmarks chaos
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format choreograph examples tests benchmarks
-	$(BIN)/ruff check --fix choreograph examples tests benchmarks
+	$(BIN)/ruff format choreograph examples tests benchmarks chaos
+	$(BIN)/ruff check --fix choreograph examples tests benchmarks chaos
 
 ## bench: the workloads of the benchmark book, each beside its raw-client baseline
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## chaos: the drone delivery under faults (SIGKILLs, poison, NATS node kills), each configuration;
+## non-zero exit on any loss, double effect, held resource, stall or crash (docs/reliability.md)
+chaos: $(STAMP)
+	@for c in $(CHAOS_CONFIGURATIONS); do \
+		$(BIN)/python -m chaos --configuration $$c --deliveries $(CHAOS_DELIVERIES) $(CHAOS_ARGS) \
+			|| exit 1; \
+	done
 
 ## services: start the brokers and PostgreSQL on this machine when they are not running
 services:

@@ -7,9 +7,10 @@ own store.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from choreograph.store import StoreTx, store_from_url
+from choreograph.store import Store, StoreTx, store_from_url
 
 
 @dataclass
@@ -42,20 +43,34 @@ class Snapshot:
         return self.packages["ready"]
 
 
+SERVICES = ("ingestion", "drone-scheduler", "package")
+"""The stores a snapshot reads."""
+
+
 async def snapshot(store_url: str) -> Snapshot:
+    """Open the stores ``store_url`` names (a template with ``{service}``), read, close them."""
+    stores = {service: store_from_url(store_url, service) for service in SERVICES}
+    opened: list[Store] = []
+    try:
+        for store in stores.values():
+            await store.open()
+            opened.append(store)
+        return await read_snapshot(stores)
+    finally:
+        for store in opened:
+            await store.close()
+
+
+async def read_snapshot(stores: Mapping[str, Store]) -> Snapshot:
+    """Read a snapshot from stores already open (one per name of :data:`SERVICES`)."""
     snap = Snapshot()
     for service, reader in (
         ("ingestion", _read_ingestion),
         ("drone-scheduler", _read_drones),
         ("package", _read_packages),
     ):
-        store = store_from_url(store_url, service)
-        await store.open()
-        try:
-            async with store.transaction() as tx:
-                await reader(tx, snap)
-        finally:
-            await store.close()
+        async with stores[service].transaction() as tx:
+            await reader(tx, snap)
     return snap
 
 

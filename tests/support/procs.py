@@ -224,11 +224,18 @@ JOURNAL_ENV = "PROCS_JOURNAL"
 """Environment variable naming the file :func:`journal` appends to."""
 
 
+def _token(value: object) -> str:
+    """One whitespace-free field of a journal line (a hostile id must not split the line)."""
+    text = str(value)[:200] or "-"
+    return "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)
+
+
 def journal() -> Any:
     """``--middleware tests.support.procs:journal``: a middleware appending, to the file named by
     ``$PROCS_JOURNAL``, one line when a handling starts (``start``) and one after its batch was
     committed and settled (``end``): ``<kind> <epoch seconds> <service> <event id> <attempt>
-    [<outcome>]``. Each line is written (not buffered) at once, so it survives a SIGKILL."""
+    [<outcome> <event type, or timer:NAME for a timer's expiry> <correlation id>]``. Each line
+    is written (not buffered) at once, so it survives a SIGKILL."""
     from choreograph.middleware import Middleware
 
     path = Path(os.environ[JOURNAL_ENV])
@@ -236,15 +243,17 @@ def journal() -> Any:
     class Journal(Middleware):
         def _write(self, *fields: object) -> None:
             with path.open("a") as sink:
-                sink.write(" ".join(map(str, fields)) + "\n")
+                sink.write(" ".join(map(_token, fields)) + "\n")
 
         async def around_handle(self, ctx: Any, call_next: Any) -> Any:
             self._write("start", f"{time.time():.6f}", ctx.service, ctx.event_id, ctx.attempt)
             return await call_next()
 
         def on_outcome(self, ctx: Any, outcome: Any) -> None:
+            timer = ctx.extras.get("timer")  # a timer's expiry, not a handling of the event
+            kind = f"timer:{timer}" if timer else ctx.envelope.type
             self._write("end", f"{time.time():.6f}", ctx.service, ctx.event_id, ctx.attempt,
-                        outcome.kind)  # fmt: skip
+                        outcome.kind, kind, ctx.correlation_id)  # fmt: skip
 
     return Journal()
 
@@ -257,6 +266,8 @@ class JournalEntry:
     event_id: str
     attempt: int
     outcome: str = ""
+    event_type: str = ""
+    correlation_id: str = ""
 
 
 def read_journal(path: Path) -> list[JournalEntry]:
@@ -269,8 +280,9 @@ def read_journal(path: Path) -> list[JournalEntry]:
         if len(fields) < 5 or fields[0] not in ("start", "end"):
             continue
         try:
+            extra = [*fields[5:8], "", "", ""][:3]
             entries.append(JournalEntry(fields[0], float(fields[1]), fields[2], fields[3],
-                                        int(fields[4]), " ".join(fields[5:])))  # fmt: skip
+                                        int(fields[4]), *extra))  # fmt: skip
         except ValueError:
             continue
     return entries
