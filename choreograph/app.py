@@ -14,10 +14,11 @@ class App:
     """The services of one choreography.
 
     ``terminal`` names the events that end a transaction (e.g. ``DeliveryCompleted`` and
-    ``DeliveryFailed``). Every service that consumes events receives them too, and remembers the
-    transaction as ended: pending deadlines and joins of that transaction are dropped, and an
-    ordinary handler no longer runs for an event of it that arrives later (a *late* event;
-    compensations still run). The flow recorder counts a transaction without one as in flight.
+    ``DeliveryFailed``). Every service with compensations or timers receives them too (see
+    :meth:`subscriptions`), and any service that receives one remembers the transaction as ended:
+    pending deadlines and joins of that transaction are dropped, and an ordinary handler no longer
+    runs for an event of it that arrives later (a *late* event; compensations still run). The
+    flow recorder counts a transaction without one as in flight.
     """
 
     def __init__(
@@ -59,9 +60,13 @@ class App:
 
     def subscriptions(self, service: Service) -> set[type[Event]]:
         """What ``service`` must receive: its declarations, plus the terminal events when it
-        consumes anything (so that it knows which transactions ended)."""
+        declares compensations or timers, so that it knows which transactions ended: late
+        events must not start work its compensations will never undo, and timers of an ended
+        transaction must not fire. (A service with neither is not sent them: that would be one
+        more delivery per transaction and service, for nothing to undo or cancel; when it
+        consumes a terminal event for its own reasons, it remembers the end all the same.)"""
         types = service.consumes()
-        if types:
+        if service.has_compensations() or service.has_timers():
             types.update(self.terminal)
         return types
 

@@ -324,3 +324,6 @@ class Service:
 
     def has_timers(self) -> bool:
         return bool(self.deadlines) or any(j.within for j in self.joins.values())
+
+    def has_compensations(self) -> bool:
+        return any(spec.kind == "compensation" for spec in self.handlers.values())

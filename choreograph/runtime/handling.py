@@ -108,8 +108,9 @@ def build_routes(app: App, service: Service) -> dict[str, Route]:
         route(deadline.starts_on).deadline_starts.append(deadline)
         for cls in deadline.expect:
             route(cls).deadline_stops.append(deadline)
-    if routes:  # a service that consumes anything learns which transactions ended
-        for cls in app.terminal:
+    subscribed = app.subscriptions(service)
+    for cls in app.terminal:
+        if cls in subscribed:  # it learns which transactions ended
             route(cls).terminal = True
     return routes
 

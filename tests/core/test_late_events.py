@@ -44,12 +44,14 @@ class Reminder(Event):
 
 
 def trip_app(calls: list[str]) -> App:
-    """booking books a seat and releases it on failure; audit sees every request
-    (``after_end``); alerts hears about failed compensations; watcher keeps a deadline."""
+    """booking books a seat and releases it on failure; audit keeps a trail of requests (also
+    after the end: ``after_end``) and outcomes; alerts hears about failed compensations; watcher
+    keeps a deadline; counter counts requests (no compensation, timer nor terminal handler)."""
     booking = Service("booking")
     audit = Service("audit")
     alerts = Service("alerts")
     watcher = Service("watcher")
+    counter = Service("counter")
 
     @booking.on(TripRequested, emits=[SeatBooked])
     async def book_seat(event: TripRequested, ctx: Context) -> SeatBooked:
@@ -73,6 +75,14 @@ def trip_app(calls: list[str]) -> App:
     async def log_request(event: TripRequested, ctx: Context) -> None:
         calls.append(f"audit {event.trip}")
 
+    @audit.on(TripCompleted)
+    async def log_completed(event: TripCompleted, ctx: Context) -> None:
+        calls.append(f"audit completed {event.trip}")
+
+    @counter.on(TripRequested)
+    async def count(event: TripRequested, ctx: Context) -> None:
+        calls.append(f"count {event.trip}")
+
     @alerts.on(CompensationFailed)
     async def page_someone(event: CompensationFailed, ctx: Context) -> None:
         calls.append(f"alert {event.compensation}")
@@ -82,7 +92,9 @@ def trip_app(calls: list[str]) -> App:
         calls.append(f"remind {expired.key}")
         return Reminder(trip=expired.key)
 
-    return App("trips", [booking, audit, alerts, watcher], terminal=[TripCompleted, TripFailed])
+    return App(
+        "trips", [booking, audit, alerts, watcher, counter], terminal=[TripCompleted, TripFailed]
+    )
 
 
 async def started(calls: list[str]) -> tuple[Harness, Recorder]:
@@ -153,10 +165,10 @@ async def test_handlers_that_must_see_the_end_still_run_after_it() -> None:
         assert "alert release_seat" in calls
         assert "book t3" not in calls
         assert ("TripRequested", "late") in outcomes(recorder, "booking", "t3")
+        # (audit knew t3 had ended: the request ran because of after_end, not by ignorance)
         assert outcomes(recorder, "audit", "t3") == [
             ("TripCompleted", "done"),
             ("TripRequested", "done"),
-            ("TripFailed", "done"),
         ]
     finally:
         await h.__aexit__(None, None, None)
@@ -199,5 +211,34 @@ async def test_a_copy_of_a_late_event_is_a_duplicate() -> None:
             ("TripRequested", "late"),
             ("TripRequested", "duplicate"),
         ]
+    finally:
+        await h.__aexit__(None, None, None)
+
+
+async def test_only_services_with_something_to_undo_or_cancel_are_sent_the_end() -> None:
+    # given the services of the app
+    app = trip_app([])
+    terminal = {TripCompleted, TripFailed}
+    # then those with compensations (booking) or timers (watcher) get every terminal event;
+    # audit gets the one it handles; counter and alerts, with neither, get none
+    sent = {name: app.subscriptions(s) & terminal for name, s in app.services.items()}
+    assert sent == {
+        "booking": terminal,
+        "watcher": terminal,
+        "audit": {TripCompleted},
+        "alerts": set(),
+        "counter": set(),
+    }
+    calls: list[str] = []
+    h, recorder = await started(calls)
+    try:
+        # when a request arrives after its trip failed
+        await h.publish(TripFailed(trip="t6"), correlation_id="t6")
+        await h.settle()
+        await h.publish(TripRequested(trip="t6"), correlation_id="t6")
+        await h.settle()
+        # then counter, which never learnt of the end, counts it; booking does not book
+        assert "count t6" in calls and "book t6" not in calls
+        assert outcomes(recorder, "counter", "t6") == [("TripRequested", "done")]
     finally:
         await h.__aexit__(None, None, None)
