@@ -17,7 +17,7 @@ from choreograph.transport import OVERSIZED_HEAD_BYTES, DeadLetter, Failure, Tra
 from tests.conformance._helpers import ids, message, receive_for, receive_n, unique
 from tests.conftest import TransportFactory
 
-_BY_REFERENCE_PENDING = {"nats"}
+_BY_REFERENCE_PENDING: set[str] = set()
 """Transports whose publish does not dead-letter by reference yet (NATS: with its size-limit
 work, on the cluster branch). Strict: the day it does, these tests report XPASS as a failure and
 the entry must go."""

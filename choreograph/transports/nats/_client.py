@@ -8,15 +8,16 @@ import functools
 import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import nats.errors as ne
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSub
 from nats.js.errors import APIError, ServiceUnavailableError
 
-from choreograph.errors import ChoreographError, TransportError
+from choreograph.errors import ChoreographError, PayloadTooLarge, TransportError
 from choreograph.transport import redact
 from choreograph.transports.nats._errors import TRANSLATED, is_transient, translate, translated
 from choreograph.transports.nats._settings import NatsSettings
@@ -32,6 +33,10 @@ _API_FIRST_PAUSE = 0.1
 _API_MAX_PAUSE = 2.0
 """Seconds between attempts at a JetStream API request the cluster could not answer: doubling
 from the first to the most."""
+_CLOSE_TIMEOUT = 5.0
+_HEADER_SLACK = 64 * 1024
+"""Payloads shorter than max_payload by this much fit with any headers this transport writes
+(ids are at most 4,096 characters, dead-letter records are cut to fit)."""
 _WRITE_CHUNK = 1024 * 1024
 """Bytes of protocol handed to the client at a time on the fast path."""
 
@@ -78,8 +83,22 @@ class _Confirmations:
             self.done.set()
 
 
+Callback = Callable[[Msg], Awaitable[None]]
+
+
+class Inbox:
+    """A subscription of the client's, carried over to every new connection."""
+
+    __slots__ = ("cb", "sub", "subject")
+
+    def __init__(self, subject: str, cb: Callback) -> None:
+        self.subject = subject
+        self.cb = cb
+        self.sub: NatsSub | None = None
+
+
 class Client:
-    """A nats-py connection that survives server restarts.
+    """A nats-py connection that survives server restarts, and its own closing by the server.
 
     Publishing waits for the connection while the server is away (up to ``publish_timeout``) and
     resends what the server did not confirm; the ``Nats-Msg-Id`` header lets the server drop the
@@ -95,6 +114,11 @@ class Client:
         self._batch_ids = itertools.count(1)
         self._confirm_prefix = ""
         self._last_error: Exception | None = None
+        self._open = False
+        self._inboxes: set[Inbox] = set()
+        self._reopening: asyncio.Task[None] | None = None
+        self.reopened = 0
+        """Connections opened again after the server closed one (see :meth:`_on_closed`)."""
         self.fast_wire = True
         """Hand many messages to nats-py's outgoing buffer as one piece of protocol (its
         ``_send_command``) instead of one ``publish`` call each: a third of the client CPU.
@@ -109,12 +133,31 @@ class Client:
         return self._nc
 
     @property
+    def max_payload(self) -> int:
+        """The largest message (headers and payload) the connected server accepts."""
+        return int(self.nc.max_payload)
+
+    @property
     def is_open(self) -> bool:
-        return self._nc is not None and not self._nc.is_closed
+        """Opened and not closed by :meth:`close`: connected, or getting a connection back."""
+        return self._open
 
     async def open(self) -> None:
-        if self.is_open:
+        if self._open:
             return
+        nc = await self._connect()
+        self._confirm_prefix = nc.new_inbox() + "."
+        self._nc = nc
+        self._open = True
+        try:
+            await self._subscribe_all(nc)
+        except ChoreographError:
+            await self.close()
+            raise
+        self.connected.set()
+
+    async def _connect(self) -> NATS:
+        """A new nats-py connection: a few attempts, then TransportError."""
         options = self.settings.connect_options()
         doing = f"connecting to {redact(self.settings.url)}"
         nc = NATS()
@@ -129,7 +172,7 @@ class Client:
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
-                        closed_cb=self._on_closed,
+                        closed_cb=functools.partial(self._on_closed, nc),
                     ),
                     budget,
                 )
@@ -145,19 +188,50 @@ class Client:
             # for it saves ~2 µs of client CPU per delivery (anything else: nats-py's parser)
             general = nc._parse_header_lines
             nc._parse_header_lines = functools.partial(_parse_id_header, general)  # type: ignore[method-assign]
-        self._nc = nc
         self.fast_wire = self.fast_wire and callable(getattr(nc, "_send_command", None))
-        self.connected.set()
-        self._confirm_prefix = nc.new_inbox() + "."
+        return nc
+
+    async def subscribe(self, subject: str, cb: Callback) -> Inbox:
+        """Receive ``subject`` with ``cb``, on this connection and on every one that replaces it
+        (see :meth:`_reopen`)."""
+        inbox = Inbox(subject, cb)
+        with translated(f"subscribing to {subject}"):
+            inbox.sub = await self.nc.subscribe(subject, cb=cb)
+        self._inboxes.add(inbox)
+        return inbox
+
+    async def unsubscribe(self, inbox: Inbox, drain: float | None = None) -> None:
+        """Stop receiving on ``inbox``; with ``drain`` (seconds), first take in what the server
+        already sent to it."""
+        self._inboxes.discard(inbox)
+        sub, inbox.sub = inbox.sub, None
+        if sub is None or self._nc is None or self._nc.is_closed:
+            return
+        try:
+            if drain is not None and self.connected.is_set():
+                await asyncio.wait_for(sub.drain(), drain)  # type: ignore[no-untyped-call]
+            else:
+                await sub.unsubscribe()
+        except (ne.Error, OSError, TimeoutError) as exc:
+            log.debug("unsubscribing from %s failed: %s", inbox.subject, exc)
+
+    async def _subscribe_all(self, nc: NATS) -> None:
         with translated("subscribing to publish confirmations"):
             await nc.subscribe(self._confirm_prefix + ">", cb=self._on_confirmation)
+            for inbox in list(self._inboxes):
+                inbox.sub = await nc.subscribe(inbox.subject, cb=inbox.cb)
 
     async def close(self) -> None:
+        self._open = False
         nc, self._nc = self._nc, None
         self.connected.clear()
-        for batch in self._batches.values():
-            batch.interrupted = True
-            batch.done.set()
+        self._interrupt_batches()
+        self._inboxes.clear()
+        reopening, self._reopening = self._reopening, None
+        if reopening is not None:
+            reopening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reopening
         if nc is None or nc.is_closed:
             return
         try:
@@ -166,9 +240,24 @@ class Client:
         except (ne.Error, OSError) as exc:
             log.debug("flush before close failed: %s", exc)
         try:
-            await nc.close()
-        except (ne.Error, OSError) as exc:
+            # bounded: nats-py can wait long for a reconnection attempt to a server that is gone
+            await asyncio.wait_for(nc.close(), _CLOSE_TIMEOUT)
+        except (ne.Error, OSError, TimeoutError) as exc:
             log.debug("close failed: %s", exc)
+        # nats-py's reconnection loop can swallow the cancellation close() sends it (a timeout
+        # racing the cancel inside it) and then tries for ever: cancel it until it is done
+        reconnecting: asyncio.Task[None] | None = getattr(nc, "_reconnection_task", None)
+        for _ in range(40):
+            if reconnecting is None or reconnecting.done():
+                break
+            reconnecting.cancel()
+            await asyncio.sleep(0.05)
+
+    def _interrupt_batches(self) -> None:
+        # confirmations in flight may never come: let their publishers resend after reconnecting
+        for batch in self._batches.values():
+            batch.interrupted = True
+            batch.done.set()
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
@@ -179,10 +268,7 @@ class Client:
     async def _on_disconnected(self) -> None:
         log.info("disconnected from NATS; reconnecting")
         self.connected.clear()
-        # confirmations in flight may never come: let their publishers resend after reconnecting
-        for batch in self._batches.values():
-            batch.interrupted = True
-            batch.done.set()
+        self._interrupt_batches()
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
@@ -190,8 +276,44 @@ class Client:
         for callback in list(self.on_reconnect):
             callback()
 
-    async def _on_closed(self) -> None:
+    async def _on_closed(self, nc: NATS) -> None:
+        if nc is not self._nc or not self._open:
+            return  # closed by close(), or an old connection already replaced
+        # nats-py closes for good when the server ends the connection with an error (a
+        # protocol violation such as a payload over max_payload, a slow consumer, an
+        # authorization expiry...): a transport that was not closed gets a new connection
         self.connected.clear()
+        self._interrupt_batches()
+        log.warning(
+            "NATS closed the connection (%s); opening a new one",
+            self._last_error or "no reason given",
+        )
+        if self._reopening is None or self._reopening.done():
+            self._reopening = asyncio.create_task(self._reopen(), name="nats-reopen")
+
+    async def _reopen(self) -> None:
+        """Connect again, for ever (every ``reconnect_wait``, growing to 5 s), until
+        :meth:`close`; then subscribe every inbox again and tell the subscriptions, whose pull
+        requests died with the old connection."""
+        pause = self.settings.reconnect_wait
+        while self._open:
+            try:
+                nc = await self._connect()
+                await self._subscribe_all(nc)
+            except ChoreographError as exc:
+                log.warning("NATS: a new connection failed, trying again in %.1f s: %s", pause, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if not self._open:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return
+            self._nc = nc
+            self.reopened += 1
+            log.warning("NATS: connected again")
+            await self._on_reconnected()
+            return
 
     async def wait_connected(self, deadline: float, doing: str) -> None:
         """Return once connected; TransportError if not connected by ``deadline`` (loop time)."""
@@ -264,6 +386,7 @@ class Client:
         """Store every message in JetStream; return once the server confirmed each of them."""
         if not outgoing:
             return
+        self._check_sizes(outgoing)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout
         pending = list(range(len(outgoing)))
@@ -300,6 +423,21 @@ class Client:
                 )
             if pending and batch.errors:
                 await asyncio.sleep(0.05)  # JetStream not ready yet: do not spin
+
+    def _check_sizes(self, outgoing: Sequence[Outgoing]) -> None:
+        """PayloadTooLarge, before anything is sent, for a message the server would refuse: a
+        payload over max_payload makes nats-server close the connection."""
+        limit = self.max_payload
+        for subject, payload, headers in outgoing:
+            # headers are small next to the headroom below it: measured only near the limit
+            if len(payload) <= limit - _HEADER_SLACK:
+                continue
+            size = len(payload) + (len(encode_headers(headers)) if headers else 0)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"NATS: a message to {subject[:200]} is {size} bytes with its headers; the "
+                    f"server's max_payload is {limit}"
+                )
 
     async def _send(
         self, outgoing: Sequence[Outgoing], pending: list[int], prefix: str, batch: _Confirmations

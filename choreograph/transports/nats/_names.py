@@ -33,6 +33,8 @@ from choreograph.logs import bounded_traceback
 from choreograph.transport import Failure, Message
 
 _PLAIN_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPED_TOKEN = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+")
+_TOKEN_PART = re.compile(r"=([0-9A-F]{2})|([A-Za-z0-9_-]+)")
 _KEEP = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _MAX_CONSUMER_NAME = 200
 """Consumer names become directory names on the server; longer ones are hashed."""
@@ -62,17 +64,22 @@ def topic_token(topic: str) -> str:
 
 
 def token_topic(token: str) -> str:
-    """The inverse of :func:`topic_token`."""
-    if "=" not in token:
+    """The inverse of :func:`topic_token`. ValueError for a token it never produces (a bad
+    escape such as ``=ZZ``, a dot, bytes that are not UTF-8...): a subject some other client
+    wrote."""
+    if _PLAIN_TOKEN.fullmatch(token):
         return token
     if token == "=":
         return ""
-    parts = token.split("=")
-    raw = bytearray(parts[0].encode())
-    for part in parts[1:]:
-        raw.append(int(part[:2], 16))
-        raw += part[2:].encode()
-    return raw.decode()
+    if not _ESCAPED_TOKEN.fullmatch(token):
+        raise ValueError(f"not a topic token: {token[:200]!r}")
+    raw = bytearray()
+    for escaped, plain in _TOKEN_PART.findall(token):
+        raw += bytes.fromhex(escaped) if escaped else plain.encode()
+    topic = raw.decode()  # UnicodeDecodeError is a ValueError
+    if topic_token(topic) != token:
+        raise ValueError(f"not the token of its topic (a needless escape?): {token[:200]!r}")
+    return topic
 
 
 class Names:
@@ -127,15 +134,18 @@ class Names:
         return name == group or name.startswith(group + "~")
 
     def parse_subject(self, subject: str) -> tuple[str, str | None]:
-        """(topic, group) of a subject of the events stream; group is None unless targeted."""
+        """(topic, group) of a subject of the events stream; group is None unless targeted.
+        ValueError for a subject this transport never writes (another client's)."""
         known = self._topics.get(subject)
         if known is not None:
             return known
         if subject.startswith(self.group_prefix):
             group, _, token = subject[len(self.group_prefix) :].partition(".")
             parsed: tuple[str, str | None] = (token_topic(token), group)
+        elif subject.startswith(self.event_prefix):
+            parsed = (token_topic(subject[len(self.event_prefix) :]), None)
         else:
-            parsed = (token_topic(subject.rpartition(".")[2]), None)
+            raise ValueError(f"not a subject of the events stream: {subject[:200]!r}")
         if len(self._topics) < 10_000:
             self._topics[subject] = parsed
         return parsed
@@ -168,21 +178,37 @@ def message_id(headers: dict[str, str] | None, fallback: str) -> str:
 
 
 def dead_letter_header(
-    message: Message, group: str, failure: Failure, attempts: int, failed_at: float
+    message: Message,
+    group: str,
+    failure: Failure,
+    attempts: int,
+    failed_at: float,
+    budget: int = 48 * 1024,
 ) -> str:
-    record = {
-        "id": message.id,
-        "topic": message.topic,
-        "group": group,
-        "reason": failure.reason,
-        "error_type": failure.error_type,
-        "error": failure.error[:MAX_ERROR_CHARS],
-        "traceback": bounded_traceback(failure.traceback),
-        "attempts": attempts,
-        "failed_at": failed_at,
-    }
-    # ensure_ascii: no CR/LF or non-ASCII can reach the header line
-    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+    """The JSON of a dead-letter record, at most ``budget`` bytes: a long error text (then its
+    traceback) is cut, keeping its beginning (the traceback its end), until it fits."""
+    error = failure.error[:MAX_ERROR_CHARS]
+    trace = bounded_traceback(failure.traceback)
+    while True:
+        record = {
+            "id": message.id,
+            "topic": message.topic,
+            "group": group,
+            "reason": failure.reason[:200],
+            "error_type": failure.error_type[:200],
+            "error": error,
+            "traceback": trace,
+            "attempts": attempts,
+            "failed_at": failed_at,
+        }
+        # ensure_ascii: no CR/LF or non-ASCII can reach the header line
+        header = json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+        if len(header) <= budget or not (error or trace):
+            return header
+        if trace:
+            trace = trace[len(trace) // 2 :] if len(trace) > 64 else ""
+        else:
+            error = error[: len(error) // 2] if len(error) > 64 else ""
 
 
 def parse_dead_letter_header(value: str) -> dict[str, Any] | None:

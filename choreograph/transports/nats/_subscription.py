@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING
 
 import nats.errors as ne
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSub
 
-from choreograph.errors import TransportError
+from choreograph.errors import InvalidMessage, TransportError
 from choreograph.transport import Delivery, Failure, Message, Subscription
+from choreograph.transports.nats._client import Inbox
 from choreograph.transports.nats._errors import translated
-from choreograph.transports.nats._names import ID_HEADER, dead_letter_header, message_id
+from choreograph.transports.nats._names import ID_HEADER, message_id
 
 if TYPE_CHECKING:
     from choreograph.transports.nats._transport import NatsTransport
@@ -107,16 +107,16 @@ class NatsSubscription(Subscription):
         self._arrived = asyncio.Event()
         self._arrivals = 0
         self._inbox = ""
-        self._sub: NatsSub | None = None
+        self._sub: Inbox | None = None
         self._request_ids = 0
+        self._malformed: list[tuple[Delivery, ValueError]] = []
+        """Received on a subject this transport never writes: dead-lettered, not handed over."""
         self._closed = False
         self._clock = asyncio.get_running_loop().time
 
     async def start(self) -> None:
-        nc = self._client.nc
-        self._inbox = nc.new_inbox()
-        with translated(f"subscribing member of {self.group}"):
-            self._sub = await nc.subscribe(self._inbox + ".*", cb=self._on_message)
+        self._inbox = self._client.nc.new_inbox()
+        self._sub = await self._client.subscribe(self._inbox + ".*", self._on_message)
         self._client.on_reconnect.add(self._on_reconnect)
         shortest = min(
             self._transport._ack_waits.get(name, self._lease) for name in self._consumers
@@ -277,7 +277,11 @@ class NatsSubscription(Subscription):
                     await self._wait(deadline, seen)
                     continue
                 out = self._hand_over(want)
+                if self._malformed:
+                    await self._bury_malformed()
                 await self._prefetch(want)
+                if not out:
+                    continue  # all of them were malformed: wait on for good ones
                 return out
             if now >= deadline:
                 await self._prefetch(want)
@@ -294,24 +298,47 @@ class NatsSubscription(Subscription):
         for _ in range(min(count, len(buffer))):
             msg, tokens, arrived = buffer.popleft()
             v1 = len(tokens) == 9
-            topic, group = names.parse_subject(msg.subject)
             headers = msg.headers
             if headers is not None and len(headers) == 1 and ID_HEADER in headers:
                 event_id = headers[ID_HEADER]  # the common case, short cut
             else:
                 event_id = message_id(headers, f"nats:{tokens[5] if v1 else tokens[7]}")
             unsettled[msg.reply] = (msg, arrived)
-            out.append(
-                Delivery(
-                    Message(event_id, topic, msg.data, group),
-                    int(tokens[4] if v1 else tokens[6]),
-                    msg,
-                )
-            )
             consumer = consumers.get(tokens[3] if v1 else tokens[5])
             if consumer is not None:
                 consumer.backlog = int(tokens[8] if v1 else tokens[10])
+            attempt = int(tokens[4] if v1 else tokens[6])
+            try:
+                topic, group = names.parse_subject(msg.subject)
+            except ValueError as exc:
+                # another client's subject (a bad escape...): never handed over, dead-lettered
+                # by receive() with the reason, so it cannot fail every lease
+                bad = Delivery(Message(event_id, "", msg.data), attempt, msg)
+                self._malformed.append((bad, exc))
+                continue
+            out.append(Delivery(Message(event_id, topic, msg.data, group), attempt, msg))
         return out
+
+    async def _bury_malformed(self) -> None:
+        malformed, self._malformed = self._malformed, []
+        for delivery, exc in malformed:
+            msg: Msg = delivery.handle
+            subject = msg.subject
+            # the record's topic: what followed the group in the subject, as it is
+            prefix = self._transport._names.group_prefix
+            rest = subject[len(prefix) :] if subject.startswith(prefix) else subject
+            message = Message(delivery.message.id, rest.partition(".")[2] or rest, msg.data)
+            failure = Failure(
+                InvalidMessage.reason,
+                InvalidMessage.__name__,
+                f"subject {subject[:300]!r} was not written by this transport: {exc}",
+            )
+            log.warning("dead-lettering a message of %s: %s", self.group, failure.error)
+            try:
+                await self.dead_letter(Delivery(message, delivery.attempt, msg), failure)
+            except TransportError as bury_error:
+                # it comes back when its lease runs out, and is tried again then
+                log.warning("dead-lettering it failed: %s", bury_error)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
@@ -347,18 +374,14 @@ class NatsSubscription(Subscription):
         msg: Msg = delivery.handle
         tokens = msg.reply.split(".")
         stream_seq = tokens[5] if len(tokens) == 9 else tokens[7]
-        names = self._transport._names
-        header = dead_letter_header(
-            delivery.message, self.group, failure, delivery.attempt, self._transport._now()
+        # the same delivery dead-lettered twice (after a crash) is stored once
+        key = f"dl/{self.group}/{stream_seq}/{delivery.attempt}"
+        record = self._transport.dead_letter_record(
+            delivery.message, self.group, failure, delivery.attempt, key
         )
-        headers = {
-            # the same delivery dead-lettered twice (after a crash) is stored once
-            "Nats-Msg-Id": f"dl/{self.group}/{stream_seq}/{delivery.attempt}",
-            "Choreograph-Dead-Letter": header,
-        }
         # stored in the dead letters first: a crash in between duplicates, never loses (and the
         # server drops the duplicate record within its duplicate window, by Nats-Msg-Id)
-        await self._client.publish([(names.dlq_subject(self.group), msg.data, headers)])
+        await self._client.publish([record])
         self._unsettled.pop(msg.reply, None)
         await self._client.settle_confirmed(msg.reply, _TERM, f"dead-lettering in {self.group}")
 
@@ -370,16 +393,9 @@ class NatsSubscription(Subscription):
         self._client.on_reconnect.discard(self._on_reconnect)
         self._transport._subscriptions.discard(self)
         sub, self._sub = self._sub, None
-        if sub is not None and self._client.is_open:
-            try:
-                # stop the server delivering to us, and take in what was already on its way
-                if self._client.connected.is_set():
-                    drained = sub.drain()  # type: ignore[no-untyped-call]
-                    await asyncio.wait_for(drained, self._transport.settings.request_timeout)
-                else:
-                    await sub.unsubscribe()
-            except (ne.Error, OSError) as exc:
-                log.debug("draining the member of %s failed: %s", self.group, exc)
+        if sub is not None:
+            # stop the server delivering to us, and take in what was already on its way
+            await self._client.unsubscribe(sub, drain=self._transport.settings.request_timeout)
         if self._keeper is not None:
             self._keeper.cancel()
         give_back = [held[0] for held in self._buffer] + [m for m, _ in self._unsettled.values()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import time
 from collections.abc import Collection, Sequence
 from typing import Any, Self
@@ -18,14 +19,19 @@ from choreograph.transport import (
     Message,
     Transport,
     check_group,
+    oversized,
     redact,
+    split_oversized,
 )
 from choreograph.transports.nats._client import Client, Outgoing
 from choreograph.transports.nats._errors import translated
 from choreograph.transports.nats._names import (
     DEAD_LETTER_HEADER,
+    ID_HEADER,
+    MAX_ERROR_CHARS,
     MAX_ID_CHARS,
     Names,
+    dead_letter_header,
     message_headers,
     parse_dead_letter_header,
     parse_headers,
@@ -36,6 +42,8 @@ from choreograph.transports.nats._subscription import NatsSubscription
 _NANOS = 1_000_000_000
 _HEADROOM = 64 * 1024
 """Bytes of the server's max_payload kept for headers (ids, dead-letter records)."""
+_RECORD_FRAMING = 512
+"""Bytes of a dead-letter record's header block besides its two values (names, separators)."""
 _NO_MESSAGE = frozenset({10037})
 """JetStream error codes meaning "no message at that sequence" (get)."""
 
@@ -280,16 +288,18 @@ class NatsTransport(Transport):
         return total
 
     async def _list_consumers(self, group: str) -> set[str]:
-        found: set[str] = set()
-        offset = 0
+        return {n for n in await self._consumer_names() if self._names.is_consumer_of(n, group)}
+
+    async def _consumer_names(self) -> list[str]:
+        """Every consumer of the events stream."""
+        found: list[str] = []
         while True:
             page = await self._client.api(
-                f"CONSUMER.NAMES.{self._names.events}", {"offset": offset}
+                f"CONSUMER.NAMES.{self._names.events}", {"offset": len(found)}
             )
             batch = page.get("consumers") or []
-            found.update(n for n in batch if self._names.is_consumer_of(n, group))
-            offset += len(batch)
-            if not batch or offset >= int(page.get("total", 0)):
+            found += batch
+            if not batch or len(found) >= int(page.get("total", 0)):
                 return found
 
     # publishing ---------------------------------------------------------------------------------
@@ -297,18 +307,61 @@ class NatsTransport(Transport):
     async def publish(self, messages: Sequence[Message]) -> None:
         self._check_open()
         for message in messages:
-            if len(message.body) > self.max_message_bytes:
-                raise PayloadTooLarge(
-                    f"message {message.id[:100]} is {len(message.body)} bytes; "
-                    f"the limit is {self.max_message_bytes}"
-                )
             if len(message.id) > MAX_ID_CHARS:
                 raise PayloadTooLarge(
                     f"message id of {len(message.id)} characters; the limit is {MAX_ID_CHARS}"
                 )
             if message.group is not None:
                 check_group(message.group)
-        await self._client.publish([self._outgoing(m) for m in messages])
+        fits, over = split_oversized(messages, self.max_message_bytes)
+        outgoing = [self._outgoing(m) for m in fits]
+        if over:
+            with translated("dead-lettering oversized messages"):
+                for message in over:
+                    outgoing += await self._unsent(message)
+        await self._client.publish(outgoing)
+
+    async def _unsent(self, message: Message) -> list[Outgoing]:
+        """The dead-letter records, by reference, of a message too big to send: one for each
+        group it was meant for (its target, or every group whose consumer takes its topic)."""
+        reference, failure = oversized(message, self.max_message_bytes)
+        if message.group is not None:
+            groups = [message.group]
+        else:
+            groups = sorted(
+                {
+                    name.partition("~")[0]
+                    for name in await self._consumer_names()
+                    if name == Names.topic_consumer(name.partition("~")[0], message.topic)
+                }
+            )
+        digest = hashlib.sha256(message.id.encode()).hexdigest()[:32]
+        return [
+            # the same message refused twice (an outbox relayed again) is recorded once
+            self.dead_letter_record(reference, group, failure, 0, f"dl/{group}/unsent/{digest}")
+            for group in groups
+        ]
+
+    def dead_letter_record(
+        self, message: Message, group: str, failure: Failure, attempts: int, key: str
+    ) -> Outgoing:
+        """What is published to ``group``'s dead letters for ``message`` (deduplicated by the
+        server on ``key``). A body over :attr:`max_message_bytes` (a foreign message near the
+        server's max_payload) is kept by reference (:func:`oversized`); the record's texts are
+        cut to what the server's max_payload leaves, so the record is never refused."""
+        if len(message.body) > self.max_message_bytes:
+            reference, why = oversized(message, self.max_message_bytes)
+            message = reference
+            failure = Failure(
+                failure.reason,
+                failure.error_type,
+                f"{failure.error[:MAX_ERROR_CHARS]} ({why.error})",
+                failure.traceback,
+            )
+        budget = self._client.max_payload - len(message.body) - len(key) - _RECORD_FRAMING
+        header = dead_letter_header(message, group, failure, attempts, self._now(), budget)
+        headers = {ID_HEADER: key, DEAD_LETTER_HEADER: header}
+        return self._names.dlq_subject(group), message.body, headers
 
     def _outgoing(self, message: Message, nonce: str | None = None) -> Outgoing:
         names = self._names
