@@ -184,7 +184,7 @@ async def run_demo(
     await asyncio.to_thread(_prepare_dir, data_dir, fresh=fresh)
     where = await asyncio.to_thread(data_dir.resolve)
     store_url = f"sqlite:///{data_dir}/{{service}}.db"
-    transport_url = isolated(transport_url or f"sqlite:///{data_dir}/bus.db")
+    transport_url = isolated(transport_url or f"sqlite:///{where}/bus.db")
     db_url = f"sqlite:///{where}/flows.db" if record else None
     app = create_app(knobs)
     console.print(
