@@ -51,7 +51,10 @@ async def load_transaction(
     timers = await db.fetch(
         "SELECT * FROM cg_timers WHERE correlation_id = ? ORDER BY set_at", (correlation_id,)
     )
-    reporting = {r["service"] for r in await db.fetch("SELECT DISTINCT service FROM cg_handlings")}
+    # Services known to report: those that sent a heartbeat (a small table) and those that
+    # reported a handling of this transaction; never a scan of every handling ever recorded.
+    reporting = {r["service"] for r in await db.fetch("SELECT DISTINCT service FROM cg_heartbeats")}
+    reporting |= {h["service"] for h in handlings}
     for event in events:
         event["data"] = orjson.loads(event["data"])
         event["handlings"] = []

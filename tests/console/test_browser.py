@@ -134,6 +134,13 @@ def test_replay_a_dead_letter_and_see_its_transaction_complete(
     grounded = deliveries["grounded"]
     # given the grounded delivery is in flight with its landing dead-lettered
     assert system.outcome(grounded) is None
+    browser.open(f"/transactions/{grounded}")
+    browser.wait_text("Waiting for")
+    # then its page says what it waits for, on the graph too
+    assert "delivery.complete_delivery" in browser.css(".waiting-box").text
+    waiting = [n.get_attribute("data-name") for n in browser.all("svg.graph g.node.waiting")]
+    assert waiting == ["delivery"]
+    browser.screenshot("transaction-waiting")
     browser.open("/dead-letters")
     browser.wait_text("DroneArrived")
     browser.screenshot("dead-letters")

@@ -156,6 +156,24 @@ async def test_retention_prunes_idle_transactions_only(recorder: Recorder) -> No
     assert {r["correlation_id"] for r in left} == {"o-recent"}
 
 
+async def test_retention_runs_in_the_background(bus: Transport, tmp_path: Path) -> None:
+    # given a recorder that keeps an hour, and an event from last year
+    recorder = Recorder(build_app(), bus, f"sqlite:///{tmp_path}/flows.db", poll_interval=0.05,
+                        retain=3600.0, prune_interval=0.05)  # fmt: skip
+    await recorder.start()
+    try:
+        old = _placed("o-ancient")
+        year_ago = "2025-01-01T00:00:00+00:00"
+        ancient = Envelope(old.id, old.type, old.source, "o-ancient", old.data, time=year_ago)
+        await bus.publish([_message(ancient), _message(_placed("o-fresh"))])
+        # then the old transaction is pruned without anyone asking, the fresh one stays
+        await wait_for(lambda: _has(recorder, {"o-fresh"}))
+        await wait_for(lambda: recorder.pruned >= 1)
+        assert await _transactions(recorder) == {"o-fresh"}
+    finally:
+        await recorder.stop()
+
+
 async def test_a_step_that_ends_after_its_transaction_is_counted_late(recorder: Recorder) -> None:
     # given an order that started, then shipped (terminal), then a step caused by the start
     placed = _placed("o-late")

@@ -86,10 +86,14 @@ def _summary(view: Row, late_ids: set[str]) -> str:
     counts = view["counts"]
     ending = f" ({esc(view['terminal'])})" if view["terminal"] else ""
     late = f'<span class="badge late">{len(late_ids)} late</span>' if late_ids else ""
+    took = (
+        f"took {seconds(view['duration'])}"
+        if view["ended"]
+        else f"running for {seconds(view['age'])}"
+    )
     return (
         f'<div class="summary">{badge(view["status"])}{ending}{late}'
-        f"<span>started {when(view['started'])}</span>"
-        f"<span>{'took' if view['ended'] else 'running for'} {seconds(view['duration'])}</span>"
+        f"<span>started {when(view['started'])}</span><span>{took}</span>"
         f"<span>{counts['events']} events</span><span>{counts['retries']} retries</span>"
         f"<span>{counts['dead_letters']} dead letters</span>"
         f"<span>{counts['compensations']} compensations</span></div>"
