@@ -11,7 +11,7 @@ CHAOS_DELIVERIES ?= 2000
 CHAOS_CONFIGURATIONS ?= sqlite nats
 CHAOS_ARGS ?=
 
-.PHONY: demo test lint format bench chaos services install clean docs
+.PHONY: demo test lint format bench chaos services install clean docs mutate
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format choreograph examples tests benchmarks chaos
 	$(BIN)/ruff check --fix choreograph examples tests benchmarks chaos
+
+## mutate: mutation testing of the core modules against the tests that need no broker; prints
+## the score per module (docs/testing.md). Slow (about an hour on 2 cores); not part of CI.
+## MUTANTS="choreograph.retry*" runs some only; results are kept in mutants/ between runs.
+MUTATE_CHILDREN ?= 4
+MUTANTS ?=
+mutate: $(STAMP)
+	$(BIN)/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(BIN)/python scripts/mutation_score.py --min 85
 
 ## bench: the workloads of the benchmark book, each beside its raw-client baseline
 bench: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -130,20 +131,23 @@ def test_the_defaults_are_the_documented_ones() -> None:
     assert NO_RETRY.max_attempts == 1
 
 
+NEGATIVE = "RetryPolicy delays and counts must not be negative"
+
+
 @pytest.mark.parametrize(
-    "settings",
+    ("settings", "message"),
     [
-        {"max_attempts": 0},
-        {"immediate": -1},
-        {"base_delay": -0.1},
-        {"max_delay": -1.0},
-        {"jitter": -0.01},
-        {"jitter": 1.01},
+        ({"max_attempts": 0}, "RetryPolicy.max_attempts must be at least 1"),
+        ({"immediate": -1}, NEGATIVE),
+        ({"base_delay": -0.1}, NEGATIVE),
+        ({"max_delay": -1.0}, NEGATIVE),
+        ({"jitter": -0.01}, "RetryPolicy.jitter must be between 0 and 1"),
+        ({"jitter": 1.01}, "RetryPolicy.jitter must be between 0 and 1"),
     ],
-    ids=lambda s: next(iter(s)) + "=" + str(next(iter(s.values()))),
+    ids=lambda s: next(iter(s)) + "=" + str(next(iter(s.values()))) if isinstance(s, dict) else "",
 )
-def test_impossible_settings_are_refused(settings: dict[str, float]) -> None:
-    with pytest.raises(ConfigurationError, match="RetryPolicy"):
+def test_impossible_settings_are_refused(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{re.escape(message)}$"):
         RetryPolicy(**settings)  # type: ignore[arg-type]
 
 
