@@ -98,6 +98,7 @@ def lint(app: App) -> list[Finding]:
             )
         )
     findings += _compensations(app, model)
+    findings += _early_compensations(app)
     findings += _joins(model)
     findings += _cycles(model)
     return sorted(findings, key=lambda f: (f.severity != "error", f.code, f.subject))
@@ -145,6 +146,36 @@ def _compensations(app: App, model: FlowModel) -> list[Finding]:
                 app.name,
             )
         )
+    return found
+
+
+def _early_compensations(app: App) -> list[Finding]:
+    """Compensations that can run before the step they undo, with nothing to undo it after.
+
+    A step arriving after a *terminal* event does not run (late events), so a compensation on a
+    terminal failure undoes the step whatever the order. On any other event, the step may still
+    arrive (and run) after the compensation did.
+    """
+    found: list[Finding] = []
+    if not app.terminal:
+        return found
+    for service in app.services.values():
+        specs = [s for s in service.handlers.values() if s.kind == "compensation"]
+        undone_at_end = {s.undoes for s in specs if s.event in app.terminal}
+        for spec in specs:
+            if spec.undoes in undone_at_end:
+                continue
+            found.append(
+                Finding(
+                    "warning",
+                    "compensation-before-end",
+                    f"{service.name}.{spec.name} undoes {spec.undoes} on {spec.event.event_type}, "
+                    "which does not end the transaction: if it arrives first, the step still runs "
+                    "afterwards and nothing undoes it; compensate on a terminal failure too (a "
+                    "step arriving after the end does not run)",
+                    f"{service.name}.{spec.name}",
+                )
+            )
     return found
 
 

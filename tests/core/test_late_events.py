@@ -18,6 +18,7 @@ from choreograph import (
     Service,
 )
 from choreograph.envelope import encode, new_envelope
+from choreograph.observe.lint import lint
 from choreograph.testing import Harness
 from choreograph.transport import Message
 from tests.drone.conftest import Recorder
@@ -242,3 +243,23 @@ async def test_only_services_with_something_to_undo_or_cancel_are_sent_the_end()
         assert outcomes(recorder, "counter", "t6") == [("TripRequested", "done")]
     finally:
         await h.__aexit__(None, None, None)
+
+
+def test_lint_warns_of_a_compensation_that_can_run_before_its_step() -> None:
+    # given a compensation on an event that does not end the transaction
+    hotel = Service("hotel")
+
+    @hotel.on(TripRequested, emits=[SeatBooked])
+    async def book_room(event: TripRequested, ctx: Context) -> None:
+        return None
+
+    @hotel.compensate(Reminder, undoes=book_room)
+    async def cancel_room(event: Reminder, ctx: Context) -> None:
+        return None
+
+    early = App("trips", [hotel], terminal=[TripCompleted, TripFailed])
+    # then lint says so; declared on a terminal failure, it does not
+    assert [f.code for f in lint(early) if f.code == "compensation-before-end"] == [
+        "compensation-before-end"
+    ]
+    assert not [f for f in lint(trip_app([])) if f.code == "compensation-before-end"]
