@@ -136,6 +136,11 @@ class Handling:
         self.routes = build_routes(app, service)
         self.topics = frozenset(self.routes)
         self._keeps_timers = service.has_timers()
+        # A service that neither receives nor emits a terminal event never records an end:
+        # it skips the lookup (a round trip per message on PostgreSQL).
+        self._learns_end = any(r.terminal for r in self.routes.values()) or any(
+            cls in app.terminal for cls in service.emits()
+        )
         self._rng = rng or random.Random()
 
     # messages ------------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class Handling:
         ended: str | None = None
         try:
             async with tx.savepoint():
-                if not route.after_end:
+                if self._learns_end and not route.after_end:
                     ended = await tx.transaction_ended(envelope.correlationid)
                 if ended is None:
                     events = await self.hooks.handle(
