@@ -10,7 +10,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -19,6 +19,9 @@ from chaos.report import failures, print_report
 from chaos.run import ChaosConfig, run_chaos
 from chaos.system import CONFIGURATIONS, nats_setup, sqlite_setup
 
+if TYPE_CHECKING:
+    from tests.support.nats_cluster import NatsCluster
+
 
 def parse(argv: list[str]) -> tuple[ChaosConfig, Path]:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
@@ -26,7 +29,7 @@ def parse(argv: list[str]) -> tuple[ChaosConfig, Path]:
                         help="sqlite: sqlite bus and stores; nats: a 3-node NATS cluster of its "
                         "own and PostgreSQL stores (127.0.0.1:5432, database test)")  # fmt: skip
     parser.add_argument("--deliveries", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=40.0, help="deliveries submitted per second")
+    parser.add_argument("--rate", type=float, default=25.0, help="deliveries submitted per second")
     parser.add_argument(
         "--kills",
         type=int,
@@ -77,7 +80,7 @@ def parse(argv: list[str]) -> tuple[ChaosConfig, Path]:
 
 
 @contextlib.contextmanager
-def setup(config: ChaosConfig, root: Path) -> Iterator[tuple[str, str, Any]]:
+def setup(config: ChaosConfig, root: Path) -> Iterator[tuple[str, str, NatsCluster | None]]:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, mode=0o700)
     chosen = nats_setup if config.configuration == "nats" else sqlite_setup

@@ -12,7 +12,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -24,6 +24,9 @@ from choreograph.demo.runner import sample_request
 from choreograph.errors import TransportError
 from choreograph.transport import DeadLetter, transport_from_url
 from tests.support.procs import Procs
+
+if TYPE_CHECKING:
+    from tests.support.nats_cluster import NatsCluster
 
 log = logging.getLogger("chaos")
 
@@ -37,7 +40,7 @@ POISON_GROUPS = {"package", "drone-scheduler", "delivery"}
 class ChaosConfig:
     configuration: str = "sqlite"
     deliveries: int = 2000
-    rate: float = 40.0
+    rate: float = 25.0
     """Deliveries submitted per second."""
     kills: int = 10
     """Members killed with SIGKILL (restarted after ``pause`` seconds)."""
@@ -112,12 +115,12 @@ class ChaosResult:
 
 
 async def run_chaos(config: ChaosConfig, root: Path, transport_url: str, store_url: str,
-                    cluster: Any = None) -> ChaosResult:  # fmt: skip
+                    cluster: NatsCluster | None = None) -> ChaosResult:  # fmt: skip
     """Run the system under ``root`` on the given bus and stores (``cluster``: the NatsCluster
     whose nodes may be killed) and return the accounting."""
     rng = random.Random(config.seed)
     result = ChaosResult(config)
-    # a fleet that a steady 40 deliveries/s does not exhaust (the demo's other knobs as they are)
+    # a fleet that a steady 25 deliveries/s does not exhaust (the demo's other knobs as they are)
     knobs = {"DRONE_FLIGHT_SECONDS": "0.2", "DRONE_FLEET_SIZE": "200"}
     with Procs(root / "logs", env=knobs) as procs:
         system = System(root, procs, transport_url, store_url, lease=config.lease)
@@ -204,8 +207,8 @@ async def _kill_members(system: System, config: ChaosConfig, rng: random.Random,
         await system.launch(member)
 
 
-async def _kill_nodes(cluster: Any, config: ChaosConfig, rng: random.Random, window: float,
-                      result: ChaosResult) -> None:  # fmt: skip
+async def _kill_nodes(cluster: NatsCluster | None, config: ChaosConfig, rng: random.Random,
+                      window: float, result: ChaosResult) -> None:  # fmt: skip
     if cluster is None or not config.node_kills:
         return
     times = sorted(rng.uniform(2.0, max(window, 3.0)) for _ in range(config.node_kills))
@@ -213,11 +216,11 @@ async def _kill_nodes(cluster: Any, config: ChaosConfig, rng: random.Random, win
     for at in times:
         await asyncio.sleep(max(0.0, start + at - time.monotonic()))
         name = rng.choice(sorted(cluster.nodes))
-        cluster.kill(name)
+        await asyncio.to_thread(cluster.kill, name)  # (waits for the process: not on the loop)
         result.kills.append(Kill(time.monotonic(), name, "node"))
         log.info("killed node %s", name)
         await asyncio.sleep(rng.uniform(*config.node_pause))
-        cluster.start_node(name)
+        await asyncio.to_thread(cluster.start_node, name)
         await asyncio.to_thread(cluster.wait_ready, 120.0)
 
 

@@ -14,10 +14,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from choreograph.demo.inspect_state import SERVICES, Snapshot, read_snapshot
 from choreograph.store import store_from_url
 from choreograph.transport import DeadLetter, transport_from_url
+
+if TYPE_CHECKING:
+    from tests.support.nats_cluster import NatsCluster
 from tests.support.procs import Proc, Procs, free_port
 
 APP = "choreograph.demo.app:create_app"
@@ -212,16 +216,16 @@ def _logged_errors(output: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def sqlite_setup(root: Path) -> Iterator[tuple[str, str, None]]:
+def sqlite_setup(root: Path) -> Iterator[tuple[str, str, NatsCluster | None]]:
     """The embedded bus and one SQLite store file per service (replicas share it)."""
     yield f"sqlite:///{root}/bus.db", f"sqlite:///{root}/{{service}}.db", None
 
 
 @contextlib.contextmanager
-def nats_setup(root: Path) -> Iterator[tuple[str, str, object]]:
+def nats_setup(root: Path) -> Iterator[tuple[str, str, NatsCluster | None]]:
     """A 3-node JetStream cluster of the run's own (replicas=3) and PostgreSQL stores in schemas
     of the run's own (dropped afterwards)."""
-    from tests.support.nats_cluster import NatsCluster, require_nats_server
+    from tests.support.nats_cluster import NatsCluster, require_nats_server  # (imports pytest)
 
     require_nats_server()
     prefix = f"chaos{uuid.uuid4().hex[:8]}"
