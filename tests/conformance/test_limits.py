@@ -17,19 +17,6 @@ from choreograph.transport import OVERSIZED_HEAD_BYTES, DeadLetter, Failure, Tra
 from tests.conformance._helpers import ids, message, receive_for, receive_n, unique
 from tests.conftest import TransportFactory
 
-_BY_REFERENCE_PENDING: set[str] = set()
-"""Transports whose publish does not dead-letter by reference yet (NATS: with its size-limit
-work, on the cluster branch). Strict: the day it does, these tests report XPASS as a failure and
-the entry must go."""
-
-
-@pytest.fixture
-def by_reference(request: pytest.FixtureRequest, transport_name: str) -> None:
-    if transport_name in _BY_REFERENCE_PENDING:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason=f"{transport_name}: not dead-lettered yet")
-        )
-
 
 async def _dead_letters_of(
     bus: Transport, group: str, count: int, within: float = 10.0
@@ -44,7 +31,6 @@ async def _dead_letters_of(
     return found
 
 
-@pytest.mark.usefixtures("by_reference")
 async def test_an_oversized_body_is_dead_lettered_by_reference_and_the_batch_goes_on(
     make_transport: TransportFactory,
 ) -> None:
@@ -84,7 +70,6 @@ async def test_an_oversized_body_is_dead_lettered_by_reference_and_the_batch_goe
         assert len(dead.message.body) <= 4096
 
 
-@pytest.mark.usefixtures("by_reference")
 async def test_an_oversized_replay_target_is_dead_lettered_for_its_group_only(
     make_transport: TransportFactory,
 ) -> None:
@@ -140,7 +125,6 @@ async def test_a_body_at_the_limit_is_delivered_dead_lettered_and_replayed_intac
     assert await bus.dead_letters(group) == []
 
 
-@pytest.mark.usefixtures("by_reference")
 async def test_a_reference_is_replayed_with_a_corrected_body_and_not_with_an_oversized_one(
     make_transport: TransportFactory,
 ) -> None:
