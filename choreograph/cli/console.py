@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 
 import click
 
 from choreograph.cli._common import console as out
-from choreograph.errors import ConfigurationError
+from choreograph.errors import ChoreographError, ConfigurationError
 from choreograph.observe.flowdb import DEFAULT_DB_URL, SqliteFlowDb, flowdb_from_url
 from choreograph.transport import load_backend, redact
 
@@ -117,8 +118,9 @@ def console_command(
                 f"no recorder database at {settings.db_url}: run `choreograph demo` (it records), "
                 "or `choreograph record` beside your services, or pass --db"
             )
+        asyncio.run(_reachable(settings.db_url))
         asgi = create_console_app(settings)
-    except ConfigurationError as exc:
+    except ChoreographError as exc:
         raise click.ClickException(str(exc)) from None
     shown = f"[{host}]" if ":" in host else host
     out.print(f"console on [bold]http://{shown}:{port}[/] · recorder {redact(settings.db_url)}")
@@ -127,6 +129,14 @@ def console_command(
     if read_only:
         out.print("read-only: replay and discard are off")
     uvicorn_server(uvicorn_config(asgi, host=host, port=port, log_level="warning")).run()
+
+
+async def _reachable(db_url: str) -> None:
+    """Open and close the recorder database: an unreachable one is a clean error, not a
+    traceback from the web server's start-up."""
+    db = flowdb_from_url(db_url)
+    await db.open()
+    await db.close()
 
 
 COMMANDS = [console_command]

@@ -71,11 +71,11 @@ def create_console_app(settings: ConsoleSettings) -> Starlette:
     """The console as an ASGI app. It opens the recorder database (and, lazily, the bus and the
     stores) when it starts, and closes them when it stops."""
     settings.check_exposure()
+    app = load_app(settings.app_spec) if settings.app_spec else None  # a bad spec fails here
     holder: dict[str, ConsoleState] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        app = load_app(settings.app_spec) if settings.app_spec else None
         db = flowdb_from_url(settings.db_url)
         await db.open()
         sources = Sources(app, settings.transport_url, settings.store_url)

@@ -21,6 +21,7 @@ from choreograph.observe.model import FlowModel
 
 _RANKING = ("emits", "consumes", "join", "implicit")
 _GAP_X, _GAP_Y, _HEIGHT, _PAD = 64, 20, 30, 24
+_ARC = 20  # vertical step between arcs, so that their counts do not overlap
 _COLORS = {
     "emits": "#868e96",
     "consumes": "#868e96",
@@ -84,8 +85,8 @@ def render_graph(
                 arcs_above += 1
         parts.append(_edge(edge, source, target, forward, arcs_above, arcs_below, height,
                            overlay, counts))  # fmt: skip
-    top = _PAD + 14 * arcs_above + (16 if arcs_above else 0)
-    bottom = 14 * arcs_below + (16 if arcs_below else 0)
+    top = _PAD + _ARC * arcs_above + (16 if arcs_above else 0)
+    bottom = _ARC * arcs_below + (16 if arcs_below else 0)
     for box in boxes.values():
         parts.append(_node(box, overlay))
     view = f"0 {-top} {width:.0f} {height + top + bottom:.0f}"
@@ -259,16 +260,21 @@ def _edge(
         mid = ((x1 + x2) / 2, (y1 + y2) / 2)
     elif edge.kind == "compensates":
         sx, tx = source.x + source.width / 2, target.x + target.width / 2
-        low = height + 14 * below
+        low = height + _ARC * below
         path = (f"M{sx:.1f},{source.y + _HEIGHT:.1f} C{sx:.1f},{low:.1f} {tx:.1f},{low:.1f} "
                 f"{tx:.1f},{target.y + _HEIGHT:.1f}")  # fmt: skip
-        mid = ((sx + tx) / 2, low - 10)
+        mid = _bezier(0.3 + 0.1 * (below % 5), (sx, source.y + _HEIGHT), (sx, low), (tx, low),
+                      (tx, target.y + _HEIGHT))  # fmt: skip
     else:
         sx, tx = source.x + source.width / 2, target.x + target.width / 2
-        high = -14 * above
+        high = -_ARC * above
         path = (f"M{sx:.1f},{source.y:.1f} C{sx:.1f},{high:.1f} {tx:.1f},{high:.1f} "
                 f"{tx:.1f},{target.y:.1f}")  # fmt: skip
-        mid = ((sx + tx) / 2, high + 10)
+        # Arcs between the same columns share their apex: each arc's count sits at its own
+        # place along it, so that the numbers do not pile up.
+        mid = _bezier(
+            0.3 + 0.1 * (above % 5), (sx, source.y), (sx, high), (tx, high), (tx, target.y)
+        )
     title = escape(f"{source.node.label} → {target.node.label}: {edge.kind} {edge.label}".strip())
     dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
     out = (
@@ -286,6 +292,17 @@ def _edge(
             f'text-anchor="middle" class="count">{label}</text>'
         )
     return out + "</g>"
+
+
+def _bezier(t: float, *points: tuple[float, float]) -> tuple[float, float]:
+    """The point at ``t`` (0..1) of a cubic Bézier curve given by its four points."""
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = points
+    u = 1 - t
+    weights = (u**3, 3 * u * u * t, 3 * u * t * t, t**3)
+    return (
+        sum(w * x for w, x in zip(weights, (x0, x1, x2, x3), strict=True)),
+        sum(w * y for w, y in zip(weights, (y0, y1, y2, y3), strict=True)),
+    )
 
 
 def _node(box: _Box, overlay: PathOverlay | None) -> str:
