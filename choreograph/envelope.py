@@ -24,8 +24,16 @@ SPECVERSION = "1.0"
 CONTENT_TYPE = "application/json"
 #: The largest encoded event accepted, published or received (bytes). NATS' default limit is 1 MiB.
 MAX_EVENT_BYTES = 512 * 1024
+#: The longest ``id``, ``correlationid`` or ``causationid`` accepted on receipt (characters): ids
+#: are keys of every store's inbox and joins, and must stay well inside an index entry.
+MAX_ID_CHARS = 512
 
 _EVENT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,199}$")
+# CloudEvents attribute strings must not hold control characters (and no store can key a NUL).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ATTRIBUTES = ("id", "source", "time", "subject", "correlationid", "causationid", "traceparent",
+               "tracestate")  # fmt: skip
+_IDS = ("id", "correlationid", "causationid")
 _REQUIRED = ("id", "source", "type", "specversion")
 _KNOWN = frozenset(
     (*_REQUIRED, "time", "datacontenttype", "subject", "data", "correlationid", "causationid",
@@ -110,8 +118,13 @@ def new_envelope(
 
 
 def encode(envelope: Envelope, *, limit: int = MAX_EVENT_BYTES) -> bytes:
-    """Encode as CloudEvents structured JSON. Raises :class:`PayloadTooLarge` over ``limit``."""
-    body = orjson.dumps(envelope.to_dict())
+    """Encode as CloudEvents structured JSON. Raises :class:`PayloadTooLarge` over ``limit``, and
+    :class:`MalformedEnvelope` for what JSON cannot hold (nesting deeper than 254 levels, text
+    that is not valid Unicode, values that are not JSON types)."""
+    try:
+        body = orjson.dumps(envelope.to_dict())
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        raise MalformedEnvelope(f"event {envelope.type} cannot be encoded: {exc}") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"event {envelope.type} is {len(body)} bytes; the limit is {limit}")
     return body
@@ -140,10 +153,20 @@ def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:
         data = {}
     if not isinstance(data, dict):
         raise MalformedEnvelope(f"'data' must be a JSON object, got {type(data).__name__}")
-    for name in ("time", "subject", "correlationid", "causationid", "traceparent", "tracestate"):
+    for name in _ATTRIBUTES:
         value = doc.get(name)
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            continue
+        if not isinstance(value, str):
             raise MalformedEnvelope(f"attribute {name!r} must be a string")
+        if _CONTROL.search(value):
+            raise MalformedEnvelope(f"attribute {name!r} contains a control character")
+    for name in _IDS:
+        value = doc.get(name)
+        if value is not None and len(value) > MAX_ID_CHARS:
+            raise MalformedEnvelope(
+                f"attribute {name!r} is {len(value)} characters; at most {MAX_ID_CHARS}"
+            )
     try:
         check_event_type(doc["type"])
     except ValueError as exc:

@@ -94,11 +94,20 @@ def _non_finite(value: Any, path: str) -> str | None:
 
 # Events the runtime itself publishes. Services react to them like to any other event.
 
+#: How deep failure announcements may nest: a handler of an announcement that gives up announces
+#: its own failure (depth + 1) only up to this depth; beyond it the event is dead-lettered
+#: without announcing, so a failing handler of failures cannot announce about itself forever.
+MAX_ANNOUNCEMENT_DEPTH = 3
+
 
 class HandlerFailed(Event):
     """A handler gave up on an event (attempts exhausted or a permanent failure).
 
     Published with the failed event's correlation id, so compensations can react to it.
+    ``data`` is the failed event's data (only its short top-level fields, or nothing, when the
+    whole would not fit); an id longer than 256 characters may be replaced by its digest.
+    ``depth`` is 1 for a failure on an ordinary event, and n + 1 for a failure while handling
+    an announcement of depth n; past :data:`MAX_ANNOUNCEMENT_DEPTH` nothing more is announced.
     """
 
     event_type: ClassVar[str] = "choreograph.HandlerFailed"
@@ -110,6 +119,7 @@ class HandlerFailed(Event):
     error_type: str
     attempts: int
     data: dict[str, Any] = {}
+    depth: int = 1
 
 
 class DeadlineExpired(Event):
@@ -147,6 +157,8 @@ class CompensationFailed(Event):
     reason: str
     error_type: str
     attempts: int
+    depth: int = 1
+    """As :attr:`HandlerFailed.depth`."""
 
 
 BUILTIN_EVENTS: tuple[type[Event], ...] = (

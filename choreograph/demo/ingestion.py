@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,6 +34,7 @@ from choreograph.demo.events import (
 
 MAX_BODY_BYTES = 16 * 1024
 TERMINAL = ("completed", "failed")
+_ID = TypeAdapter(Id)
 
 
 class DeliveryRequestBody(BaseModel):
@@ -128,6 +129,8 @@ def create_http_app(runtime: Runtime) -> Starlette:
 
     async def cancel(request: Request) -> Response:
         delivery_id = request.path_params["delivery_id"]
+        if (invalid := _invalid_id(delivery_id)) is not None:
+            return invalid
         async with runtime.unit_of_work("ingestion", correlation_id=delivery_id) as uow:
             doc = await uow.state.get("delivery", delivery_id)
             if doc is None:
@@ -140,6 +143,8 @@ def create_http_app(runtime: Runtime) -> Starlette:
 
     async def status(request: Request) -> Response:
         delivery_id = request.path_params["delivery_id"]
+        if (invalid := _invalid_id(delivery_id)) is not None:
+            return invalid
         async with runtime.unit_of_work("ingestion") as uow:
             doc = await uow.state.get("delivery", delivery_id)
         if doc is None:
@@ -162,6 +167,17 @@ def create_http_app(runtime: Runtime) -> Starlette:
             Route("/healthz", health, methods=["GET"]),
         ],
     )
+
+
+def _invalid_id(delivery_id: str) -> Response | None:
+    """A 404 for an id no delivery can have, answered before any store sees it (PostgreSQL, for
+    one, refuses a NUL in text)."""
+    try:
+        _ID.validate_python(delivery_id)
+    except ValidationError:
+        return problem(404, f"no delivery {delivery_id[:100]!r}: a delivery id is 1-64 letters, "
+                       "digits, '.', '_', ':' or '-'")  # fmt: skip
+    return None
 
 
 class _Reject(Exception):

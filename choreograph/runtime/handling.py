@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from choreograph.app import App
@@ -22,13 +21,13 @@ from choreograph.context import Context, State, TimerChange
 from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, new_envelope, new_id
 from choreograph.errors import (
     InvalidMessage,
-    PayloadTooLarge,
     PermanentFailure,
     RetryLater,
     SchemaViolation,
     UnknownEventType,
 )
 from choreograph.events import (
+    MAX_ANNOUNCEMENT_DEPTH,
     CompensationFailed,
     DeadlineExpired,
     Event,
@@ -38,6 +37,7 @@ from choreograph.events import (
 from choreograph.logs import bounded_traceback
 from choreograph.middleware import Outcome
 from choreograph.retry import RetryPolicy
+from choreograph.runtime import announce
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import stage
 from choreograph.service import DeadlineSpec, HandlerSpec, JoinSpec, Parts, Service
@@ -46,7 +46,6 @@ from choreograph.transport import Delivery, Failure, Message
 
 log = logging.getLogger("choreograph.handling")
 
-_FAILED_IDS = uuid.UUID("6f1c2a56-0d7e-4c36-9a53-2f7f0a4f8b11")
 _ANNOUNCEMENTS = (HandlerFailed, CompensationFailed)
 
 
@@ -165,8 +164,10 @@ class Handling:
         )
         try:
             event = route.cls.parse_data(envelope.data)
-        except SchemaViolation as exc:
+        except Exception as exc:
             # Never retried; announced so the transaction does not wait for this service forever.
+            if not isinstance(exc, SchemaViolation):  # e.g. data nested beyond what validates
+                exc = SchemaViolation(f"{envelope.type}: cannot validate: {_text(repr(exc), 500)}")
             return ctx, await self._give_up(tx, ctx, route.handler, exc)
         if await tx.seen(envelope.id):
             return ctx, Outcome("duplicate")
@@ -423,49 +424,32 @@ class Handling:
         *,
         spec_name: str | None = None,
     ) -> Outcome:
+        """Dead-letter and announce the failure (bounded; see :mod:`.announce`)."""
         failure = _failure(exc, gave_up=not isinstance(exc, InvalidMessage | PermanentFailure))
         name = spec_name or (spec.name if spec is not None else ctx.handler)
-        announcement: Event
-        if spec is not None and spec.kind == "compensation":
-            announcement = CompensationFailed(
-                service=self.service.name,
-                compensation=name,
-                failed_event_type=ctx.envelope.type,
-                failed_event_id=ctx.event_id,
-                reason=failure.error or failure.reason,
-                error_type=failure.error_type,
-                attempts=ctx.attempt,
-            )
-        else:
-            announcement = HandlerFailed(
-                service=self.service.name,
-                handler=name,
-                failed_event_type=ctx.envelope.type,
-                failed_event_id=ctx.event_id,
-                reason=failure.error or failure.reason,
-                error_type=failure.error_type,
-                attempts=ctx.attempt,
-                data=ctx.envelope.data,
-            )
-        envelope = self.envelope_for(ctx, announcement).evolve(
-            # The same failure announced twice (crash before the dead-letter) has one id.
-            id=str(uuid.uuid5(_FAILED_IDS, f"{self.service.name}/{name}/{ctx.event_id}"))
-        )
-        try:
-            ready = await self.stage(tx, [(envelope, 0.0)])
-        except PayloadTooLarge:
-            # The failed event was near the limit: announce it with its short fields only.
-            envelope = envelope.evolve(data={**envelope.data, "data": _scalars(ctx.envelope.data)})
-            ready = await self.stage(tx, [(envelope, 0.0)])
-        return Outcome("dead_letter", failure=failure, emitted=[envelope], ready=ready)
-
-
-def _scalars(data: dict[str, Any], longest: int = 200) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in data.items()
-        if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= longest)
-    }
+        level = announce.depth(ctx.envelope)
+        if level > MAX_ANNOUNCEMENT_DEPTH:
+            note = f"not announced: failure announcements are at most {MAX_ANNOUNCEMENT_DEPTH} deep"
+            failure = replace(failure, error=f"{failure.error} ({note})")
+            return Outcome("dead_letter", failure=failure, note=note)
+        compensation = spec is not None and spec.kind == "compensation"
+        event_id = announce.announcement_id(self.service.name, name, ctx.event_id)
+        problem: Exception | None = None
+        for build in announce.forms(
+            ctx, name=name, failure=failure, compensation=compensation, level=level
+        ):
+            try:
+                announcement, adjust = build()
+                envelope = adjust(self.envelope_for(ctx, announcement).evolve(id=event_id))
+                ready = await self.stage(tx, [(envelope, 0.0)])
+            except Exception as exc:  # the failed event's content: try a smaller form
+                problem = exc
+                continue
+            return Outcome("dead_letter", failure=failure, emitted=[envelope], ready=ready)
+        log.error("%s: the failure of %s could not be announced: %r", self.service.name, name,
+                  problem)  # fmt: skip
+        note = f"not announced: {type(problem).__name__}: {problem}"[:1000]
+        return Outcome("dead_letter", failure=failure, note=note)
 
 
 def _tx(state: State) -> StoreTx:
@@ -530,6 +514,15 @@ def _failure(exc: Exception, *, gave_up: bool = False) -> Failure:
     return Failure(
         reason=reason,
         error_type=type(exc).__name__,
-        error=str(exc)[:2000],
+        error=_text(str(exc), 2000),
         traceback=bounded_traceback(trace),
     )
+
+
+def _text(value: str, longest: int) -> str:
+    """At most ``longest`` characters of valid UTF-8 without NUL, whatever an exception said
+    (dead letters, logs and reports keep it)."""
+    text = value[:longest]
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\x00", "\\0")

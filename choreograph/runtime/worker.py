@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import dataclass
 
 from choreograph.app import App
@@ -19,9 +20,14 @@ from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import relay
 from choreograph.service import Service
 from choreograph.store import Store
-from choreograph.transport import Delivery, Message, Subscription, Transport
+from choreograph.transport import Delivery, Failure, Message, Subscription, Transport
 
 log = logging.getLogger("choreograph.worker")
+
+#: Deliveries of a message whose store transaction fails even when it is handled alone, after
+#: which it is dead-lettered with reason ``poison message``.
+POISON_ATTEMPTS = 3
+Result = tuple[Delivery, Context | None, Outcome]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,7 @@ class ServiceWorker:
         self._stopping = asyncio.Event()
         self._sent: list[str] = []
         self._inflight = 0
+        self._rng = random.Random()
 
     @property
     def name(self) -> str:
@@ -157,15 +164,10 @@ class ServiceWorker:
     async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
         self._inflight += len(batch)
         try:
-            results: list[tuple[Delivery, Context | None, Outcome]] = []
-            async with self.store.transaction() as tx:
-                if self._sent:
-                    await tx.forget_outbox(self._sent)
-                    self._sent = []
-                for delivery in batch:
-                    ctx, outcome = await self.handling.handle(tx, delivery)
-                    results.append((delivery, ctx, outcome))
-                self._checkpoint("handled")
+            try:
+                results = await self._transact(batch)
+            except Exception as exc:
+                results = await self._isolate(batch, exc)
             self._checkpoint("committed")
             await self._publish([m for _, _, o in results for m in o.ready])
             self._checkpoint("published")
@@ -176,6 +178,59 @@ class ServiceWorker:
                     self._observe(ctx, outcome)
         finally:
             self._inflight -= len(batch)
+
+    async def _transact(self, batch: list[Delivery]) -> list[Result]:
+        """Handle ``batch`` in one store transaction (a savepoint per message)."""
+        results: list[Result] = []
+        async with self.store.transaction() as tx:
+            if self._sent:
+                await tx.forget_outbox(self._sent)
+                self._sent = []
+            for delivery in batch:
+                ctx, outcome = await self.handling.handle(tx, delivery)
+                results.append((delivery, ctx, outcome))
+            self._checkpoint("handled")
+        return results
+
+    async def _isolate(self, batch: list[Delivery], failed: Exception) -> list[Result]:
+        """The batch's transaction failed as a whole: handle its messages one at a time, so that
+        one message that breaks its transaction (e.g. the store refuses what it holds) does not
+        take the others down. A message failing alone while the store answers is retried, and
+        dead-lettered once it has been delivered :data:`POISON_ATTEMPTS` times. When the store
+        does not answer, ``failed`` propagates: nothing is settled, the messages come back."""
+        await self._probe_store(failed)
+        log.warning("%s: a batch of %d failed (%s: %s); handling its messages one at a time",
+                    self.name, len(batch), type(failed).__name__, failed)  # fmt: skip
+        results: list[Result] = []
+        for delivery in batch:
+            try:
+                results += await self._transact([delivery])
+            except Exception as exc:
+                await self._probe_store(exc)
+                results.append((delivery, None, self._poisoned(delivery, exc)))
+        return results
+
+    async def _probe_store(self, failed: Exception) -> None:
+        """Raise ``failed`` unless an empty transaction of the store commits."""
+        try:
+            async with self.store.transaction():
+                pass
+        except Exception:
+            raise failed from None
+
+    def _poisoned(self, delivery: Delivery, exc: Exception) -> Outcome:
+        failure = Failure(
+            reason="poison message",
+            error_type=type(exc).__name__,
+            error=f"its store transaction fails on its own: {exc}"[:2000],
+        )
+        if delivery.attempt < POISON_ATTEMPTS:
+            delay = self.service.retry.delay(delivery.attempt, self._rng)
+            return Outcome("retry", delay=delay, failure=failure)
+        log.error("%s: message %s dead-lettered: %s", self.name, delivery.message.id,
+                  failure.error)  # fmt: skip
+        self.hooks.invalid(self.name, delivery.message.body, failure)
+        return Outcome("dead_letter", failure=failure)
 
     async def _publish(self, messages: list[Message]) -> None:
         """Publish freshly committed outbox rows; on failure the relay sends them later."""
@@ -188,20 +243,44 @@ class ServiceWorker:
             return
         self._sent.extend(m.id for m in messages)
 
-    async def _settle(
-        self,
-        subscription: Subscription,
-        results: list[tuple[Delivery, Context | None, Outcome]],
-    ) -> None:
+    async def _settle(self, subscription: Subscription, results: list[Result]) -> None:
+        """Ack, retry or dead-letter each message. A settlement that fails for one message does
+        not stop the others' (an unsettled message comes back after its lease)."""
         done = [d for d, _, o in results if o.kind in ("done", "duplicate", "ignored", "late")]
         if done:
             await subscription.ack(done)
+        unsettled: Exception | None = None
         for delivery, _, outcome in results:
-            if outcome.kind == "retry":
-                await subscription.retry(delivery, outcome.delay)
-            elif outcome.kind == "dead_letter":
-                assert outcome.failure is not None
-                await subscription.dead_letter(delivery, outcome.failure)
+            try:
+                if outcome.kind == "retry":
+                    await subscription.retry(delivery, outcome.delay)
+                elif outcome.kind == "dead_letter":
+                    assert outcome.failure is not None
+                    await self._dead_letter(subscription, delivery, outcome.failure)
+            except Exception as exc:
+                log.warning("%s: could not settle %s (%s): %s", self.name,
+                            delivery.message.id, outcome.kind, exc)  # fmt: skip
+                unsettled = exc
+        if isinstance(unsettled, TransportError):
+            raise unsettled  # the lane backs off
+
+    async def _dead_letter(
+        self, subscription: Subscription, delivery: Delivery, failure: Failure
+    ) -> None:
+        try:
+            await subscription.dead_letter(delivery, failure)
+        except TransportError:
+            raise
+        except Exception as exc:
+            # The failure itself could not be recorded (its text): record a bounded one.
+            log.warning("%s: dead letter of %s refused (%s); recording a shorter reason",
+                        self.name, delivery.message.id, exc)  # fmt: skip
+            short = Failure(
+                failure.reason[:100],
+                failure.error_type[:100],
+                failure.error[:200].encode("ascii", "replace").decode("ascii"),
+            )
+            await subscription.dead_letter(delivery, short)
 
     def _checkpoint(self, point: Checkpoint) -> None:
         self.hooks.checkpoint(self.name, point)
