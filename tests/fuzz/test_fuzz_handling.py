@@ -100,7 +100,7 @@ class Watcher(Middleware):
     shipped: set[str] = field(default_factory=set)
 
     def on_outcome(self, ctx: Context, outcome: Outcome) -> None:
-        if outcome.kind in ("done", "duplicate", "ignored"):
+        if outcome.kind in ("done", "duplicate", "ignored", "late"):
             self.finished.add(ctx.event_id)
         for envelope in outcome.emitted:
             if envelope.type == "Shipped":
