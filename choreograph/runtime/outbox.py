@@ -5,10 +5,11 @@ Every event a service emits (from a handler, a failure announcement, a timer, or
 size limit, into the store transaction's outbox. Rows due now are claimed for the fast path (the
 writer publishes them right after its commit); delayed rows are left to the relay.
 
-The relay (:func:`relay`) publishes rows that are due and unclaimed. A row that can never be
-published (larger than the transport accepts, or refused by it as invalid) is **set aside**: it
-leaves the outbox and a bounded record of it (id, topic, size, SHA-256 digest of the body, the
-first bytes of the body, reason) is kept in the service's own state under the kind
+The relay (:func:`relay`) publishes rows that are due and unclaimed. A row larger than the
+transport accepts is dead-lettered by reference by the transport itself (for the groups it was
+meant for; see :meth:`Transport.publish`). A row the transport refuses as invalid is **set
+aside**: it leaves the outbox and a bounded record of it (id, topic, size, SHA-256 digest of the
+body, the first bytes of the body, reason) is kept in the service's own state under the kind
 :data:`UNPUBLISHABLE`, and logged as an error. One such row never holds back the others.
 """
 
@@ -67,20 +68,16 @@ async def relay(store: Store, transport: Transport, clock: Clock, *, lease: floa
         rows = await store.claim_outbox(clock.now(), 500, lease)
         if not rows:
             return
-        limit = transport.max_message_bytes
-        fit = [r for r in rows if len(r.body) <= limit]
-        refused = [
-            (r, f"{len(r.body)} bytes; the transport's limit is {limit}")
-            for r in rows
-            if len(r.body) > limit
-        ]
-        sent = [r.id for r in fit]
+        # An oversized row is no obstacle: the transport dead-letters it by reference for the
+        # groups it was meant for (see Transport.publish) and publishes the rest.
+        refused: list[tuple[OutboxRow, str]] = []
+        sent = [r.id for r in rows]
         try:
-            await transport.publish([Message(r.id, r.topic, r.body) for r in fit])
+            await transport.publish([Message(r.id, r.topic, r.body) for r in rows])
         except InvalidMessage:
-            # One of them is refused for good: publish one at a time to find which.
+            # The transport refuses one of them for good: publish one at a time to find which.
             sent = []
-            for row in fit:
+            for row in rows:
                 try:
                     await transport.publish([Message(row.id, row.topic, row.body)])
                 except InvalidMessage as exc:

@@ -5,7 +5,10 @@ never be published instead of blocking the service's outbox."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,16 +23,19 @@ from choreograph import (
     Middleware,
     Outcome,
     PayloadTooLarge,
+    Runtime,
     Service,
 )
 from choreograph.clock import SYSTEM_CLOCK
-from choreograph.envelope import new_envelope
+from choreograph.envelope import encode, new_envelope
+from choreograph.errors import InvalidMessage
 from choreograph.middleware import Checkpoint, Next
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import UNPUBLISHABLE
 from choreograph.store import OutboxRow
 from choreograph.testing import Harness
 from choreograph.transport import Failure, Message
+from choreograph.transports.memory import MemoryTransport
 
 
 class Order(Event):
@@ -182,27 +188,81 @@ async def test_unit_of_work_stages_with_the_transports_real_limit() -> None:
         assert await worker.store.claim_outbox(h.clock.now() + 3600, 10, 30) == []
 
 
-async def test_the_relay_sets_aside_a_row_that_can_never_be_published() -> None:
+def valid_rows(count: int) -> list[Envelope]:
+    return [
+        Envelope(f"v{i}", "Paid", "payment", f"tx-{i}", {"order_id": f"o{i}", "note": ""})
+        for i in range(count)
+    ]
+
+
+async def test_an_oversized_outbox_row_never_blocks_the_relay() -> None:
     async with Harness(shop()) as h:
         worker = h.runtime.worker("payment")
         h.transport.max_message_bytes = 4096
-        # given an outbox holding, oldest first, a row larger than the bus accepts, then valid ones
-        big = OutboxRow("big-1", "Paid", b'{"pad": "' + b"x" * 5000 + b'"}')
-        valid = [
-            Envelope(f"v{i}", "Paid", "payment", f"tx-{i}", {"order_id": f"o{i}", "note": ""})
-            for i in range(3)
-        ]
+        # given an outbox holding, oldest first, a row larger than the bus accepts (written when
+        # the limit was larger), then valid ones
+        big = OutboxRow("big-1", "Order", b'{"pad": "' + b"x" * 5000 + b'"}')
         async with worker.store.transaction() as tx:
             await tx.add_outbox([big])
-            await worker.handling.stage(tx, [(e, 0.001) for e in valid])
+            await worker.handling.stage(tx, [(e, 0.001) for e in valid_rows(3)])
         # when the relay runs
         await h.advance(1)
-        # then the valid rows are published, the big one set aside with a bounded record
+        # then the valid rows are published, the big one dead-lettered by reference for the
+        # group it was meant for, and the outbox is empty
         assert sorted(e.id for e in h.published(Paid)) == ["v0", "v1", "v2"]
-        record = await h.state("payment", UNPUBLISHABLE, "big-1")
-        assert record is not None
-        assert record["sha256"] == hashlib.sha256(big.body).hexdigest()
-        assert (record["topic"], record["bytes"]) == ("Paid", len(big.body))
-        assert "limit is 4096" in record["reason"]
-        assert len(record["head"]) <= 512
+        (dead,) = await h.dead_letters("payment")
+        assert (dead.message.id, dead.failure.reason) == ("big-1", "payload too large")
+        assert hashlib.sha256(big.body).hexdigest() in dead.failure.error
         assert await worker.store.claim_outbox(h.clock.now() + 3600, 10, 30) == []
+
+
+class _Refusing(MemoryTransport):
+    """A bus with a rule of its own: it refuses, as invalid, messages whose id starts with
+    'refused' (as a broker refuses what breaks one of its rules)."""
+
+    async def publish(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            if message.id.startswith("refused"):
+                raise InvalidMessage(f"message {message.id} breaks a rule of this bus")
+        await super().publish(messages)
+
+
+async def test_the_relay_sets_aside_a_row_the_transport_refuses_as_invalid(
+    tmp_path: Path,
+) -> None:
+    # given a bus that refuses one row, and a reader of the events that row is among
+    transport = _Refusing()
+    runtime = Runtime(shop(), transport=transport, store=f"sqlite:///{tmp_path}/{{service}}.db")
+    async with runtime:
+        await transport.declare_group("reader", ["Paid"])
+        worker = runtime.worker("payment")
+        refused = OutboxRow("refused-1", "Paid", b'{"some": "body"}')
+        valid = [OutboxRow(e.id, e.type, encode(e)) for e in valid_rows(3)]
+        # when the outbox holds, oldest first, the refused row and then valid ones, for the relay
+        async with worker.store.transaction() as tx:
+            await tx.add_outbox([refused, *valid])
+
+        async def set_aside() -> bool:
+            async with runtime.unit_of_work("payment") as uow:
+                return await uow.state.get(UNPUBLISHABLE, "refused-1") is not None
+
+        await wait_for(set_aside)
+        # then the valid rows are published, the refused one set aside with a bounded record
+        reader = await transport.subscribe("reader", ["Paid"])
+        received = await reader.receive(10, 1.0)
+        assert sorted(d.message.id for d in received) == ["v0", "v1", "v2"]
+        async with runtime.unit_of_work("payment") as uow:
+            record = await uow.state.get(UNPUBLISHABLE, "refused-1")
+        assert record is not None
+        assert record["sha256"] == hashlib.sha256(refused.body).hexdigest()
+        assert (record["topic"], record["bytes"]) == ("Paid", len(refused.body))
+        assert "breaks a rule of this bus" in record["reason"]
+        assert record["head"] == refused.body.decode()
+        assert await worker.store.claim_outbox(time.time() + 3600, 10, 30) == []
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate.__name__}"
+        await asyncio.sleep(0.02)
