@@ -44,6 +44,11 @@ log = logging.getLogger("choreograph.transports.nats")
 
 _LINGER_GRACE = 1.0
 """Seconds past its ``expires`` after which an unanswered request is presumed lost."""
+_HEARTBEAT = 1.0
+"""Seconds between the idle heartbeats the server sends on a lingering request of more than
+:data:`_HEARTBEAT_FROM` seconds; three missed ones and the request is presumed lost (its
+consumer's leader died, or the request did), and sent again."""
+_HEARTBEAT_FROM = 3.0
 _PREFETCH_LOST = 3.0
 """Seconds after which an unfinished prefetch request is presumed lost."""
 _BACKOFF = 0.05
@@ -164,6 +169,11 @@ class NatsSubscription(Subscription):
                 headers = msg.headers or {}
                 status = headers.get("Status", "")
                 request = consumer.request
+                if status == "100":
+                    # an idle heartbeat: the request is alive on the consumer's leader
+                    if request is not None:
+                        request.lost_at = self._clock() + 3 * _HEARTBEAT
+                    return
                 if status not in ("404", "408") or (
                     "Pending" in headers.get("Description", "")  # 408 Requests Pending
                     and request is not None
@@ -196,6 +206,13 @@ class NatsSubscription(Subscription):
         if expires is None:
             payload = b'{"batch":%d,"no_wait":true}' % batch
             lost_at = now + _PREFETCH_LOST
+        elif expires >= _HEARTBEAT_FROM:
+            payload = b'{"batch":%d,"no_wait":true,"expires":%d,"idle_heartbeat":%d}' % (
+                batch,
+                int(expires * 1e9),
+                int(_HEARTBEAT * 1e9),
+            )
+            lost_at = now + 3 * _HEARTBEAT
         else:
             payload = b'{"batch":%d,"no_wait":true,"expires":%d}' % (batch, int(expires * 1e9))
             lost_at = now + expires + _LINGER_GRACE
@@ -249,6 +266,12 @@ class NatsSubscription(Subscription):
                 return True
         return False
 
+    def _next_lost_at(self) -> float:
+        return min(
+            (c.request.lost_at for c in self._consumers.values() if c.request is not None),
+            default=math.inf,
+        )
+
     async def _wait(self, until: float, seen: int) -> None:
         if self._arrivals != seen or self._closed:
             return
@@ -287,7 +310,10 @@ class NatsSubscription(Subscription):
                 await self._prefetch(want)
                 return []
             await self._linger(want, deadline - now)
-            await self._wait(deadline, seen)
+            # wake up when an open request is presumed lost, to ask again (not at once while
+            # a lost one cannot be replaced yet: disconnected, or backing off)
+            wake = max(self._next_lost_at(), loop.time() + _BACKOFF)
+            await self._wait(min(deadline, wake), seen)
 
     def _hand_over(self, count: int) -> list[Delivery]:
         out: list[Delivery] = []
