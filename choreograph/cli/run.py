@@ -191,6 +191,11 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
 )
 @click.option("--fresh", is_flag=True, help="Wipe --data-dir first (it is kept by default).")
 @click.option(
+    "--keep",
+    is_flag=True,
+    help="On a broker, keep the namespace the demo made (deleted at the end by default).",
+)
+@click.option(
     "--record/--no-record",
     default=True,
     show_default=True,
@@ -203,6 +208,7 @@ def demo(
     concurrency: int,
     timeout: float,
     fresh: bool,
+    keep: bool,
     record: bool,
     **knob_values: Any,
 ) -> None:
@@ -210,6 +216,8 @@ def demo(
 
     The data directory keeps the stores, the bus and the recorder database between runs, so that
     `choreograph console` (or `trace`) shows the deliveries afterwards; --fresh starts over.
+    On a broker (--transport nats://, amqp://, redis://) the demo makes a namespace of its own and
+    deletes it at the end, leaving nothing behind; --keep keeps it.
 
     Exits 1 when a delivery did not end or a drone or package was left held. Knobs default to the
     DRONE_* environment variables, then to the built-in defaults.
@@ -232,6 +240,7 @@ def demo(
                 console=console,
                 fresh=fresh,
                 record=record,
+                keep=keep,
             )
         )
     except ConfigurationError as exc:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import orjson
@@ -32,8 +33,9 @@ from choreograph.demo.ingestion import create_http_app
 from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.middleware import Middleware
-from choreograph.observe.recorder import Recorder, RecorderMiddleware
-from choreograph.transport import redact
+from choreograph.observe.recorder import RECORDER_GROUP, Recorder, RecorderMiddleware
+from choreograph.runtime.runner import declare_groups
+from choreograph.transport import redact, transport_from_url
 
 #: The file in the demo's data directory that tells ``choreograph console`` what to show.
 CONSOLE_SETTINGS = "console.json"
@@ -48,6 +50,10 @@ class DemoResult:
     elapsed: float
     dead_letters: int
     recorder_db: str | None = None
+    transport_url: str = ""
+    """The bus the demo ran on, with the namespace it made for itself on a broker."""
+    deleted_namespace: str | None = None
+    """The broker namespace deleted at the end (None: kept, or not on a broker)."""
 
     @property
     def consistent(self) -> bool:
@@ -175,16 +181,21 @@ async def run_demo(
     console: Console | None = None,
     fresh: bool = False,
     record: bool = True,
+    keep: bool = False,
 ) -> DemoResult:
     """Run the demo. The data directory is kept between runs (``fresh`` wipes it first); with
     ``record`` (the default) every event and handling is recorded into ``flows.db`` there, for
-    ``choreograph trace`` and ``choreograph console``."""
+    ``choreograph trace`` and ``choreograph console``. On a broker the demo runs in a namespace
+    of its own, deleted at the end (streams, queues, exchanges, keys) unless ``keep``; a
+    namespace named in ``transport_url`` is the user's, and is never deleted."""
     console = console or Console()
     knobs = knobs or Knobs.from_env()
     await asyncio.to_thread(_prepare_dir, data_dir, fresh=fresh)
     where = await asyncio.to_thread(data_dir.resolve)
     store_url = f"sqlite:///{data_dir}/{{service}}.db"
-    transport_url = isolated(transport_url or f"sqlite:///{where}/bus.db")
+    given = transport_url or f"sqlite:///{where}/bus.db"
+    transport_url = isolated(given)
+    own_namespace = transport_url != given
     db_url = f"sqlite:///{where}/flows.db" if record else None
     app = create_app(knobs)
     console.print(
@@ -216,7 +227,26 @@ async def run_demo(
             snap = await wait_for_outcome(store_url, submitted, timeout, progress, baseline)
         elapsed = time.monotonic() - started
         dead = len(await runtime.transport.dead_letters(limit=100_000))
-    return DemoResult(submitted, snap.minus(baseline), elapsed, dead, db_url)
+    deleted = None
+    if own_namespace and not keep:
+        groups = [RECORDER_GROUP] if record else []
+        deleted = await delete_namespace(transport_url, app, groups)
+    return DemoResult(
+        submitted, snap.minus(baseline), elapsed, dead, db_url, transport_url, deleted
+    )
+
+
+async def delete_namespace(url: str, app: App, groups: list[str]) -> str:
+    """Delete everything the namespace of ``url`` holds on its broker; returns the namespace.
+    The app's groups (and ``groups``) are declared first, so that a broker that cannot list its
+    queues (AMQP) deletes theirs too."""
+    transport = transport_from_url(url)
+    async with transport:
+        await declare_groups(transport, app)
+        for group in groups:
+            await transport.declare_group(group, ())
+        await transport.delete_namespace()
+    return dict(parse_qsl(urlsplit(url).query)).get("namespace", "")
 
 
 @contextlib.asynccontextmanager
@@ -261,6 +291,11 @@ def print_summary(result: DemoResult, console: Console) -> None:
         console.print("[green]every delivery ended; every drone is free; nothing is left held[/]")
     else:
         console.print("[red]inconsistent: some deliveries did not end or left resources held[/]")
+    if result.deleted_namespace:
+        console.print(
+            f"deleted the demo's namespace {result.deleted_namespace} from the broker "
+            "(--keep keeps it, e.g. for choreograph console)"
+        )
     if result.recorder_db:
         console.print(
             f"recorded into {result.recorder_db}: see every delivery with "

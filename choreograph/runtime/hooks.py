@@ -33,6 +33,7 @@ from typing import Any
 
 from choreograph.context import Context
 from choreograph.envelope import Envelope
+from choreograph.errors import RetryLater
 from choreograph.events import Event
 from choreograph.logs import handling_fields
 from choreograph.middleware import Checkpoint, Middleware, Next, Outcome, RuntimeView
@@ -144,7 +145,12 @@ def _fields(ctx: Context) -> dict[str, Any]:
 def _log_failure(ctx: Context, outcome: Outcome, failure: Failure) -> None:
     """WARNING for a failure that will be retried, ERROR for a give-up; the traceback goes where
     every formatter shows an exception's (``exc_text``)."""
-    level = logging.WARNING if outcome.kind == "retry" else logging.ERROR
+    if outcome.kind == "retry":
+        # RetryLater is the handler asking for it, not a failure: INFO, without the traceback
+        asked = failure.error_type == RetryLater.__name__
+        level = logging.INFO if asked else logging.WARNING
+    else:
+        level = logging.ERROR
     if not failures.isEnabledFor(level):
         return
     what = f"{ctx.service}.{ctx.handler or '?'}"
@@ -158,5 +164,5 @@ def _log_failure(ctx: Context, outcome: Outcome, failure: Failure) -> None:
         failures.name, level, __file__, 0, "%s: %s: %s", (text, failure.error_type, failure.error),
         None, extra=extra,
     )  # fmt: skip
-    record.exc_text = failure.traceback or None
+    record.exc_text = (failure.traceback or None) if level > logging.INFO else None
     failures.handle(record)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from choreograph import App, Context, Event, Service
+from choreograph import App, Context, Event, RetryLater, Service
 from choreograph.logs import HandlingFilter, JsonFormatter, TextFormatter, configure_logging
 from choreograph.retry import RetryPolicy
 from choreograph.testing import Harness
@@ -178,3 +178,24 @@ def test_both_formats_redact_the_secrets_of_urls_in_a_record() -> None:
     for formatter in (TextFormatter(), JsonFormatter()):
         line = formatter.format(record)
         assert "hunter2" not in line and "user:***@127.0.0.1" in line
+
+
+patient = Service("patient", retry=RetryPolicy(max_attempts=2, immediate=1, base_delay=0.01))
+
+
+@patient.on(Divide)
+async def later(event: Divide, ctx: Context) -> None:
+    if ctx.attempt == 1:
+        raise RetryLater("the bank is closed", delay=0.01)
+
+
+async def test_a_retry_the_handler_asks_for_is_info_without_a_traceback(
+    captured: list[logging.LogRecord],
+) -> None:
+    async with Harness(App("patient", [patient])) as h:
+        await h.publish(Divide(by=1), correlation_id="tx-4")
+        await h.advance(1)
+        await h.settle()
+    [asked] = [r for r in captured if r.name == "choreograph.handling"]
+    assert asked.levelno == logging.INFO and asked.exc_text is None
+    assert "the bank is closed" in asked.getMessage()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import subprocess
 import time
 import uuid
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -21,10 +23,12 @@ from choreograph.demo import create_app
 from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.demo.runner import isolated, run_demo
+from choreograph.observe.recorder import RECORDER_GROUP
 from choreograph.store import store_from_url
 from choreograph.transport import transport_from_url
 from tests.drone.conftest import request_body
 from tests.support.brokers import NATS, RABBITMQ, REDIS
+from tests.support.commands import require_command
 from tests.support.procs import (
     JOURNAL_ENV,
     Proc,
@@ -275,3 +279,74 @@ async def test_a_killed_drone_scheduler_replica_is_taken_over_by_the_other(
             with contextlib.suppress(BaseException):
                 await submitting
         await delete_namespace(url)
+
+
+# 1b. the demo leaves nothing on the broker ---------------------------------------------------
+
+
+async def leftovers(transport: str, namespace: str) -> list[str]:
+    """What the broker holds under ``namespace``: streams, queues and exchanges, or keys."""
+    if transport == "nats":
+        import nats
+
+        nc = await nats.connect(BASE_URLS["nats"])
+        try:
+            streams = await nc.jetstream().streams_info()
+        finally:
+            await nc.close()
+        return [s.config.name or "" for s in streams if (s.config.name or "").startswith(namespace)]
+    if transport == "redis":
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(BASE_URLS["redis"])
+        try:
+            return [k.decode() async for k in client.scan_iter(match=f"{{{namespace}}}*")]
+        finally:
+            await client.aclose()
+    ctl = require_command("rabbitmqctl")
+    names: list[str] = []
+    for what in ("list_queues", "list_exchanges"):
+        listed = await asyncio.to_thread(
+            subprocess.run, [ctl, "-q", what, "name"], capture_output=True, text=True, check=True
+        )
+        names += [n for n in listed.stdout.split() if n.startswith(f"{namespace}.")]
+    return names
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("amqp", marks=pytest.mark.rabbitmq),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
+async def test_the_demo_deletes_its_namespace_at_the_end_unless_kept(
+    tmp_path: Path, transport: str
+) -> None:
+    # given a broker
+    BROKER[transport].require()
+    results = []
+    try:
+        for keep in (False, True):
+            # when the demo runs on it, with and without --keep
+            result = await run_demo(
+                deliveries=10,
+                transport_url=BASE_URLS[transport],
+                data_dir=tmp_path / f"demo-{keep}",
+                timeout=40,
+                console=Console(file=io.StringIO(), width=200),
+                keep=keep,
+                record=transport != "redis",  # the recorder does not stop on Redis yet
+            )
+            results.append(result)
+            assert result.consistent, result.snapshot
+        namespaces = [parse_qs(urlsplit(r.transport_url).query)["namespace"][0] for r in results]
+        # then the namespace of the run without --keep is gone, the kept one is still there
+        assert results[0].deleted_namespace == namespaces[0]
+        assert await leftovers(transport, namespaces[0]) == []
+        assert results[1].deleted_namespace is None
+        assert await leftovers(transport, namespaces[1]) != []
+    finally:
+        for result in results:
+            await delete_namespace(result.transport_url, [*SERVICES, RECORDER_GROUP])
