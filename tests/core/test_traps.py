@@ -3,6 +3,7 @@ made, and services never share one store by accident."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,30 @@ async def test_a_sqlite_store_file_belongs_to_the_first_service_that_opens_it(
     again = store_from_url(url, "ping")
     await again.open()
     await again.close()
+
+
+async def test_an_event_published_before_any_service_started_is_kept_for_them(
+    tmp_path: Path,
+) -> None:
+    # given an app whose only consumer has never run, and a script publishing with Runtime
+    seen: list[float] = []
+    arrived = asyncio.Event()
+    reader = Service("reader")
+
+    @reader.on(Reading)
+    async def note(event: Reading, ctx: Context) -> None:
+        seen.append(event.value)
+        arrived.set()
+
+    readings = App("early", [Service("source", emits=[Reading]), reader])
+    bus, stores = f"sqlite:///{tmp_path}/bus.db", f"sqlite:///{tmp_path}/{{service}}.db"
+    script = Runtime(readings, transport=bus, store=stores, services=[])
+    await script.publish(Reading(value=4.2), source="script")
+    await script.stop()
+
+    # when the consumer starts afterwards
+    async with Runtime(readings, transport=bus, store=stores, services=["reader"]):
+        await asyncio.wait_for(arrived.wait(), 30)  # a guard against hanging only
+
+    # then the early event was kept for it
+    assert seen == [4.2]
