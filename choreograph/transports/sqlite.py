@@ -99,7 +99,7 @@ class SqliteSettings(TransportSettings):
             raise ConfigurationError(f"not a sqlite:// URL: {redact(url)!r}")
         if parts.netloc:
             raise ConfigurationError(
-                f"sqlite URL {redact(url)!r} has a host ({parts.netloc!r}); use sqlite:///rel.db "
+                f"sqlite URL {redact(url)!r} has a host ({parts.hostname!r}); use sqlite:///rel.db "
                 "for a relative path or sqlite:////abs/path.db for an absolute one"
             )
         path = unquote(parts.path)[1:]
