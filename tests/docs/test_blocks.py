@@ -1,4 +1,4 @@
-"""How the guide's code blocks and their annotations are read (what tests/docs/test_guide.py runs)."""
+"""How the guide's code blocks and their annotations are read (what test_guide.py runs)."""
 
 from __future__ import annotations
 
