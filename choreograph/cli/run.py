@@ -12,9 +12,10 @@ import click
 from choreograph.cli._common import app_option, console, resolve_app, run_async, transport_option
 from choreograph.errors import ConfigurationError
 from choreograph.middleware import Middleware
-from choreograph.runtime.runner import DEFAULT_STORE_URL, Runtime
+from choreograph.runtime.health import HealthServer
+from choreograph.runtime.runner import DEFAULT_STORE_URL, Runtime, declare_groups
 from choreograph.runtime.worker import WorkerSettings
-from choreograph.transport import load_backend, redact
+from choreograph.transport import load_backend, redact, transport_from_url
 
 store_option = click.option(
     "--store",
@@ -48,6 +49,28 @@ store_option = click.option(
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option(
+    "--health-port",
+    type=click.IntRange(1, 65535),
+    envvar="CHOREOGRAPH_HEALTH_PORT",
+    default=None,
+    help="Serve /healthz and /readyz on this port (for an orchestrator's probes).",
+)
+@click.option(
+    "--health-host",
+    envvar="CHOREOGRAPH_HEALTH_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the health endpoints (0.0.0.0 in a container, for the kubelet).",
+)
+@click.option(
+    "--grace-period",
+    type=click.FloatRange(0.1),
+    envvar="CHOREOGRAPH_GRACE_PERIOD",
+    default=25.0,
+    show_default=True,
+    help="Seconds from SIGTERM to exit: messages in hand are finished or handed back by then.",
+)
+@click.option(
     "--middleware",
     "middleware_specs",
     multiple=True,
@@ -65,9 +88,16 @@ async def run(
     asgi: str | None,
     port: int,
     host: str,
+    health_port: int | None,
+    health_host: str,
+    grace_period: float,
     middleware_specs: tuple[str, ...],
 ) -> None:
     """Run services of an app (all by default) until SIGINT or SIGTERM.
+
+    On the signal the process turns not ready (/readyz answers 503), takes no new messages,
+    finishes the batches in hand and hands back the rest, then exits; past --grace-period it
+    exits anyway with code 1 (what it still held comes back to the group after its lease).
 
     Tracing, metrics and flow reports are turned on by OTEL_TRACES_EXPORTER,
     CHOREOGRAPH_METRICS_PORT and CHOREOGRAPH_RECORD=1 (before any --middleware)."""
@@ -85,20 +115,69 @@ async def run(
         settings=settings,
         middleware=middleware,
     )
-    async with runtime:
+    health = HealthServer(runtime, health_host, health_port) if health_port else None
+    if health is not None:
+        await health.start()  # before the runtime: /healthz answers while it connects
+        console.print(f"health on http://{health_host}:{health.port}/healthz and /readyz")
+    server: Any = None
+    await runtime.start()
+    try:
         names = ", ".join(runtime.workers)
         console.print(f"running [bold]{names}[/] of {app.name} on [cyan]{redact(transport_url)}[/]")
         if asgi:
             server = _http_server(_load_factory(asgi)(runtime), host, port)
             serving = asyncio.create_task(server.serve())
             console.print(f"serving HTTP on http://{host}:{port}")
-        try:
-            await runtime.run_until_signalled()
-        finally:
-            if asgi:
-                server.should_exit = True
-                await serving
+        await runtime.run_until_signalled()
+    finally:
+        if health is not None:
+            health.drain()
+        if server is not None:
+            server.should_exit = True
+            await serving
+        drained = await _stop_within(runtime, grace_period)
+        if health is not None:
+            await health.stop()
+    if not drained:
+        console.print(
+            f"not drained within the grace period of {grace_period:g}s: "
+            "messages still held come back to their group after their lease"
+        )
+        raise SystemExit(1)
     console.print("stopped cleanly")
+
+
+@click.command()
+@app_option
+@transport_option
+@run_async
+async def declare(app_spec: str, transport_url: str) -> None:
+    """Declare the group of every service of an app on the bus (with its streams, queues or
+    consumers), and nothing else, then exit.
+
+    Run it before any replica exists (a Kubernetes Job, an init step): events published from
+    then on are kept for each service even while it runs no replica. Running it again changes
+    nothing. Exits 0 once every group exists."""
+    app = resolve_app(app_spec)
+    transport = transport_from_url(transport_url)
+    async with transport:
+        await declare_groups(transport, app)
+    for service in app.services.values():
+        topics = sorted(cls.event_type for cls in app.subscriptions(service))
+        if topics:
+            console.print(f"declared [bold]{service.name}[/]: {', '.join(topics)}")
+    console.print(f"groups of {app.name} declared on [cyan]{redact(transport_url)}[/]")
+
+
+async def _stop_within(runtime: Runtime, grace_period: float) -> bool:
+    """Stop the runtime; False when it did not finish within ``grace_period`` seconds."""
+    stopping = asyncio.ensure_future(runtime.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=grace_period)
+    if not done:
+        stopping.cancel()
+        return False
+    stopping.result()
+    return True
 
 
 def _load_factory(spec: str, option: str = "--asgi") -> Any:
@@ -250,4 +329,4 @@ def demo(
         raise SystemExit(1)
 
 
-COMMANDS = [run, demo]
+COMMANDS = [run, declare, demo]

@@ -80,6 +80,12 @@ class Runtime:
         self._declared = False
 
     @property
+    def started(self) -> bool:
+        """True from the end of :meth:`start` (bus connected, groups declared, every selected
+        service running) until :meth:`stop` begins."""
+        return self._started
+
+    @property
     def middleware(self) -> tuple[Middleware, ...]:
         """The middleware this runtime calls, in order (through :attr:`hooks`)."""
         return self.hooks.middleware
@@ -94,6 +100,7 @@ class Runtime:
         self._started = True
 
     async def stop(self) -> None:
+        self._started = False
         for name in list(self.workers):
             await self.remove_service(name)
         await self.hooks.stop()
