@@ -65,10 +65,12 @@ def test_every_command_that_serves_http_binds_the_loopback_interface_by_default(
     found = {}
     for name, command in main.commands.items():
         for param in command.params:
-            if isinstance(param, click.Option) and param.name in ("host", "bind", "addr"):
+            name = param.name or ""
+            if isinstance(param, click.Option) and name.endswith(("host", "bind", "addr")):
                 found[f"{name} --{param.name}"] = param.default
-    # then there is at least the HTTP server of `run`, and each one defaults to loopback
-    assert "run --host" in found
+    # then there are at least the HTTP servers of `run` (app and health) and of `console`, and
+    # each one defaults to loopback
+    assert {"run --host", "run --health_host", "console --host"} <= set(found), found
     assert all(default in LOOPBACK for default in found.values()), found
 
 
