@@ -65,8 +65,8 @@ def test_every_command_that_serves_http_binds_the_loopback_interface_by_default(
     found = {}
     for name, command in main.commands.items():
         for param in command.params:
-            name = param.name or ""
-            if isinstance(param, click.Option) and name.endswith(("host", "bind", "addr")):
+            option = param.name or ""
+            if isinstance(param, click.Option) and option.endswith(("host", "bind", "addr")):
                 found[f"{name} --{param.name}"] = param.default
     # then there are at least the HTTP servers of `run` (app and health) and of `console`, and
     # each one defaults to loopback
