@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from choreograph.app import App
 from choreograph.events import Event
 from choreograph.runtime.runner import Runtime
 from tests.deploy.apps import app
@@ -27,16 +28,22 @@ def probe(port: int, path: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def publish(transport_url: str, events: list[Event], tmp_path: Path) -> None:
-    """Publish ``events`` as the ``source`` service would, from this (the test's) process."""
+def publish(
+    transport_url: str,
+    events: list[Event],
+    tmp_path: Path,
+    of: App = app,
+    source: str = "source",
+) -> None:
+    """Publish ``events`` as the service ``source`` of app ``of`` would, from the test's
+    process (declaring the app's groups first, as :meth:`Runtime.publish` does)."""
 
     async def send() -> None:
-        runtime = Runtime(
-            app, transport=transport_url, store=f"sqlite:///{tmp_path}/{{service}}.db"
-        )
+        store = f"sqlite:///{tmp_path}/{{service}}.db"
+        runtime = Runtime(of, transport=transport_url, store=store)
         try:
             for event in events:
-                await runtime.publish(event, source="source")
+                await runtime.publish(event, source=source)
         finally:
             await runtime.transport.close()
 
