@@ -92,15 +92,17 @@ class HealthServer:
                 # The headers are read and ignored: a probe sends a handful.
                 while (await reader.readuntil(b"\n")).strip():
                     pass
-            status, text = await self._route(line[:_MAX_REQUEST_LINE])
+            method, status, text = await self._route(line[:_MAX_REQUEST_LINE])
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            status, text = 400, "bad request"
+            method, status, text = "", 400, "bad request"
         except ConnectionError:
+            writer.close()
             return
-        body = (text + "\n").encode()
+        full = (text + "\n").encode()
+        body = b"" if method == "HEAD" else full  # HEAD: the length of what GET would send
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(full)}\r\nConnection: close\r\n\r\n"
         )
         with contextlib.suppress(ConnectionError):
             writer.write(head.encode() + body)
@@ -109,19 +111,20 @@ class HealthServer:
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    async def _route(self, request_line: bytes) -> tuple[int, str]:
+    async def _route(self, request_line: bytes) -> tuple[str, int, str]:
+        """(method, status, text) answering one request line."""
         parts = request_line.decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, "bad request"
+            return "", 400, "bad request"
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            return 405, "only GET"
+            return method, 405, "only GET"
         if target == "/healthz":
-            return 200, "ok"
+            return method, 200, "ok"
         if target == "/readyz":
             ready, reason = await self.readiness()
-            return (200 if ready else 503), reason
-        return 404, "not found: /healthz and /readyz are served"
+            return method, (200 if ready else 503), reason
+        return method, 404, "not found: /healthz and /readyz are served"
 
 
 _REASONS = {
