@@ -282,6 +282,7 @@ class Recorder:
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     def topics(self) -> set[str]:
         types = set(self.app.event_types()) | {cls.event_type for cls in BUILTIN_EVENTS}
@@ -290,6 +291,7 @@ class Recorder:
     async def start(self) -> None:
         """Declare the recorder's group (from now on the bus keeps everything for it) and start
         consuming (and pruning, with ``retain``) in the background."""
+        self._stopping.clear()
         if self._owns_transport:
             await self.transport.connect()
         await self.db.open()
@@ -301,10 +303,22 @@ class Recorder:
             self._tasks.append(asyncio.create_task(self._prune_loop(), name="recorder-prune"))
 
     async def stop(self) -> None:
+        """Finish the batch in hand and stop. The consuming loop ends by itself after its current
+        receive (a cancellation could be swallowed by a broker client blocked in a read); it is
+        cancelled only if it does not end in time."""
+        self._stopping.set()
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.get_name() != "choreograph-recorder":
+                task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*self._tasks, return_exceptions=True), self.poll_interval + 10.0
+            )
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(task, 5.0)
         self._tasks.clear()
         if self._subscription is not None:
             with contextlib.suppress(Exception):
@@ -329,7 +343,7 @@ class Recorder:
     async def _loop(self) -> None:
         assert self._subscription is not None
         backoff = 0.1
-        while True:
+        while not self._stopping.is_set():
             try:
                 batch = await self._subscription.receive(self.batch_size, self.poll_interval)
                 if not batch:
