@@ -19,6 +19,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from choreograph.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from choreograph.runtime.runner import Runtime
 
@@ -49,7 +51,12 @@ class HealthServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._answer, self.host, self.requested_port)
+        try:
+            self._server = await asyncio.start_server(self._answer, self.host, self.requested_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve health on {self.host}:{self.requested_port}: {exc.strerror or exc}"
+            ) from None
         log.info("health on http://%s:%d/healthz and /readyz", self.host, self.port)
 
     def drain(self) -> None:

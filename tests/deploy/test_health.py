@@ -169,3 +169,18 @@ def test_readyz_turns_503_when_the_bus_goes_away(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait(30)
+
+
+def test_a_health_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    # given the health port taken by another program
+    with socket.socket() as taken, Procs(tmp_path / "logs") as procs:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # when a service is started on it
+        proc = run_counter(procs, tmp_path, port)
+        # then it exits 1 with one line naming the address, before running anything
+        assert proc.wait(60) == 1
+        assert f"cannot serve health on 127.0.0.1:{port}" in proc.output()
+        assert "Traceback" not in proc.output()
+        assert "running " not in proc.output()
