@@ -337,8 +337,6 @@ async def test_the_demo_deletes_its_namespace_at_the_end_unless_kept(
                 timeout=40,
                 console=Console(file=io.StringIO(), width=200),
                 keep=keep,
-                # the recorder is left out: its stop can hang on a broker (seen on Redis)
-                record=False,
             )
             results.append(result)
             assert result.consistent, result.snapshot
