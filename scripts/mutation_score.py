@@ -11,9 +11,10 @@ run (``not checked``) are reported and left out. With ``--min``, exits 1 when a 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import re
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -62,18 +63,33 @@ def results() -> dict[str, dict[str, str]]:
     return found
 
 
-def diff(name: str) -> tuple[list[str], list[str]]:
-    shown = subprocess.run(
-        [sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True, check=False
-    ).stdout
-    lines = shown.splitlines()
-    minus = [
-        line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---")
-    ]
-    plus = [
-        line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++")
-    ]
-    return minus, plus
+_SOURCES: dict[str, dict[str, str]] = {}
+
+
+def _functions(module: str) -> dict[str, str]:
+    """Every function of a mutated module's copy in mutants/, by name, as source text."""
+    if module not in _SOURCES:
+        tree = ast.parse((MUTANTS / module).read_text())
+        _SOURCES[module] = {
+            node.name: ast.unparse(node)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        }
+    return _SOURCES[module]
+
+
+def diff(module: str, name: str) -> tuple[list[str], list[str]]:
+    """The lines a mutant removes and adds, against the original function."""
+    function = name.rsplit(".", 1)[1]
+    found = _functions(module)
+    original = found.get(function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
+    mutated = found.get(function, "")
+    lines = list(
+        difflib.unified_diff(original.splitlines(), mutated.splitlines(), lineterm="", n=0)
+    )
+    minus = [line[1:].strip() for line in lines if line[:1] == "-" and line[:3] != "---"]
+    plus = [line[1:].strip() for line in lines if line[:1] == "+" and line[:3] != "+++"]
+    return minus[1:], plus[1:]  # the first lines are the two functions' names
 
 
 def main() -> int:
@@ -93,7 +109,7 @@ def main() -> int:
         for name, status in statuses.items():
             if status not in ("survived", "no tests"):
                 continue
-            reason = EQUIVALENT.get(name) or family(*diff(name))
+            reason = EQUIVALENT.get(name) or family(*diff(module, name))
             if reason:
                 equivalent += 1
                 families[reason] += 1
@@ -111,8 +127,8 @@ def main() -> int:
     for reason, count in families.items():
         print(f"  {count} equivalent: {reason}")
     if args.survivors:
-        for _module, name, status in unexplained:
-            minus, plus = diff(name)
+        for module, name, status in unexplained:
+            minus, plus = diff(module, name)
             print(
                 f"\n{status}: {name}\n  - " + "\n  - ".join(minus) + "\n  + " + "\n  + ".join(plus)
             )
