@@ -364,6 +364,7 @@ class NatsSubscription(Subscription):
                 await self.dead_letter(Delivery(message, delivery.attempt, msg), failure)
             except TransportError as bury_error:
                 # it comes back when its lease runs out, and is tried again then
+                self._unsettled.pop(msg.reply, None)
                 log.warning("dead-lettering it failed: %s", bury_error)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
