@@ -180,8 +180,10 @@ class RecorderMiddleware(Middleware):
 
     async def _flush_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for, which can lose stop()'s cancellation on Python 3.11
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
+                async with asyncio.timeout(self.flush_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.flush()

@@ -324,7 +324,8 @@ class Client:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            await asyncio.wait_for(self.connected.wait(), remaining)
+            async with asyncio.timeout(remaining):  # not wait_for: see choreograph._cancel
+                await self.connected.wait()
         except TimeoutError:
             raise TransportError(
                 f"NATS: {doing}: not connected to the server (still reconnecting)"
@@ -401,7 +402,8 @@ class Client:
                 if not batch.interrupted:
                     wait = min(self.settings.confirm_timeout, deadline - loop.time())
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(batch.done.wait(), max(wait, 0.001))
+                        async with asyncio.timeout(max(wait, 0.001)):  # see choreograph._cancel
+                            await batch.done.wait()
             finally:
                 del self._batches[batch_id]
             refused = [

@@ -279,8 +279,11 @@ class NatsSubscription(Subscription):
         timeout = until - asyncio.get_running_loop().time()
         if timeout <= 0:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+        # arrives as the event is set (see choreograph._cancel), and receive() then goes on
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._arrived.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._arrived.wait()
 
     # the contract ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from choreograph._cancel import honouring_cancel
 from choreograph.errors import (
     ChoreographError,
     ConfigurationError,
@@ -194,7 +195,8 @@ class RedisTransport(Transport):
             try:
                 if self._must_redeclare and self._declared:
                     await self._redeclare()
-                return await op()
+                # a cancellation redis-py loses (see choreograph._cancel) is raised here
+                return await honouring_cancel(op())
             except REFUSED as exc:
                 raise translate_error(exc) from exc
             except RETRIED as exc:
