@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -31,6 +33,7 @@ from tests.support.brokers import NATS, RABBITMQ, REDIS
 from tests.support.commands import require_command
 from tests.support.procs import (
     JOURNAL_ENV,
+    JournalEntry,
     Proc,
     Procs,
     free_port,
@@ -145,6 +148,20 @@ async def submit(base_url: str, count: int, concurrency: int = 8) -> list[str]:
     return [b["delivery_id"] for b in bodies]
 
 
+HANG_GUARD = 60.0
+
+
+def freeze(proc: Proc) -> float:
+    """SIGSTOP ``proc``; returns a time by which it had certainly stopped (the kernel stops it
+    within moments: its state in /proc turns to T)."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    # the state is the field after the command name, which is in parentheses
+    while stat.read_text().rpartition(")")[2].split()[0] != "T":
+        time.sleep(0.0005)
+    return time.time()
+
+
 async def settled(stores: str, count: int, timeout: float) -> Snapshot:
     deadline = time.monotonic() + timeout
     while True:
@@ -205,36 +222,39 @@ async def test_a_killed_drone_scheduler_replica_is_taken_over_by_the_other(
             for proc in replicas.values():
                 Procs.ready(proc)
 
-            # when deliveries flow and the replica in the middle of a handling is SIGKILLed
-            # (replicas sharing a SQLite file take turns unevenly: pick the one that has a turn)
+            # when deliveries flow and a replica is SIGKILLed while it holds messages: frozen
+            # (SIGSTOP) at a moment it is in the middle of a handling, else let go and tried
+            # again (replicas sharing a SQLite file take turns unevenly)
             submitting = asyncio.create_task(submit(f"http://127.0.0.1:{port}", DELIVERIES))
             started = time.monotonic()
-            deadline = started + 20
+            deadline = started + HANG_GUARD
             victim = ""
-            while not victim:
-                assert time.monotonic() < deadline, "no replica was ever seen in a handling"
+            held: dict[str, JournalEntry] = {}
+            while not held:
+                assert time.monotonic() < deadline, "no replica was ever frozen in a handling"
                 for proc in replicas.values():
                     assert proc.alive(), proc.output()
                 entries = {name: read_journal(path) for name, path in journals.items()}
                 if sum(e.kind == "start" for log in entries.values() for e in log) < 10:
                     await asyncio.sleep(0.002)
                     continue
-                for name, log in entries.items():
-                    # a handling that started less than SLOW ago is still asleep: not acked
-                    if any(e.at > time.time() - SLOW * 0.6 for e in unfinished(log).values()):
+                for name, proc in replicas.items():
+                    frozen_by = freeze(proc)
+                    # a handling started less than SLOW before the freeze is still asleep:
+                    # its batch is certainly not settled (the journal's "end" comes after)
+                    held = {
+                        event_id: entry
+                        for event_id, entry in unfinished(read_journal(journals[name])).items()
+                        if entry.at > frozen_by - SLOW
+                    }
+                    if held:
                         victim = name
                         break
+                    os.kill(proc.pid, signal.SIGCONT)
                 else:
                     await asyncio.sleep(0.002)
             assert replicas[victim].kill() == -9
-            killed_at = time.time()
             survivor = next(name for name in replicas if name != victim)
-            held = {
-                event_id: entry
-                for event_id, entry in unfinished(read_journal(journals[victim])).items()
-                if entry.at > killed_at - SLOW  # certainly unsettled when the kill came
-            }
-            assert held, "the kill came while the victim held messages"
             # (the snapshot after the submission: reading a store waits, event loop blocked, for
             # SQLite's write lock, which the replicas hold; HTTP connections would go stale)
             ids = await submitting
