@@ -51,6 +51,7 @@ def readme_hello_commands() -> tuple[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 40 interpreter starts: minutes on a loaded machine, not a hang
 def test_the_readme_hello_flow_delivers_its_event_twenty_times_out_of_twenty(
     tmp_path: Path,
 ) -> None:
