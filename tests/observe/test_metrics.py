@@ -10,6 +10,7 @@ from choreograph import Runtime
 from choreograph.observe.metrics import MetricsMiddleware
 from tests.observe.conftest import place, wait_for
 from tests.observe.shop import build_app
+from tests.support.quiet import wait_until_quiet
 
 
 def sample(
@@ -53,6 +54,7 @@ async def test_metrics_endpoint_counts_handlings_retries_and_compensations() -> 
             )
 
         await wait_for(settled)
+        await wait_until_quiet(runtime)  # payment also handles the OrderShipped that ends o-1
         await metrics.refresh_lag()
         families = scrape(metrics.url)
     assert metrics.url is None  # stopped with the runtime
