@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -297,7 +298,15 @@ def print_summary(result: DemoResult, console: Console) -> None:
             "(--keep keeps it, e.g. for choreograph console)"
         )
     if result.recorder_db:
+        command = _invoked_command()
         console.print(
             f"recorded into {result.recorder_db}: see every delivery with "
-            "[bold]choreograph console[/] (or choreograph trace DELIVERY_ID)"
+            f"[bold]{command} console[/] (or {command} trace DELIVERY_ID)"
         )
+
+
+def _invoked_command() -> str:
+    """The command as the user typed it (``.venv/bin/choreograph`` after ``make demo``), so the
+    hint can be pasted as it is; plain ``choreograph`` when run another way."""
+    typed = sys.argv[0] if sys.argv else ""
+    return typed if Path(typed).name == "choreograph" else "choreograph"

@@ -19,7 +19,7 @@ from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.store import store_from_url
 from choreograph.transport import transport_from_url
 from tests.drone.conftest import request_body
-from tests.support.procs import Proc, Procs, free_port
+from tests.support.procs import Proc, Procs, choreograph_command, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -274,6 +274,8 @@ async def test_the_demo_command_ends_every_delivery(
     assert code == 0, output
     assert "drone delivery: outcome" in output
     assert "every delivery ended; every drone is free; nothing is left held" in output
+    # the hint to open the console names the command as it was typed, ready to paste
+    assert f"{choreograph_command()[0]} console" in output
     rows = summary(output)
     assert rows["submitted"] == "200", rows
     assert int(rows["completed"]) + int(rows["failed and compensated"]) == 200, rows
