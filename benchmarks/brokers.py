@@ -15,7 +15,7 @@ log = logging.getLogger("benchmarks")
 NATS_URL = "nats://127.0.0.1:4222"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS_URL = "redis://127.0.0.1:6379/0"
-PORTS = {"nats": 4222, "amqp": 5672, "redis": 6379}
+PORTS = {"nats": 4222, "amqp": 5672, "redis": 6379, "postgres": 5432}
 BROKER_URLS = {"nats": NATS_URL, "amqp": AMQP_URL, "redis": REDIS_URL}
 
 #: Every name a benchmark creates on a broker starts with this, so leftovers of an interrupted

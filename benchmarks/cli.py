@@ -1,4 +1,12 @@
-"""``python -m benchmarks [--quick] [--only w1,w2,w3] [--transports nats,redis] [--repeat N]``."""
+"""``python -m benchmarks [--quick] [--only w1,w2,w3] [--transports nats,redis] [--repeat N]``.
+
+W3 options (each takes a comma-separated list; every combination is measured in the same run):
+``--store sqlite,postgres``, ``--layout one,each``, ``--replicas 1,2,4`` (processes per service,
+process-per-service layout), ``--io-wait 0,5`` (ms of simulated I/O in package and
+drone-scheduler handlers), ``--locking ,service`` (the PostgreSQL store's locking option; empty
+for its default). ``--transports nats,nats-cluster`` puts a 3-node cluster of the run's own beside
+the single node (W3 only).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +20,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from benchmarks import w1, w2, w3
+from benchmarks import nats_cluster, w1, w2, w3
 from benchmarks.brokers import PREFIX, cleanup, is_up
 from benchmarks.config import Config
 from benchmarks.harness import BenchError, Row
 from benchmarks.machine import describe, load_average
 from benchmarks.profiling import summarise
 from benchmarks.report import add_ratios, median, print_tables, write_markdown
+from benchmarks.stores import STORES
 
-TRANSPORTS = ("sqlite", "nats", "redis", "amqp")
+TRANSPORTS = ("sqlite", "nats", "redis", "amqp", nats_cluster.TRANSPORT)
+W3_ONLY = (nats_cluster.TRANSPORT,)
+"""Transports only W3 runs on."""
 WORKLOADS = ("w1", "w2", "w3")
 CELL_TIMEOUT = 420.0
 
@@ -40,6 +52,8 @@ class Cell:
 
 def plan(cfg: Config, workloads: set[str], transports: list[str]) -> list[Cell]:
     cells: list[Cell] = []
+    every = transports
+    transports = [t for t in transports if t not in W3_ONLY]
     if "w1" in workloads:
         for t in transports:
             cells.append(Cell("W1 one hop", t, w1.RAW_SIDES[t], _bind(w1.raw, cfg, t), t))
@@ -63,11 +77,29 @@ def plan(cfg: Config, workloads: set[str], transports: list[str]) -> list[Cell]:
                 run = _bind(w2.choreograph_side, cfg, t, "memory")
                 cells.append(Cell("W2 3-hop saga", t, "choreograph (memory)", run, t))
     if "w3" in workloads:
-        for t in transports:
-            for layout in ("one", "each"):
-                side = f"choreograph ({layout})"
-                cells.append(Cell("W3 drone delivery", t, side, _bind(w3.run, cfg, t, layout), t))
+        for t in every:
+            for variant in w3_variants(cfg):
+                needs = "nats" if t == nats_cluster.TRANSPORT else t
+                if variant.store == "postgres" and needs == "sqlite":
+                    needs = "postgres"
+                run = _bind(w3.run, cfg, t, variant)
+                cells.append(Cell(w3.WORKLOAD, t, variant.describe(), run, needs))
     return cells
+
+
+def w3_variants(cfg: Config) -> list[w3.Variant]:
+    """Every combination of the W3 options; replicas only apply to a process per service,
+    locking only to PostgreSQL stores."""
+    variants = []
+    for store in cfg.w3_stores:
+        for layout in cfg.w3_layouts:
+            for replicas in cfg.w3_replicas if layout == "each" else (1,):
+                for io_wait in cfg.w3_io_wait_ms:
+                    for locking in cfg.w3_lockings if store == "postgres" else ("",):
+                        variant = w3.Variant(layout, store, replicas, io_wait, locking)
+                        if variant not in variants:
+                            variants.append(variant)
+    return variants
 
 
 def _bind(fn: Callable[..., Awaitable[Row]], *args: object) -> Callable[[], Awaitable[Row]]:
@@ -115,7 +147,14 @@ async def main_async(args: argparse.Namespace, console: Console) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="chbench-"))
     profile_dir = Path(args.profile) if args.profile else None
-    cfg = Config.create(workdir, quick=args.quick, repeat=args.repeat, profile_dir=profile_dir)
+    try:
+        w3_options = w3_overrides(args)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    cfg = Config.create(
+        workdir, quick=args.quick, repeat=args.repeat, profile_dir=profile_dir, **w3_options
+    )
     machine = await describe()
     console.print(
         f"[bold]choreograph benchmarks[/] ({'quick' if cfg.quick else 'full'}), {workdir}"
@@ -144,12 +183,38 @@ async def main_async(args: argparse.Namespace, console: Console) -> int:
     print_tables(console, rows, machine)
     if profile_dir is not None:
         report_profiles(profile_dir, console)
-    full = not (args.quick or args.only or args.transports or args.profile)
+    narrowed = any(value is not None for value in w3_options.values())
+    full = not (args.quick or args.only or args.transports or args.profile or narrowed)
     if args.write == "yes" or (args.write == "auto" and full):
         command = "python -m benchmarks " + " ".join(sys.argv[1:])
         write_markdown(rows, machine, command.strip())
         console.print("wrote benchmarks/RESULTS.md")
     return 1 if any(r.error for r in rows) else 0
+
+
+def _listed(raw: str, kind: type[Any], allowed: tuple[str, ...] = ()) -> tuple[Any, ...] | None:
+    """A comma-separated option as a tuple of ``kind`` (None when not given)."""
+    if raw is None:
+        return None
+    values = tuple(kind(part.strip()) for part in raw.split(","))
+    unknown = [v for v in values if allowed and v not in allowed]
+    if unknown:
+        raise ValueError(f"unknown value {unknown[0]!r}: use {', '.join(allowed)}")
+    return values
+
+
+def w3_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    replicas = _listed(args.replicas, int)
+    if replicas and min(replicas) < 1:
+        raise ValueError("--replicas must be at least 1")
+    return {
+        "w3_stores": _listed(args.store, str, STORES),
+        "w3_layouts": _listed(args.layout, str, ("one", "each")),
+        "w3_replicas": replicas,
+        "w3_io_wait_ms": _listed(args.io_wait, float),
+        "w3_lockings": _listed(args.locking, str),
+        "w3_deliveries": args.deliveries,
+    }
 
 
 def report_profiles(profile_dir: Path, console: Console) -> None:
@@ -184,6 +249,19 @@ def main() -> None:
         default="",
         help="run the choreograph processes under cProfile, write DIR/*.prof and DIR/summary.txt",
     )
+    w3_group = parser.add_argument_group("W3 options (comma-separated lists: every combination)")
+    w3_group.add_argument("--store", default=None, help="service stores: sqlite,postgres")
+    w3_group.add_argument("--layout", default=None, help="one (process), each (per service)")
+    w3_group.add_argument("--replicas", default=None, help="processes per service, e.g. 1,2,4")
+    w3_group.add_argument(
+        "--io-wait", default=None, help="ms of simulated I/O in package and drone-scheduler"
+    )
+    w3_group.add_argument(
+        "--locking",
+        default=None,
+        help="PostgreSQL store locking options, e.g. ',service' (empty: the store's default)",
+    )
+    w3_group.add_argument("--deliveries", type=int, default=None, help="deliveries per W3 run")
     args = parser.parse_args()
     if args.profile:
         profile_dir = Path(args.profile).resolve()

@@ -3,18 +3,28 @@
 Knobs: no rejections, no transient errors, flight_seconds 0, a join timeout far beyond the run.
 The fleet (one drone per delivery of the run, so no request ever waits for a free drone) is written
 into drone-scheduler's store before the clock starts, so its one-off cost is not in the figure.
+
+A :class:`Variant` says what else differs: the kind of service store (SQLite files or PostgreSQL
+schemas of the run's own), replicas of every service (process per service only), a simulated
+I/O wait in package and drone-scheduler handlers, and the PostgreSQL store's locking.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from benchmarks import io_wait, nats_cluster
 from benchmarks.brokers import cleanup, framework_url, fresh_namespace
 from benchmarks.config import Config
-from benchmarks.harness import Proc, Row, processes
+from benchmarks.harness import Proc, Processes, Row, processes
 from benchmarks.profiling import service_argv
+from benchmarks.stores import drop_stores, store_template
 from benchmarks.w2 import CHOREOGRAPH
 from choreograph.demo.app import create_app
 from choreograph.demo.drone_scheduler import drone_id
@@ -24,6 +34,32 @@ from choreograph.store import store_from_url
 
 APP = "choreograph.demo.app:create_app"
 WORKLOAD = "W3 drone delivery"
+IO_WAIT_MIDDLEWARE = "benchmarks.io_wait:from_env"
+
+
+@dataclass(frozen=True)
+class Variant:
+    layout: str = "one"
+    """``one`` (every service in one process) or ``each`` (a process per service)."""
+    store: str = "sqlite"
+    """``sqlite`` or ``postgres``."""
+    replicas: int = 1
+    """Processes per service (``each`` only)."""
+    io_wait_ms: float = 0.0
+    """Simulated I/O wait in every handler of package and drone-scheduler."""
+    locking: str = ""
+    """The PostgreSQL store's locking option ('' for its default)."""
+
+    def describe(self) -> str:
+        where = "one process" if self.layout == "one" else "process per service"
+        if self.replicas > 1:
+            where += f" x{self.replicas}"
+        parts = [f"choreograph, {where}", f"{self.store} stores"]
+        if self.locking:
+            parts.append(f"locking={self.locking}")
+        if self.io_wait_ms:
+            parts.append(f"io wait {self.io_wait_ms:g} ms")
+        return ", ".join(parts)
 
 
 def knobs(cfg: Config) -> Knobs:
@@ -67,34 +103,58 @@ async def _settled(store_template: str, expected: int, timeout: float = 20.0) ->
     return f"{state}: {snap.terminal}/{expected} ended, {snap.drones_reserved} drones held"
 
 
-async def run(cfg: Config, transport: str, layout: str) -> Row:
-    """``layout``: ``one`` (every service in one process) or ``each`` (a process per service)."""
+@contextlib.asynccontextmanager
+async def bus(transport: str, namespace: str, workdir: Path) -> AsyncIterator[str]:
+    """The transport URL of one run, in a namespace of its own, removed afterwards (a cluster
+    of the run's own for ``nats-cluster``)."""
+    if transport == nats_cluster.TRANSPORT:
+        async with nats_cluster.cluster_url(workdir / "cluster", namespace) as url:
+            yield url
+        return
+    try:
+        yield framework_url(transport, namespace, str(workdir / "bus.db"))
+    finally:
+        await cleanup(transport, namespace)
+
+
+async def start_services(
+    procs: Processes, cfg: Config, name: str, common: list[str], env: dict[str, str], v: Variant
+) -> dict[str, list[Proc]]:
+    """Start the services; returns the processes of each service (``all`` in one process)."""
+    started: dict[str, list[Proc]] = {}
+    if v.layout == "one":
+        argv = service_argv(cfg.profile_dir, f"{name}-one", [CHOREOGRAPH, "run", *common])
+        started["all"] = [await procs.spawn("all-services", argv, env)]
+    else:
+        for service in create_app(knobs(cfg)).services:
+            for replica in range(v.replicas):
+                argv = [CHOREOGRAPH, "run", "--service", service, *common]
+                argv = service_argv(cfg.profile_dir, f"{name}-{service}-{replica}", argv)
+                proc = await procs.spawn(f"{service}-{replica}", argv, env)
+                started.setdefault(service, []).append(proc)
+    for proc in (p for group in started.values() for p in group):
+        await proc.output_containing("running", 60)
+    return started
+
+
+async def run(cfg: Config, transport: str, variant: Variant) -> Row:
     ns = fresh_namespace("w3")
-    workdir = cfg.workdir / f"w3-{transport}-{layout}-{ns}"
+    workdir = cfg.workdir / f"w3-{transport}-{ns}"
     workdir.mkdir(parents=True, exist_ok=True)
-    url = framework_url(transport, ns, str(workdir / "bus.db"))
-    store = f"sqlite:///{workdir}/{{service}}.db"
+    store = store_template(variant.store, workdir, ns, variant.locking)
     the_knobs = knobs(cfg)
-    fleet_seconds = await create_fleet(store, the_knobs.fleet_size)
     env = the_knobs.to_env()
+    env[io_wait.ENV] = str(variant.io_wait_ms)
     deliveries = cfg.w3_deliveries
     latency_total = int(cfg.w3_rate * cfg.w3_seconds)
     timeout = 60 + deliveries / 50
     try:
-        async with processes(workdir) as procs:
-            common = ["--transport", url, "--store", store, "--batch-size", "200"]
-            services: list[Proc] = []
-            if layout == "one":
-                argv = [CHOREOGRAPH, "run", "--app", APP, *common]
-                argv = service_argv(cfg.profile_dir, f"w3-{transport}-one", argv)
-                services.append(await procs.spawn("all-services", argv, env))
-            else:
-                for name in create_app(the_knobs).services:
-                    argv = [CHOREOGRAPH, "run", "--app", APP, "--service", name, *common]
-                    argv = service_argv(cfg.profile_dir, f"w3-{transport}-each-{name}", argv)
-                    services.append(await procs.spawn(name, argv, env))
-            for service in services:
-                await service.output_containing("running", 60)
+        fleet_seconds = await create_fleet(store, the_knobs.fleet_size)
+        async with bus(transport, ns, workdir) as url, processes(workdir) as procs:
+            common = ["--app", APP, "--transport", url, "--store", store, "--batch-size", "200"]
+            if variant.io_wait_ms:
+                common += ["--middleware", IO_WAIT_MIDDLEWARE]
+            services = await start_services(procs, cfg, f"w3-{transport}", common, env, variant)
             client = await procs.child(
                 "client",
                 "benchmarks.w3_client:client",
@@ -107,24 +167,27 @@ async def run(cfg: Config, transport: str, layout: str) -> Row:
                 },
             )
             await client.message("throughput_start", 60)
-            before = [s.cpu_seconds() for s in services]
+            before = {s: [p.cpu_seconds() for p in group] for s, group in services.items()}
             await client.message("throughput_end", timeout)
-            cpu = [s.cpu_seconds() - b for s, b in zip(services, before, strict=True)]
+            cpu = {
+                s: sum(p.cpu_seconds() for p in group) - sum(before[s])
+                for s, group in services.items()
+            }
             result: dict[str, Any] = await client.message("result", timeout + cfg.w3_seconds)
             state = await _settled(store, deliveries + latency_total)
     finally:
-        await cleanup(transport, ns)
-    per_delivery_ms = sum(cpu) / deliveries * 1000
-    detail = " / ".join(f"{c:.2f}" for c in cpu) if len(cpu) > 1 else f"{cpu[0]:.2f}"
-    side = "choreograph, one process" if layout == "one" else "choreograph, process per service"
+        await drop_stores(variant.store, ns)
+    total_cpu = sum(cpu.values())
+    per_delivery_ms = total_cpu / deliveries * 1000
+    detail = " / ".join(f"{s} {c:.2f}" for s, c in cpu.items())
     return Row(
         WORKLOAD,
         transport,
-        side,
+        variant.describe(),
         rate=result["rate"],
         p50_ms=result.get("p50_ms"),
         p99_ms=result.get("p99_ms"),
-        cpu_s=sum(cpu),
+        cpu_s=total_cpu,
         cpu_detail=f"{detail} ({per_delivery_ms:.2f} ms/delivery)",
         note=f"{state}; fleet of {the_knobs.fleet_size} written in {fleet_seconds:.1f}s",
         extra={**result, "cpu": cpu, "count": deliveries},

@@ -221,6 +221,14 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
     help="Bus URL (default: a fresh embedded SQLite bus in --data-dir).",
 )
 @click.option(
+    "--store",
+    "store_url",
+    default=None,
+    help="Service store URL template, {service} standing for the service's name, e.g. "
+    "postgresql://127.0.0.1:5432/test?schema=demo_{service} (default: SQLite files in "
+    "--data-dir; a database store keeps its data between runs, --fresh does not empty it).",
+)
+@click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path(".choreograph/demo"),
@@ -283,6 +291,7 @@ def _http_server(asgi_app: Any, host: str, port: int) -> Any:
 def demo(
     deliveries: int,
     transport_url: str | None,
+    store_url: str | None,
     data_dir: Path,
     concurrency: int,
     timeout: float,
@@ -313,6 +322,7 @@ def demo(
                 deliveries=deliveries,
                 knobs=knobs,
                 transport_url=transport_url,
+                store_url=store_url,
                 data_dir=data_dir,
                 concurrency=concurrency,
                 timeout=timeout,

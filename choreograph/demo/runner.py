@@ -175,6 +175,7 @@ async def run_demo(
     deliveries: int = 200,
     knobs: Knobs | None = None,
     transport_url: str | None = None,
+    store_url: str | None = None,
     data_dir: Path = Path(".choreograph/demo"),
     concurrency: int = 16,
     timeout: float = 120.0,
@@ -193,7 +194,7 @@ async def run_demo(
     knobs = knobs or Knobs.from_env()
     await asyncio.to_thread(_prepare_dir, data_dir, fresh=fresh)
     where = await asyncio.to_thread(data_dir.resolve)
-    store_url = f"sqlite:///{data_dir}/{{service}}.db"
+    store_url = store_url or f"sqlite:///{where}/{{service}}.db"
     given = transport_url or f"sqlite:///{where}/bus.db"
     transport_url = isolated(given)
     own_namespace = transport_url != given
@@ -220,7 +221,7 @@ async def run_demo(
                 _write_console_settings,
                 data_dir,
                 {"app": DEMO_APP, "transport": transport_url, "db": db_url,
-                 "store": f"sqlite:///{where}/{{service}}.db"},
+                 "store": store_url},
             )  # fmt: skip
         started = time.monotonic()
         with Progress(*columns, console=console, transient=False) as progress:
