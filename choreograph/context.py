@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from choreograph.clock import Clock
 from choreograph.envelope import Envelope
 from choreograph.events import Event
 from choreograph.store import StoreTx
+from choreograph.transport import load_backend
+
+if TYPE_CHECKING:
+    from choreograph.orm import TransactionSession
 
 
 class State:
@@ -18,10 +22,11 @@ class State:
     inbox record and the emitted events, or not at all.
     """
 
-    __slots__ = ("_tx",)
+    __slots__ = ("_session", "_tx")
 
     def __init__(self, tx: StoreTx) -> None:
         self._tx = tx
+        self._session: TransactionSession | None = None
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
         return await self._tx.get(kind, key)
@@ -39,6 +44,34 @@ class State:
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         return await self._tx.count(kind, where)
+
+
+def connection_of(state: State) -> Any:
+    """The store transaction's connection (see :attr:`Context.connection`)."""
+    return state._tx.connection
+
+
+def session_of(state: State) -> TransactionSession:
+    """The SQLAlchemy session on the store transaction, opened on first use."""
+    if state._session is None:
+        open_session = load_backend(
+            "choreograph.orm", "open_session", "sqlalchemy", "SQLAlchemy session (ctx.session)"
+        )
+        state._session = open_session(state._tx)
+    return state._session
+
+
+async def flush_session(state: State) -> None:
+    """Write the session's pending changes (inside the handling's savepoint)."""
+    if state._session is not None:
+        await state._session.flush()
+
+
+async def release_session(state: State) -> None:
+    """Discard the session, if one was opened (no SQL; the store ends the transaction)."""
+    session, state._session = state._session, None
+    if session is not None:
+        await session._release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +104,21 @@ class Context:
     commit, so that it shows each timer's real due time)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Scratch space for middleware (e.g. the current span)."""
+
+    @property
+    def connection(self) -> Any:
+        """The connection of the store transaction this handling runs in: an asyncpg connection
+        on PostgreSQL, a ``sqlite3.Connection`` on SQLite. Your statements on it commit or roll
+        back with the message (its savepoint), its inbox record and its emitted events. Never
+        commit, roll back or close it. See the guide's "Your own tables" page."""
+        return connection_of(self.state)
+
+    @property
+    def session(self) -> TransactionSession:
+        """A SQLAlchemy ``AsyncSession`` on :attr:`connection` (``choreograph[sqlalchemy]``),
+        opened on first use and flushed when the handler returns. Never commit, roll back or
+        close it: raise an exception to roll the message's writes back."""
+        return session_of(self.state)
 
     @property
     def correlation_id(self) -> str:

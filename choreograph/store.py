@@ -46,6 +46,14 @@ class Timer:
 class StoreTx(ABC):
     """One open transaction. Methods are only valid inside ``async with store.transaction()``."""
 
+    @property
+    @abstractmethod
+    def connection(self) -> Any:
+        """The database connection this transaction runs on: an ``asyncpg`` connection on
+        PostgreSQL, a ``sqlite3.Connection`` on SQLite. Statements run on it belong to the
+        transaction (and to the savepoint open at the time); never commit, roll back or close it.
+        """
+
     # the service's own documents ------------------------------------------------------------
     @abstractmethod
     async def get(self, kind: str, key: str) -> dict[str, Any] | None: ...

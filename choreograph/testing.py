@@ -349,6 +349,10 @@ class _WatchedTx(StoreTx):
         self._tx = tx
         self.kinds: set[str] = set()
 
+    @property
+    def connection(self) -> Any:
+        return self._tx.connection
+
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
         return await self._tx.get(kind, key)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from choreograph.app import App
 from choreograph.clock import Clock
-from choreograph.context import Context, State, TimerChange
+from choreograph.context import Context, State, TimerChange, flush_session, release_session
 from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, new_envelope, new_id
 from choreograph.errors import (
     InvalidMessage,
@@ -181,10 +181,13 @@ class Handling:
                     events = await self.hooks.handle(
                         ctx, lambda: self._react(ctx, route, event, notes)
                     )
+                    await flush_session(ctx.state)  # the handler's own rows, in its savepoint
                     emitted, ready = await self._emit(tx, ctx, events, route.allowed)
                 await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
             return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
+        finally:
+            await release_session(ctx.state)
         if ended is not None:
             # Late: the transaction ended here first. Starting work now could never be undone
             # (its compensation already ran), so nothing runs; the outcome says so.
@@ -307,8 +310,10 @@ class Handling:
             async with tx.savepoint():
                 notes: list[str] = []
                 events = await self.hooks.handle(ctx, lambda: self._expire(ctx, spec, timer, notes))
+                await flush_session(ctx.state)
                 emitted, ready = await self._emit(tx, ctx, events, spec.emits)
         except Exception as exc:
+            await release_session(ctx.state)
             ctx.timers.clear()  # rolled back with the savepoint
             policy = spec.retry or self.service.retry
             if not isinstance(exc, PermanentFailure) and not policy.gives_up(attempt):
@@ -319,6 +324,7 @@ class Handling:
                 )
                 return ctx, Outcome("retry", delay=delay, failure=_failure(exc))
             return ctx, await self._give_up(tx, ctx, None, exc, spec_name=name)
+        await release_session(ctx.state)
         if notes and not emitted:
             return ctx, Outcome("ignored", note="; ".join(notes))
         return ctx, Outcome("done", emitted=emitted, ready=ready)

@@ -8,10 +8,17 @@ import signal
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from choreograph.app import App
 from choreograph.clock import SYSTEM_CLOCK, Clock
-from choreograph.context import State
+from choreograph.context import (
+    State,
+    connection_of,
+    flush_session,
+    release_session,
+    session_of,
+)
 from choreograph.envelope import Envelope, encode, new_envelope
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
@@ -21,6 +28,9 @@ from choreograph.runtime.worker import ServiceWorker, WorkerSettings
 from choreograph.service import Service
 from choreograph.store import StoreTx, check_not_shared, store_from_url
 from choreograph.transport import Message, Transport, transport_from_url
+
+if TYPE_CHECKING:
+    from choreograph.orm import TransactionSession
 
 log = logging.getLogger("choreograph.runtime")
 
@@ -35,6 +45,16 @@ class UnitOfWork:
     state: State
     correlation_id: str
     _emitted: list[Event] = field(default_factory=list)
+
+    @property
+    def connection(self) -> Any:
+        """The store transaction's connection (as :attr:`Context.connection`)."""
+        return connection_of(self.state)
+
+    @property
+    def session(self) -> TransactionSession:
+        """A SQLAlchemy session on it (as :attr:`Context.session`), flushed before the commit."""
+        return session_of(self.state)
 
     def emit(self, event: Event) -> None:
         self._emitted.append(event)
@@ -165,7 +185,11 @@ class Runtime:
         ready: list[Message] = []
         async with worker.store.transaction() as tx:
             uow = UnitOfWork(State(tx), correlation_id or "")
-            yield uow
+            try:
+                yield uow
+                await flush_session(uow.state)
+            finally:
+                await release_session(uow.state)
             ready = await self._outbox(worker, tx, uow)
         await worker._publish(ready)
 

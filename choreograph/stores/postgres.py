@@ -13,6 +13,10 @@ transactions is shared between replicas without waiting: ``claim_outbox`` and
 ``take_due_timers`` skip rows another replica holds (``FOR UPDATE SKIP LOCKED``). See
 ``docs/stores.md`` for why documents are not locked one by one.
 
+The service's own tables live in its schema too: every connection's ``search_path`` starts with
+it, so a handler's unqualified ``INSERT INTO parcels`` on ``ctx.connection`` (or a SQLAlchemy model
+without a schema on ``ctx.session``) reaches the service's table. See ``docs/guide/tables.md``.
+
 URL options: ``schema``, ``pool_size`` (most connections of one store, default 5); all others
 are passed to asyncpg (e.g. ``sslmode``).
 """
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Self, cast
@@ -155,6 +160,46 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+class StoreConnection(asyncpg.Connection):  # type: ignore[misc]
+    """The store's connections. A handler may run its own statements on the one of its
+    transaction (``ctx.connection``): before each, the savepoints the transaction has begun
+    lazily are opened, so that the statement belongs to the message's savepoint."""
+
+    _before: Callable[[], Awaitable[None]] | None = None
+    orm_engine: Any = None
+    """The SQLAlchemy engine on this connection, once a session was asked for (choreograph.orm)."""
+
+    def unproxied(self) -> StoreConnection:
+        """This connection itself, not the pool's proxy of it (which dies when it is released)."""
+        return self
+
+    def opening_savepoints(self, before: Callable[[], Awaitable[None]] | None) -> None:
+        self._before = before
+
+    async def before_statement(self) -> None:
+        if self._before is not None:
+            await self._before()
+
+
+def _opening_savepoints(name: str) -> Any:
+    method = getattr(asyncpg.Connection, name)
+
+    @functools.wraps(method)
+    async def run(self: StoreConnection, *args: Any, **kwargs: Any) -> Any:
+        if self._before is not None:
+            await self._before()
+        return await method(self, *args, **kwargs)
+
+    return run
+
+
+for _name in (
+    "execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany", "prepare",
+    "copy_from_table", "copy_from_query", "copy_to_table", "copy_records_to_table",
+):  # fmt: skip
+    setattr(StoreConnection, _name, _opening_savepoints(_name))
+
+
 @dataclass(slots=True)
 class _Frame:
     """A savepoint: its name, whether it exists in the database yet, and the buffers as they
@@ -173,8 +218,10 @@ class _PostgresTx(StoreTx):
     before the first statement inside them, and released along with the next SAVEPOINT: a
     handling that only emits events and records its event id costs no round trip at all."""
 
-    def __init__(self, conn: asyncpg.Connection[Any], store: PostgresStore) -> None:
-        self._conn = conn
+    def __init__(self, conn: Any, store: PostgresStore) -> None:
+        self._conn = conn  # the pool's proxy of a StoreConnection
+        self._raw: StoreConnection = conn.unproxied()
+        self._raw.opening_savepoints(self._sync)
         self._s = store.schema_sql
         self._inbox: list[tuple[str, float]] = []
         self._outbox: list[tuple[OutboxRow, float]] = []
@@ -193,7 +240,8 @@ class _PostgresTx(StoreTx):
         sql = [f"RELEASE SAVEPOINT {self._unreleased}"] if self._unreleased else []
         sql += [f"SAVEPOINT {frame.name}" for frame in pending]
         self._unreleased = None
-        await self._conn.execute("; ".join(sql))
+        # (the plain method: the connection's own would come back here first)
+        await asyncpg.Connection.execute(self._raw, "; ".join(sql))
         for frame in pending:
             frame.opened = True
 
@@ -231,6 +279,10 @@ class _PostgresTx(StoreTx):
                 [claimed_until for _, claimed_until in self._outbox],
             )
             self._outbox = []
+
+    @property
+    def connection(self) -> Any:
+        return self._conn
 
     # documents -------------------------------------------------------------------------------
 
@@ -401,6 +453,9 @@ class PostgresStore(Store):
                 max_size=self.settings.pool_size,
                 init=_init_connection,
                 reset=_reset_connection,
+                connection_class=StoreConnection,
+                # the service's own tables: unqualified names resolve to its schema first
+                server_settings={"search_path": f"{self.settings.schema}, public"},
             )
         except (
             asyncpg.InvalidCatalogNameError,
@@ -443,11 +498,15 @@ class PostgresStore(Store):
     async def transaction(self) -> AsyncIterator[StoreTx]:
         # Lanes of this process queue here rather than each holding a connection while waiting
         # for the lock of the service, which serialises them with the other replicas.
-        async with self._local, self._get_pool().acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
-            tx = _PostgresTx(conn, self)
-            yield tx
-            await tx.flush()
+        async with self._local, self._get_pool().acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
+                    tx = _PostgresTx(conn, self)
+                    yield tx
+                    await tx.flush()
+            finally:
+                conn.opening_savepoints(None)
 
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
         s = self.schema_sql

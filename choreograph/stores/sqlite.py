@@ -3,6 +3,10 @@
 One SQLite file per service, in WAL mode. Calls run directly on the event loop thread: they take
 microseconds, and a thread hop would cost more than the call. One transaction at a time per store
 object (an asyncio lock); replicas in other processes serialise on SQLite's write lock.
+
+The service's own tables live in the same file (one transaction covers them and the inbox,
+outbox and timers): a handler reaches them through ``ctx.connection`` (this store's
+``sqlite3.Connection``) or ``ctx.session`` (SQLAlchemy, see :mod:`choreograph.orm`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,16 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITH
 """
 
 
+class StoreConnection(sqlite3.Connection):
+    """The store's connection (``ctx.connection``)."""
+
+    orm_engine: Any = None
+    """The SQLAlchemy engine on this connection, once a session was asked for (choreograph.orm)."""
+
+    def unproxied(self) -> StoreConnection:
+        return self
+
+
 def _where(where: dict[str, Any] | None) -> tuple[str, list[Any]]:
     if not where:
         return "", []
@@ -79,6 +93,10 @@ class _SqliteTx(StoreTx):
         self._inbox: list[tuple[str, float]] = []
         self._inbox_ids: set[str] = set()
         self._outbox: list[tuple[str, str, bytes, float, float]] = []
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        return self._db
 
     def flush(self) -> None:
         if self._inbox:
@@ -247,6 +265,7 @@ class SqliteStore(Store):
             timeout=_LOCK_POLL,
             isolation_level=None,
             check_same_thread=False,
+            factory=StoreConnection,
         )
         give_up = time.monotonic() + self._busy_timeout
         while True:  # replicas opening one new file at once contend for its first write

@@ -1,0 +1,263 @@
+"""SQLAlchemy sessions bound to a store transaction (``pip install 'choreograph[sqlalchemy]'``).
+
+A handler's ``ctx.session`` (and a unit of work's ``uow.session``) is an ``AsyncSession`` whose
+statements run on the store transaction's own connection, inside the message's savepoint: the
+service's tables, its inbox, outbox and timers commit or roll back together. The runtime flushes
+the session at the end of the handler (inside the savepoint, so a failed flush fails that
+message alone) and discards it; the store transaction commits later, for the whole batch.
+
+The session never controls the transaction: its engine's dialect turns the driver's commit,
+rollback and close into no-ops, and :class:`TransactionSession` refuses ``commit``, ``rollback``
+and ``close`` with a clear error (raise an exception to roll the message back).
+
+PostgreSQL: the asyncpg dialect, on the store's asyncpg connection, without transaction control
+of its own (statements run in the store's transaction; the store's lazily opened savepoints are
+opened before each statement). Statements are prepared anew in each transaction (asyncpg drops
+prepared statements when a connection goes back to the store's pool): one more round trip per
+statement than a plain asyncpg query. Tables without a schema resolve through the connection's
+``search_path``: the service's schema first.
+
+SQLite: the store runs sqlite3 calls on the event loop thread (they take microseconds), in one
+connection per store; an async driver (aiosqlite) would need a connection of its own in another
+thread, which cannot join the store's transaction. So the session uses SQLAlchemy's pysqlite
+dialect on the store's own connection, through an adapter whose coroutines run each call at
+once: its statements run on the loop thread, exactly like the store's, inside its transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import event
+from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from choreograph.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from choreograph.store import StoreTx
+
+_NOT_YOURS = (
+    "the session belongs to the store transaction of this handling: choreograph flushes it and "
+    "commits the transaction (with the inbox and outbox); raise an exception to roll this "
+    "message's writes back"
+)
+
+
+class TransactionSession(AsyncSession):
+    """An ``AsyncSession`` on a store transaction: use it freely (add, execute, flush, query,
+    ``begin_nested``), but never commit, roll back or close it yourself."""
+
+    async def commit(self) -> None:
+        raise ConfigurationError(f"session.commit() is not allowed: {_NOT_YOURS}")
+
+    async def rollback(self) -> None:
+        raise ConfigurationError(f"session.rollback() is not allowed: {_NOT_YOURS}")
+
+    async def close(self) -> None:
+        raise ConfigurationError(f"session.close() is not allowed: {_NOT_YOURS}")
+
+    async def _release(self) -> None:
+        """Discard the session (no SQL: the dialect's rollback is a no-op)."""
+        await super().close()
+
+
+class _NoTransactionControl:
+    """Dialect methods that would end or close the store's transaction or connection: no-ops.
+    The store begins, commits, rolls back and closes; SQLAlchemy only runs statements."""
+
+    def do_begin(self, dbapi_connection: Any) -> None:
+        pass
+
+    def do_commit(self, dbapi_connection: Any) -> None:
+        pass
+
+    def do_rollback(self, dbapi_connection: Any) -> None:
+        pass
+
+    def do_close(self, dbapi_connection: Any) -> None:
+        pass
+
+    def do_terminate(self, dbapi_connection: Any) -> None:
+        pass
+
+
+class StorePostgresDialect(_NoTransactionControl, PGDialect_asyncpg):
+    """asyncpg on a store connection. JSONB keeps the store's codec (Python values, orjson);
+    JSON gets the same, so both column types read and write Python values."""
+
+    supports_statement_cache = True
+
+    async def setup_asyncpg_json_codec(self, conn: Any) -> None:
+        await conn._connection.set_type_codec(
+            "json",
+            encoder=orjson.dumps,
+            decoder=orjson.loads,
+            schema="pg_catalog",
+            format="binary",
+        )
+
+    async def setup_asyncpg_jsonb_codec(self, conn: Any) -> None:
+        pass  # the store's own (see choreograph.stores.postgres)
+
+
+class StoreSqliteDialect(_NoTransactionControl, SQLiteDialect_pysqlite):
+    """pysqlite on the store's connection, on the event loop thread (see the module's doc)."""
+
+    supports_statement_cache = True
+    is_async = True
+
+    def set_isolation_level(self, dbapi_connection: Any, level: Any) -> None:
+        # sqlite3 commits an open transaction when its isolation_level is set: never touch it
+        pass
+
+    def reset_isolation_level(self, dbapi_connection: Any) -> None:
+        pass
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _engine_for(pooled: Any) -> AsyncEngine:
+    """One engine per driver connection of a store (a store has a few, for its whole life),
+    kept on the connection: its pool holds that connection only, and never closes it."""
+    connection = pooled.unproxied()  # (a pool's proxy dies when the transaction ends)
+    engine: AsyncEngine | None = connection.orm_engine
+    if engine is None:
+        registry.register("postgresql.choreograph_store", __name__, "StorePostgresDialect")
+        registry.register("sqlite.choreograph_store", __name__, "StoreSqliteDialect")
+        if isinstance(connection, sqlite3.Connection):
+            engine = _sqlite_engine(connection)
+        else:
+            engine = _postgres_engine(connection)
+        connection.orm_engine = engine
+    return engine
+
+
+class _LoopCursor:
+    """A sqlite3 cursor with the coroutine methods of an asyncio driver's (each runs at once)."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cursor.lastrowid
+
+    @property
+    def arraysize(self) -> int:
+        return self._cursor.arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._cursor.arraysize = value
+
+    async def __aenter__(self) -> _LoopCursor:
+        return self
+
+    async def execute(self, operation: str, parameters: Any = ()) -> _LoopCursor:
+        self._cursor.execute(operation, parameters)
+        return self
+
+    async def executemany(self, operation: str, parameters: Any) -> _LoopCursor:
+        self._cursor.executemany(operation, parameters)
+        return self
+
+    async def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        return self._cursor.fetchmany(size or self._cursor.arraysize)
+
+    async def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    async def close(self) -> None:
+        self._cursor.close()
+
+
+class _LoopConnection:
+    """The store's sqlite3 connection as an asyncio driver's; never commits nor closes it."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def cursor(self) -> _LoopCursor:
+        return _LoopCursor(self.db.cursor())
+
+    async def commit(self) -> None:
+        pass
+
+    async def rollback(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class _AdaptedSqlite(AsyncAdapt_dbapi_connection):
+    __slots__ = ()
+
+    def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._connection.db.create_function(*args, **kwargs)
+
+
+def _sqlite_engine(connection: sqlite3.Connection) -> AsyncEngine:
+    return create_async_engine(
+        "sqlite+choreograph_store://",
+        creator=lambda: _AdaptedSqlite(sqlite3, _LoopConnection(connection)),  # type: ignore[arg-type]
+        poolclass=StaticPool,
+        pool_reset_on_return=None,
+    )
+
+
+def _postgres_engine(connection: Any) -> AsyncEngine:
+    dbapi = StorePostgresDialect.import_dbapi()  # type: ignore[no-untyped-call]
+
+    async def borrow() -> Any:
+        return connection
+
+    def adapt() -> Any:
+        # No cache of prepared statements: asyncpg invalidates them when the connection goes
+        # back to the store's pool, i.e. at the end of every transaction. Each statement is
+        # prepared through the connection, which opens the store's pending savepoints first.
+        return dbapi.connect(async_creator_fn=borrow, prepared_statement_cache_size=0)
+
+    return create_async_engine(
+        "postgresql+choreograph_store://",
+        creator=adapt,
+        poolclass=StaticPool,
+        pool_reset_on_return=None,
+        # no BEGIN or SAVEPOINT of its own: statements run in the store's transaction
+        isolation_level="AUTOCOMMIT",
+        # JSON values go to the driver as Python values (the store's codec encodes them)
+        json_serializer=_identity,
+    )
+
+
+def open_session(tx: StoreTx) -> TransactionSession:
+    """A session on ``tx``'s connection (see the module's doc)."""
+    engine = _engine_for(tx.connection)
+    session = TransactionSession(engine, expire_on_commit=False, autoflush=True)
+    event.listen(session.sync_session, "before_commit", _refuse_commit)
+    return session
+
+
+def _refuse_commit(session: Session) -> None:
+    raise ConfigurationError(f"committing the session is not allowed: {_NOT_YOURS}")
