@@ -5,13 +5,15 @@ W3 options (each takes a comma-separated list; every combination is measured in 
 process-per-service layout), ``--io-wait 0,5`` (ms of simulated I/O in package and
 drone-scheduler handlers), ``--locking ,service`` (the PostgreSQL store's locking option; empty
 for its default). ``--transports nats,nats-cluster`` puts a 3-node cluster of the run's own beside
-the single node (W3 only).
+the single node (W3 only). ``--only orch``: the drone delivery choreographed and orchestrated,
+side by side, as it is, with one participant slow and with one down for a while.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import shutil
 import sys
@@ -36,7 +38,9 @@ from benchmarks.stores import STORES
 TRANSPORTS = ("sqlite", "nats", "redis", "amqp", nats_cluster.TRANSPORT)
 W3_ONLY = (nats_cluster.TRANSPORT,)
 """Transports only W3 runs on."""
-WORKLOADS = ("w1", "w2", "w3")
+WORKLOADS = ("w1", "w2", "w3", "orch")
+SLOW_MS = 50.0
+"""The I/O wait of the slow participant in the comparison."""
 CELL_TIMEOUT = 420.0
 
 
@@ -84,6 +88,31 @@ def plan(cfg: Config, workloads: set[str], transports: list[str]) -> list[Cell]:
                     needs = "postgres"
                 run = _bind(w3.run, cfg, t, variant)
                 cells.append(Cell(w3.WORKLOAD, t, variant.describe(), run, needs))
+    if "orch" in workloads:
+        cells += comparison_cells(cfg, transports)
+    return cells
+
+
+def comparison_cells(cfg: Config, transports: list[str]) -> list[Cell]:
+    """The drone delivery choreographed and orchestrated, side by side, process per service, on
+    the first store named: as it is, with drone-scheduler slow (an I/O wait of ``SLOW_MS`` in
+    each of its handlings; fewer deliveries and a lower open-loop rate, that it can keep up
+    with), and with drone-scheduler stopped for 5 s during the open-loop phase."""
+    store = cfg.w3_stores[0]
+    slow_cfg = dataclasses.replace(cfg, w3_deliveries=min(cfg.w3_deliveries, 200), w3_rate=8.0)
+    scenarios: list[tuple[Config, dict[str, Any]]] = [
+        (cfg, {}),
+        (slow_cfg, {"io_wait_ms": SLOW_MS, "slow": ("drone-scheduler",)}),
+        (cfg, {"outage": "drone-scheduler"}),
+    ]
+    cells = []
+    for t in transports:
+        needs = "postgres" if store == "postgres" and t == "sqlite" else t
+        for the_cfg, scenario in scenarios:
+            for flow in w3.APPS:
+                variant = w3.Variant("each", store, flow=flow, **scenario)
+                run = _bind(w3.run, the_cfg, t, variant, w3.COMPARISON)
+                cells.append(Cell(w3.COMPARISON, t, variant.describe(), run, needs))
     return cells
 
 

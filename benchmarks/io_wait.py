@@ -3,7 +3,8 @@
 ``choreograph run --middleware benchmarks.io_wait:from_env`` with ``BENCH_IO_WAIT_MS=5`` makes
 every handling of those services ``await asyncio.sleep(0.005)`` inside its transaction, as a
 handler awaiting a remote call would (the store's locks are held meanwhile). The demo app stays
-as it is: the wait is a middleware around its handlers.
+as it is: the wait is a middleware around its handlers. ``BENCH_IO_WAIT_SERVICES`` (names,
+comma-separated) slows other services instead, e.g. only ``drone-scheduler``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from choreograph.events import Event
 from choreograph.middleware import Middleware, Next
 
 ENV = "BENCH_IO_WAIT_MS"
+SERVICES_ENV = "BENCH_IO_WAIT_SERVICES"
 SERVICES = ("package", "drone-scheduler")
 
 
@@ -35,4 +37,6 @@ class IoWait(Middleware):
 def from_env() -> list[Middleware]:
     """The middleware ``BENCH_IO_WAIT_MS`` asks for (none when it is unset or 0)."""
     milliseconds = float(os.environ.get(ENV, "0") or 0)
-    return [IoWait(milliseconds / 1000)] if milliseconds > 0 else []
+    named = os.environ.get(SERVICES_ENV, "")
+    services = tuple(n.strip() for n in named.split(",") if n.strip()) or SERVICES
+    return [IoWait(milliseconds / 1000, services)] if milliseconds > 0 else []

@@ -20,7 +20,12 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ANALYSIS_START = "<!-- analysis:start -->"
 ANALYSIS_END = "<!-- analysis:end -->"
 COLUMNS = ("workload", "transport", "side", "rate /s", "p50 ms", "p99 ms", "CPU s", "ratio")
-W3_TARGETS = {"sqlite": 300.0, "nats": 1000.0}
+W3_TARGETS = {
+    ("sqlite", "sqlite"): 3000.0,
+    ("nats", "sqlite"): 2500.0,
+    ("nats", "postgres"): 2000.0,
+}
+"""W3 targets by (transport, store) from the workload book."""
 
 
 def median(rows: Sequence[Row]) -> Row:
@@ -70,9 +75,35 @@ def add_ratios(rows: list[Row]) -> None:
                 parts.append(f"p99 {row.p99_ms / raw.p99_ms:.1f}x raw")
             row.ratio = "; ".join(parts)
         elif row.workload.startswith("W3"):
-            target = W3_TARGETS.get(row.transport)
-            if target:
-                row.ratio = f"{row.rate / target:.2f}x target {target:,.0f}"
+            row.ratio = _w3_ratio(row, rows)
+
+
+def _w3_ratio(row: Row, rows: list[Row]) -> str:
+    """Orchestrated against choreographed (same scenario), a cluster against the single node
+    (same variant), otherwise against the book's target."""
+
+    def twin(transport: str, side: str) -> Row | None:
+        for other in rows:
+            same = other.workload == row.workload and other.transport == transport
+            if same and other.side == side and other.rate and not other.error:
+                return other
+        return None
+
+    if row.side.startswith("orchestrated"):
+        choreographed = twin(row.transport, row.side.replace("orchestrated", "choreograph", 1))
+        if choreographed and choreographed.rate and row.rate:
+            return f"{row.rate / choreographed.rate:.2f}x choreography"
+        return ""
+    if row.transport == "nats-cluster":
+        single = twin("nats", row.side)
+        if single and single.rate and row.rate:
+            return f"{row.rate / single.rate:.2f}x single node"
+        return ""
+    store = "postgres" if "postgres stores" in row.side else "sqlite"
+    target = W3_TARGETS.get((row.transport, store))
+    if target and row.rate:
+        return f"{row.rate / target:.2f}x target {target:,.0f}"
+    return ""
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:

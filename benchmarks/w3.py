@@ -6,7 +6,10 @@ into drone-scheduler's store before the clock starts, so its one-off cost is not
 
 A :class:`Variant` says what else differs: the kind of service store (SQLite files or PostgreSQL
 schemas of the run's own), replicas of every service (process per service only), a simulated
-I/O wait in package and drone-scheduler handlers, and the PostgreSQL store's locking.
+I/O wait in package and drone-scheduler handlers (or in the services named), the PostgreSQL
+store's locking, the flow (the choreography, or the same work driven by an orchestrator:
+``benchmarks/orchestrated.py``), and an outage: one service stopped (SIGTERM) two seconds into
+the open-loop phase and started again a few seconds later.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,21 @@ from benchmarks.harness import Proc, Processes, Row, processes
 from benchmarks.profiling import service_argv
 from benchmarks.stores import drop_stores, store_template
 from benchmarks.w2 import CHOREOGRAPH
-from choreograph.demo.app import create_app
+from choreograph.app import load_app
 from choreograph.demo.drone_scheduler import drone_id
 from choreograph.demo.inspect_state import snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.store import store_from_url
 
-APP = "choreograph.demo.app:create_app"
+APPS = {
+    "choreography": "choreograph.demo.app:create_app",
+    "orchestration": "benchmarks.orchestrated:create_app",
+}
 WORKLOAD = "W3 drone delivery"
 IO_WAIT_MIDDLEWARE = "benchmarks.io_wait:from_env"
+COMPARISON = "W3 choreography vs orchestration"
+OUTAGE_AFTER = 2.0
+"""Seconds into the open-loop phase at which the outage starts."""
 
 
 @dataclass(frozen=True)
@@ -49,16 +58,29 @@ class Variant:
     """Simulated I/O wait in every handler of package and drone-scheduler."""
     locking: str = ""
     """The PostgreSQL store's locking option ('' for its default)."""
+    flow: str = "choreography"
+    """``choreography`` (the demo app) or ``orchestration`` (:mod:`benchmarks.orchestrated`)."""
+    slow: tuple[str, ...] = ()
+    """The services the I/O wait is in (default: package and drone-scheduler)."""
+    outage: str = ""
+    """A service stopped during the open-loop phase ('' for none; ``each`` layout only)."""
+    outage_seconds: float = 5.0
 
     def describe(self) -> str:
         where = "one process" if self.layout == "one" else "process per service"
         if self.replicas > 1:
             where += f" x{self.replicas}"
-        parts = [f"choreograph, {where}", f"{self.store} stores"]
+        who = "choreograph" if self.flow == "choreography" else "orchestrated"
+        parts = [f"{who}, {where}", f"{self.store} stores"]
         if self.locking:
             parts.append(f"locking={self.locking}")
         if self.io_wait_ms:
-            parts.append(f"io wait {self.io_wait_ms:g} ms")
+            parts.append(
+                f"io wait {self.io_wait_ms:g} ms"
+                + (f" in {'+'.join(self.slow)}" if self.slow else "")
+            )
+        if self.outage:
+            parts.append(f"{self.outage} down {self.outage_seconds:g} s")
         return ", ".join(parts)
 
 
@@ -117,27 +139,59 @@ async def bus(transport: str, namespace: str, workdir: Path) -> AsyncIterator[st
         await cleanup(transport, namespace)
 
 
+@dataclass
+class Services:
+    """The service processes of one run, by service (``all`` when in one process)."""
+
+    procs: Processes
+    env: dict[str, str]
+    argv: dict[str, list[list[str]]] = field(default_factory=dict)
+    running: dict[str, list[Proc]] = field(default_factory=dict)
+
+    async def start(self, service: str, argv: list[str]) -> Proc:
+        replica = len(self.running.setdefault(service, []))
+        proc = await self.procs.spawn(f"{service}-{replica}", argv, self.env)
+        self.running[service].append(proc)
+        return proc
+
+    async def outage(self, service: str, after: float, seconds: float) -> None:
+        """Stop every replica of ``service`` after ``after`` seconds (SIGTERM: it finishes or
+        hands back what it holds), start them again ``seconds`` later."""
+        await asyncio.sleep(after)
+        await asyncio.gather(*(p.stop() for p in self.running[service]))
+        self.running[service] = []
+        await asyncio.sleep(seconds)
+        for argv in self.argv[service]:
+            await (await self.start(service, argv)).output_containing("running", 60)
+
+    def cpu(self) -> dict[str, float]:
+        return {s: sum(p.cpu_seconds() for p in group) for s, group in self.running.items()}
+
+
 async def start_services(
     procs: Processes, cfg: Config, name: str, common: list[str], env: dict[str, str], v: Variant
-) -> dict[str, list[Proc]]:
-    """Start the services; returns the processes of each service (``all`` in one process)."""
-    started: dict[str, list[Proc]] = {}
+) -> Services:
+    """Start the services of the variant's flow, each in its own process(es) or all in one."""
+    services = Services(procs, env)
     if v.layout == "one":
         argv = service_argv(cfg.profile_dir, f"{name}-one", [CHOREOGRAPH, "run", *common])
-        started["all"] = [await procs.spawn("all-services", argv, env)]
+        services.argv["all"] = [argv]
     else:
-        for service in create_app(knobs(cfg)).services:
+        app = load_app(APPS[v.flow])
+        for service in app.services:
             for replica in range(v.replicas):
                 argv = [CHOREOGRAPH, "run", "--service", service, *common]
                 argv = service_argv(cfg.profile_dir, f"{name}-{service}-{replica}", argv)
-                proc = await procs.spawn(f"{service}-{replica}", argv, env)
-                started.setdefault(service, []).append(proc)
-    for proc in (p for group in started.values() for p in group):
+                services.argv.setdefault(service, []).append(argv)
+    for service, argvs in services.argv.items():
+        for argv in argvs:
+            await services.start(service, argv)
+    for proc in (p for group in services.running.values() for p in group):
         await proc.output_containing("running", 60)
-    return started
+    return services
 
 
-async def run(cfg: Config, transport: str, variant: Variant) -> Row:
+async def run(cfg: Config, transport: str, variant: Variant, workload: str = WORKLOAD) -> Row:
     ns = fresh_namespace("w3")
     workdir = cfg.workdir / f"w3-{transport}-{ns}"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +199,15 @@ async def run(cfg: Config, transport: str, variant: Variant) -> Row:
     the_knobs = knobs(cfg)
     env = the_knobs.to_env()
     env[io_wait.ENV] = str(variant.io_wait_ms)
+    env[io_wait.SERVICES_ENV] = ",".join(variant.slow)
     deliveries = cfg.w3_deliveries
     latency_total = int(cfg.w3_rate * cfg.w3_seconds)
     timeout = 60 + deliveries / 50
     try:
         fleet_seconds = await create_fleet(store, the_knobs.fleet_size)
         async with bus(transport, ns, workdir) as url, processes(workdir) as procs:
-            common = ["--app", APP, "--transport", url, "--store", store, "--batch-size", "200"]
+            app = APPS[variant.flow]
+            common = ["--app", app, "--transport", url, "--store", store, "--batch-size", "200"]
             if variant.io_wait_ms:
                 common += ["--middleware", IO_WAIT_MIDDLEWARE]
             services = await start_services(procs, cfg, f"w3-{transport}", common, env, variant)
@@ -167,12 +223,13 @@ async def run(cfg: Config, transport: str, variant: Variant) -> Row:
                 },
             )
             await client.message("throughput_start", 60)
-            before = {s: [p.cpu_seconds() for p in group] for s, group in services.items()}
+            before = services.cpu()
             await client.message("throughput_end", timeout)
-            cpu = {
-                s: sum(p.cpu_seconds() for p in group) - sum(before[s])
-                for s, group in services.items()
-            }
+            cpu = {s: c - before[s] for s, c in services.cpu().items()}
+            if variant.outage and latency_total:
+                await client.message("latency_start", 60)
+                outage = services.outage(variant.outage, OUTAGE_AFTER, variant.outage_seconds)
+                await outage
             result: dict[str, Any] = await client.message("result", timeout + cfg.w3_seconds)
             state = await _settled(store, deliveries + latency_total)
     finally:
@@ -181,7 +238,7 @@ async def run(cfg: Config, transport: str, variant: Variant) -> Row:
     per_delivery_ms = total_cpu / deliveries * 1000
     detail = " / ".join(f"{s} {c:.2f}" for s, c in cpu.items())
     return Row(
-        WORKLOAD,
+        workload,
         transport,
         variant.describe(),
         rate=result["rate"],
@@ -189,6 +246,7 @@ async def run(cfg: Config, transport: str, variant: Variant) -> Row:
         p99_ms=result.get("p99_ms"),
         cpu_s=total_cpu,
         cpu_detail=f"{detail} ({per_delivery_ms:.2f} ms/delivery)",
-        note=f"{state}; fleet of {the_knobs.fleet_size} written in {fleet_seconds:.1f}s",
+        note=f"{state}; max {result.get('max_ms', 0):,.0f} ms; "
+        f"fleet of {the_knobs.fleet_size} written in {fleet_seconds:.1f}s",
         extra={**result, "cpu": cpu, "count": deliveries},
     )

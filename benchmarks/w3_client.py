@@ -91,6 +91,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
 
     total = int(rate * seconds)
     if total:
+        emit("latency_start")
         t0 = time.time() + 0.05
         sent = 0
         while sent < total:
@@ -103,6 +104,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
                 await asyncio.sleep(delay)
         await wait_all()
         result["p50_ms"], result["p99_ms"] = latency_summary(latencies)
+        result["max_ms"] = max(latencies) * 1000
         result["outcomes"] = dict(outcomes)
     emit("result", **result)
     counting.cancel()
