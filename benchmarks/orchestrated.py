@@ -87,42 +87,47 @@ def build_orchestrator() -> Service:
         await ctx.state.put("saga", event.delivery_id, {"step": "reserving"})
         return [CreatePackage(request=event), ReserveDrone(request=event)]
 
-    async def reserved(ctx: Context, delivery_id: str, part: str, reply: Event) -> list[Event]:
+    async def replied(ctx: Context, delivery_id: str, part: str, reply: Event) -> list[Event]:
+        """Record one of the two replies; once both are in, schedule the delivery, or fail it
+        and have what was taken released (only then: an undo must never overtake the command
+        it undoes)."""
         doc = await saga(ctx, delivery_id)
         if doc.get("step") != "reserving":
             return []
-        doc[part] = reply.model_dump(mode="json")
+        doc[part] = {"type": type(reply).__name__, **reply.model_dump(mode="json")}
         if "package" not in doc or "drone" not in doc:
             await ctx.state.put("saga", delivery_id, doc)
             return []
-        await ctx.state.put("saga", delivery_id, {**doc, "step": "scheduling"})
-        package_ready = PackageReady.model_validate(doc["package"])
-        drone = DroneScheduled.model_validate(doc["drone"])
-        return [ScheduleDelivery(package=package_ready, drone=drone)]
-
-    @orchestrator.on(PackageReady, emits=[ScheduleDelivery])
-    async def package_ready(event: PackageReady, ctx: Context) -> list[Event]:
-        return await reserved(ctx, event.delivery_id, "package", event)
-
-    @orchestrator.on(DroneScheduled, emits=[ScheduleDelivery])
-    async def drone_scheduled(event: DroneScheduled, ctx: Context) -> list[Event]:
-        return await reserved(ctx, event.delivery_id, "drone", event)
-
-    async def fail(ctx: Context, delivery_id: str, reason: str, stage: str) -> list[Event]:
-        doc = await saga(ctx, delivery_id)
-        if doc.get("step") in ("failed", "completed", "in_flight"):
-            return []
+        if doc["package"]["type"] == "PackageRejected":
+            reason, stage = f"package rejected: {doc['package']['reason']}", "package"
+        elif doc["drone"]["type"] == "DroneUnavailable":
+            reason, stage = f"no drone: {doc['drone']['reason']}", "drone"
+        else:
+            await ctx.state.put("saga", delivery_id, {**doc, "step": "scheduling"})
+            package_ready = PackageReady.model_validate(doc["package"])
+            drone = DroneScheduled.model_validate(doc["drone"])
+            return [ScheduleDelivery(package=package_ready, drone=drone)]
         await ctx.state.put("saga", delivery_id, {**doc, "step": "failed", "reason": reason})
         failed = DeliveryFailed(delivery_id=delivery_id, reason=reason, stage=stage)
         return [failed, UndoDelivery(failed=failed)]
 
-    @orchestrator.on(PackageRejected, emits=[DeliveryFailed, UndoDelivery])
-    async def package_rejected(event: PackageRejected, ctx: Context) -> list[Event]:
-        return await fail(ctx, event.delivery_id, f"package rejected: {event.reason}", "package")
+    answers = [ScheduleDelivery, DeliveryFailed, UndoDelivery]
 
-    @orchestrator.on(DroneUnavailable, emits=[DeliveryFailed, UndoDelivery])
+    @orchestrator.on(PackageReady, emits=answers)
+    async def package_ready(event: PackageReady, ctx: Context) -> list[Event]:
+        return await replied(ctx, event.delivery_id, "package", event)
+
+    @orchestrator.on(PackageRejected, emits=answers)
+    async def package_rejected(event: PackageRejected, ctx: Context) -> list[Event]:
+        return await replied(ctx, event.delivery_id, "package", event)
+
+    @orchestrator.on(DroneScheduled, emits=answers)
+    async def drone_scheduled(event: DroneScheduled, ctx: Context) -> list[Event]:
+        return await replied(ctx, event.delivery_id, "drone", event)
+
+    @orchestrator.on(DroneUnavailable, emits=answers)
     async def no_drone(event: DroneUnavailable, ctx: Context) -> list[Event]:
-        return await fail(ctx, event.delivery_id, f"no drone: {event.reason}", "drone")
+        return await replied(ctx, event.delivery_id, "drone", event)
 
     @orchestrator.on(DeliveryScheduled)
     async def in_flight(event: DeliveryScheduled, ctx: Context) -> None:
