@@ -4,7 +4,7 @@ Services react to events on a bus and report what they did as new events; joins,
 deadlines, retries and dead letters are declared next to the handlers. See the README.
 """
 
-from choreograph.app import App, load_app
+from choreograph.app import App, External, load_app
 from choreograph.clock import Clock, SystemClock, VirtualClock
 from choreograph.context import Context, State
 from choreograph.envelope import Envelope
@@ -17,6 +17,7 @@ from choreograph.errors import (
     PermanentFailure,
     RetryLater,
     SchemaViolation,
+    TopicMismatch,
     TransportError,
     UnknownEventType,
 )
@@ -26,6 +27,7 @@ from choreograph.events import (
     Event,
     HandlerFailed,
     JoinTimedOut,
+    upcaster,
 )
 from choreograph.middleware import Middleware, Outcome
 from choreograph.retry import RetryPolicy
@@ -46,6 +48,7 @@ __all__ = [
     "DeadlineExpired",
     "Envelope",
     "Event",
+    "External",
     "HandlerFailed",
     "InvalidMessage",
     "JoinTimedOut",
@@ -62,6 +65,7 @@ __all__ = [
     "Service",
     "State",
     "SystemClock",
+    "TopicMismatch",
     "Transport",
     "TransportError",
     "UnitOfWork",
@@ -71,4 +75,5 @@ __all__ = [
     "__version__",
     "load_app",
     "transport_from_url",
+    "upcaster",
 ]

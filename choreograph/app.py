@@ -1,4 +1,5 @@
-"""An :class:`App`: the services of one choreography, and the events that end a transaction."""
+"""An :class:`App`: the services of one choreography, the participants it does not run, and the
+events that end a transaction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,33 @@ from collections.abc import Iterable
 
 from choreograph.errors import ConfigurationError
 from choreograph.events import Event
-from choreograph.service import Service
+from choreograph.service import Service, _event_classes
+from choreograph.transport import check_group
+
+
+class External:
+    """A participant the app does not run: a service in another language, another team's, a
+    script. It is declared so that lint, the graph, AsyncAPI, ``trace`` and the console see the
+    events it consumes and emits; its name is its consumer group on the bus, like a service's
+    (see ``docs/guide/other-languages.md``)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        consumes: Iterable[type[Event]] = (),
+        emits: Iterable[type[Event]] = (),
+        description: str = "",
+    ) -> None:
+        self.name = check_group(name)
+        self.consumes = _event_classes(f"{name} consumes", consumes)
+        self.emits = _event_classes(f"{name} emits", emits)
+        if not self.consumes and not self.emits:
+            raise ConfigurationError(f"external participant {name}: it consumes and emits nothing")
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"External({self.name!r})"
 
 
 class App:
@@ -19,6 +46,8 @@ class App:
     pending deadlines and joins of that transaction are dropped, and an ordinary handler no longer
     runs for an event of it that arrives later (a *late* event; compensations still run). The
     flow recorder counts a transaction without one as in flight.
+
+    ``external`` declares the participants the app does not run (:class:`External`).
     """
 
     def __init__(
@@ -27,6 +56,7 @@ class App:
         services: Iterable[Service],
         *,
         terminal: Iterable[type[Event]] = (),
+        external: Iterable[External] = (),
         description: str = "",
     ) -> None:
         self.name = name
@@ -36,6 +66,15 @@ class App:
             if service.name in self.services:
                 raise ConfigurationError(f"app {name}: two services are named {service.name!r}")
             self.services[service.name] = service
+        self.external: dict[str, External] = {}
+        for participant in external:
+            if not isinstance(participant, External):
+                raise ConfigurationError(f"app {name}: {participant!r} is not an External")
+            if participant.name in self.services or participant.name in self.external:
+                raise ConfigurationError(
+                    f"app {name}: two participants are named {participant.name!r}"
+                )
+            self.external[participant.name] = participant
         self.terminal: tuple[type[Event], ...] = tuple(terminal)
 
     def __repr__(self) -> str:
@@ -56,6 +95,9 @@ class App:
         for service in self.services.values():
             for cls in service.consumes() | service.emits():
                 found[cls.event_type] = cls
+        for participant in self.external.values():
+            for cls in (*participant.consumes, *participant.emits):
+                found.setdefault(cls.event_type, cls)
         return found
 
     def subscriptions(self, service: Service) -> set[type[Event]]:

@@ -4,7 +4,8 @@ Every event choreograph publishes is one JSON object with the CloudEvents attrib
 ``specversion``, ``id``, ``source``, ``type``, ``time``, ``datacontenttype``, optional
 ``subject``, the event's ``data`` object, and the extensions ``correlationid`` (the business
 transaction), ``causationid`` (the id of the event that caused this one), ``traceparent`` and
-``tracestate`` (W3C trace context). Unknown extension attributes are kept as they are.
+``tracestate`` (W3C trace context), and ``dataschema``, which names the event type's version
+(:func:`schema_uri`). Unknown extension attributes are kept as they are.
 See ``docs/wire-format.md``.
 """
 
@@ -32,13 +33,60 @@ _EVENT_TYPE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,199}$")
 # CloudEvents attribute strings must not hold control characters (and no store can key a NUL).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ATTRIBUTES = ("id", "source", "time", "subject", "correlationid", "causationid", "traceparent",
-               "tracestate")  # fmt: skip
+               "tracestate", "dataschema")  # fmt: skip
 _IDS = ("id", "correlationid", "causationid")
 _REQUIRED = ("id", "source", "type", "specversion")
 _KNOWN = frozenset(
     (*_REQUIRED, "time", "datacontenttype", "subject", "data", "correlationid", "causationid",
-     "traceparent", "tracestate")
+     "traceparent", "tracestate", "dataschema")
 )  # fmt: skip
+
+
+#: ``dataschema`` of an event choreograph publishes: ``urn:choreograph:<type>:v<version>``.
+SCHEMA_PREFIX = "urn:choreograph:"
+
+
+def schema_uri(event_type: str, version: int) -> str:
+    """The ``dataschema`` naming version ``version`` of ``event_type``'s data."""
+    return f"{SCHEMA_PREFIX}{event_type}:v{version}"
+
+
+def schema_version(envelope: Envelope) -> int:
+    """The version of ``envelope``'s data: the one its ``dataschema`` names, 1 without one.
+
+    Raises :class:`MalformedEnvelope` for a ``dataschema`` not of the form :func:`schema_uri`
+    writes, or naming another type: guessing the shape of data would be worse than a dead letter.
+    """
+    uri = envelope.dataschema
+    if uri is None:
+        return 1
+    named, _, version = uri.removeprefix(SCHEMA_PREFIX).rpartition(":v")
+    if not uri.startswith(SCHEMA_PREFIX) or not version.isdigit() or not version.isascii():
+        raise MalformedEnvelope(
+            f"dataschema {uri[:200]!r} is not of the form "
+            f"'{SCHEMA_PREFIX}{envelope.type}:v<version>'"
+        )
+    if named != envelope.type:
+        raise MalformedEnvelope(f"dataschema {uri[:200]!r} names another type than {envelope.type}")
+    if not 0 < int(version) < 1_000_000:
+        raise MalformedEnvelope(f"dataschema {uri[:200]!r}: versions start at 1")
+    return int(version)
+
+
+def media_type_is_json(content_type: str) -> bool:
+    """Whether ``content_type`` is ``application/json``, with parameters or not (``charset``, when
+    given, must be UTF-8: JSON on the wire is UTF-8)."""
+    main, _, parameters = content_type.partition(";")
+    if main.strip().lower() != CONTENT_TYPE:
+        return False
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
 
 
 def new_id() -> str:
@@ -74,6 +122,7 @@ class Envelope:
     causationid: str | None = None
     traceparent: str | None = None
     tracestate: str | None = None
+    dataschema: str | None = None
     extensions: dict[str, Any] = field(default_factory=dict)
 
     def evolve(self, **changes: Any) -> Envelope:
@@ -97,13 +146,20 @@ class Envelope:
             doc["traceparent"] = self.traceparent
         if self.tracestate is not None:
             doc["tracestate"] = self.tracestate
+        if self.dataschema is not None:
+            doc["dataschema"] = self.dataschema
         doc.update(self.extensions)
         doc["data"] = self.data
         return doc
 
 
 def new_envelope(
-    event_type: str, data: dict[str, Any], *, source: str, correlation_id: str = ""
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    source: str,
+    correlation_id: str = "",
+    dataschema: str | None = None,
 ) -> Envelope:
     """An event published from outside any handling: it starts the transaction
     ``correlation_id``, or a new one named after its own id."""
@@ -114,6 +170,7 @@ def new_envelope(
         source=source,
         correlationid=correlation_id or event_id,
         data=data,
+        dataschema=dataschema,
     )
 
 
@@ -146,8 +203,10 @@ def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:
     if doc["specversion"] != SPECVERSION:
         raise MalformedEnvelope(f"unsupported specversion {doc['specversion']!r}")
     content_type = doc.get("datacontenttype", CONTENT_TYPE)
-    if content_type != CONTENT_TYPE:
-        raise MalformedEnvelope(f"unsupported datacontenttype {content_type!r}")
+    if content_type != CONTENT_TYPE and not (
+        isinstance(content_type, str) and media_type_is_json(content_type)
+    ):
+        raise MalformedEnvelope(f"unsupported datacontenttype {str(content_type)[:200]!r}")
     data = doc.get("data", {})
     if data is None:
         data = {}
@@ -185,5 +244,6 @@ def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:
         causationid=doc.get("causationid"),
         traceparent=doc.get("traceparent"),
         tracestate=doc.get("tracestate"),
+        dataschema=doc.get("dataschema"),
         extensions={k: v for k, v in doc.items() if k not in _KNOWN},
     )

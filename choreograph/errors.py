@@ -9,6 +9,7 @@
     │   ├── MalformedEnvelope       not JSON, or not a CloudEvents 1.0 structured event
     │   ├── UnknownEventType        no handler of this service knows the type
     │   ├── SchemaViolation         the data does not match the declared event class
+    │   ├── TopicMismatch           its topic and its ``type`` differ
     │   └── PayloadTooLarge         over the documented size limit
     └── HandlingError               raised by handlers on purpose
         ├── RetryLater              transient: try again later (optionally after ``delay``)
@@ -49,6 +50,12 @@ class UnknownEventType(InvalidMessage):
 
 class SchemaViolation(InvalidMessage):
     reason = "schema violation"
+
+
+class TopicMismatch(InvalidMessage):
+    """An event that came on another type's topic: never routed by its ``type`` alone."""
+
+    reason = "topic and type disagree"
 
 
 class PayloadTooLarge(InvalidMessage):

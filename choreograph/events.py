@@ -12,6 +12,19 @@ on every broker) is the class name, or the ``event_type`` class variable when se
         delivery_id: str
         drone_id: str
 
+An event type has a **version** (1 unless declared: ``class DeliveryRequested(Event, version=2)``),
+which travels in the envelope's ``dataschema`` (``urn:choreograph:DeliveryRequested:v2``). A
+consumer reads an older version through the type's **upcasters**, chained one version at a
+time::
+
+    @upcaster(DeliveryRequested, from_version=1)
+    def add_priority(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "priority": "standard"}
+
+and a newer version *tolerantly*: as its own version, ignoring fields it does not know; data that
+does not read so is a schema violation naming both versions (dead-lettered; replay it after the
+upgrade). See ``docs/wire-format.md``, Versions.
+
 Payloads are validated when received; unknown fields are ignored so that producers may add fields
 without breaking older consumers. Numbers must be finite: NaN and Infinity have no JSON form (they
 would travel as ``null`` and fail every consumer), so an event holding one, at any depth, is
@@ -22,12 +35,17 @@ refused when it is made. A class that wants them anyway sets
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from choreograph.envelope import check_event_type
-from choreograph.errors import SchemaViolation
+from choreograph.envelope import check_event_type, schema_uri
+from choreograph.errors import ConfigurationError, SchemaViolation
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the data of one version of an event type into the data of the next version."""
+U = TypeVar("U", bound=Upcaster)
 
 
 class Event(BaseModel):
@@ -36,6 +54,18 @@ class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     event_type: ClassVar[str]
+    event_version: ClassVar[int] = 1
+    """The version of this class's data (``class X(Event, version=2)``); each class declares its
+    own, 1 when it does not."""
+    event_upcasters: ClassVar[dict[int, Upcaster]] = {}
+    """The upcaster from each older version to the next one (see :func:`upcaster`)."""
+
+    def __init_subclass__(cls, *, version: int = 1, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigurationError(f"{cls.__name__}: version must be an integer from 1")
+        cls.event_version = version
+        cls.event_upcasters = {}
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -43,6 +73,52 @@ class Event(BaseModel):
         if "event_type" not in cls.__dict__:
             cls.event_type = cls.__name__
         check_event_type(cls.event_type)
+
+    @classmethod
+    def dataschema(cls) -> str:
+        """The envelope's ``dataschema`` for this class's version of its type."""
+        return schema_uri(cls.event_type, cls.event_version)
+
+    @classmethod
+    def read(cls, data: dict[str, Any], version: int) -> Event:
+        """Validate data of ``version`` of this type: upcast first when older, read tolerantly
+        (unknown fields ignored) when newer; raise :class:`SchemaViolation` saying why not."""
+        current = cls.event_version
+        if version < current:
+            data = cls._upcast(data, version)
+        try:
+            return cls.parse_data(data)
+        except SchemaViolation as exc:
+            if version == current:
+                raise
+            how = "upcast from" if version < current else "newer than this consumer's"
+            raise SchemaViolation(
+                f"{exc} (version {version}, {how} version {current}; see docs/wire-format.md, "
+                "Versions)"
+            ) from None
+
+    @classmethod
+    def _upcast(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        for step in range(version, cls.event_version):
+            fn = cls.event_upcasters.get(step)
+            if fn is None:
+                raise SchemaViolation(
+                    f"{cls.event_type}: version {version} cannot be read: no upcaster from "
+                    f"version {step} (this consumer reads version {cls.event_version})"
+                )
+            try:
+                data = fn(dict(data))
+            except Exception as exc:
+                raise SchemaViolation(
+                    f"{cls.event_type}: the upcaster from version {step} failed: "
+                    f"{type(exc).__name__}: {str(exc)[:500]}"
+                ) from None
+            if not isinstance(data, dict):
+                raise SchemaViolation(
+                    f"{cls.event_type}: the upcaster from version {step} returned "
+                    f"{type(data).__name__}, not a dict"
+                )
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -71,6 +147,32 @@ class Event(BaseModel):
 
     def to_data(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def upcaster(event: type[Event], *, from_version: int) -> Callable[[U], U]:
+    """Declare the function turning ``event``'s data of ``from_version`` into the next version's.
+
+    Upcasters chain: data of version 1 of a version-3 type goes through the upcasters from 1 and
+    from 2. An upcaster receives a copy of the data (a dict) and returns the new one; it must not
+    depend on anything but the data (it runs again on every redelivery and replay).
+    """
+    if not (isinstance(event, type) and issubclass(event, Event)):
+        raise ConfigurationError(f"upcaster: {event!r} is not an Event subclass")
+    if not (isinstance(from_version, int) and 1 <= from_version < event.event_version):
+        raise ConfigurationError(
+            f"upcaster for {event.__name__}: from_version must be from 1 to "
+            f"{event.event_version - 1} (the type is at version {event.event_version})"
+        )
+
+    def register(fn: U) -> U:
+        if from_version in event.event_upcasters:
+            raise ConfigurationError(
+                f"{event.__name__} already has an upcaster from version {from_version}"
+            )
+        event.event_upcasters[from_version] = fn
+        return fn
+
+    return register
 
 
 def _non_finite(value: Any, path: str) -> str | None:

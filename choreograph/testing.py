@@ -207,7 +207,11 @@ class Harness:
                 f"service {service} does not react to {event.event_type}; it reacts to {reacts}"
             )
         envelope = new_envelope(
-            event.event_type, event.to_data(), source="harness", correlation_id=correlation_id
+            event.event_type,
+            event.to_data(),
+            source="harness",
+            correlation_id=correlation_id,
+            dataschema=event.dataschema(),
         )
         delivery = Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt)
         return await self._alone(spec, envelope, state, lambda tx: handling.handle(tx, delivery))

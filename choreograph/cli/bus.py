@@ -70,7 +70,11 @@ async def publish(
     except ChoreographError as exc:
         raise click.BadParameter(str(exc), param_hint="DATA") from None
     envelope = new_envelope(
-        cls.event_type, event.to_data(), source=source, correlation_id=correlation_id
+        cls.event_type,
+        event.to_data(),
+        source=source,
+        correlation_id=correlation_id,
+        dataschema=cls.dataschema(),
     )
     async with transport_from_url(transport_url) as transport:
         await declare_groups(transport, app)

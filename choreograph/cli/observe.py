@@ -151,6 +151,7 @@ _OUTCOME_STYLE = {
 _EXPECT_STYLE = {
     "pending": "[yellow]… pending[/]",
     "unknown": "[dim]? not reported[/]",
+    "external": "[cyan]↗ external[/]",
     "silent": "[red]! silent[/]",
     "waiting": "[yellow]… waiting[/]",
     "incomplete": "[dim]… incomplete[/]",

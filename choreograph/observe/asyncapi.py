@@ -147,6 +147,8 @@ def asyncapi_document(
 
 
 def _received(step: Step) -> tuple[str, ...]:
+    if step.kind == "external":
+        return step.triggers
     if step.kind in ("handler", "compensation", "join"):
         return step.triggers + ((step.starts_on,) if step.starts_on else ())
     if step.kind == "deadline":

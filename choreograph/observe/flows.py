@@ -119,7 +119,8 @@ def expectations(
     ``status`` is one of ``done``, ``ignored``, ``late`` (its transaction had ended),
     ``duplicate``, ``retrying``, ``dead_lettered``, ``pending`` (no handling reported yet),
     ``unknown`` (that service reports nothing: no RecorderMiddleware), ``waiting`` (a join
-    missing parts), ``silent`` (handled, but emitted none of the events it declares), and for
+    missing parts), ``silent`` (handled, but emitted none of the events it declares),
+    ``external`` (a participant the app does not run: it never reports; never blocking), and for
     timers ``open``, ``overdue``, ``met``, ``expired``,
     ``cancelled``; ``incomplete`` is a join that never completed in an ended transaction.
     ``blocking`` marks what keeps an unfinished transaction from ending. A timer's due time is
@@ -170,6 +171,16 @@ def _reaction(step: Step, event: Row, events: list[Row], ended: bool, reporting:
     }
     effective = [h for h in mine if h["outcome"] != "duplicate"] or mine
     last = effective[-1] if effective else None
+    if step.kind == "external" and last is None:
+        # the app does not run it: it reports nothing, and what it emits shows in the flow
+        answered = [e["type"] for e in events if e["causation_id"] == event["id"]
+                    and e["type"] in step.emits]  # fmt: skip
+        row["status"] = "external"
+        row["detail"] = (
+            f"emitted {', '.join(answered)}" if answered else "runs outside this app; no reports"
+        )
+        row["blocking"] = False
+        return row
     if last is None:
         status = "pending" if step.service in reporting else "unknown"
         detail = "not handled yet" if status == "pending" else "no reports from this service"

@@ -68,12 +68,17 @@ def build_graph(app: App) -> Graph:
 
     for name in app.services:
         service(name)
+    for name in app.external:
+        graph.add(Node(_id("s_", name), f"{name} (external)", "service"))
     for step in model.steps:
         svc = service(step.service)
         within = f" within {step.within:g}s" if step.within else ""
-        if step.kind == "outside":
+        if step.kind in ("outside", "external"):
+            label = "outside handlers" if step.kind == "outside" else "external"
+            for name in step.triggers:
+                graph.edges.append(Edge(event(name), svc, "consumes", label))
             for name in step.emits:
-                graph.edges.append(Edge(svc, event(name), "emits", "outside handlers"))
+                graph.edges.append(Edge(svc, event(name), "emits", label))
             continue
         if step.kind in ("handler", "compensation"):
             (trigger,) = step.triggers

@@ -21,7 +21,9 @@ from choreograph.events import (
     JoinTimedOut,
 )
 
-StepKind = Literal["handler", "compensation", "join", "join_timeout", "deadline", "outside"]
+StepKind = Literal[
+    "handler", "compensation", "join", "join_timeout", "deadline", "outside", "external"
+]
 
 _FAILURE = re.compile(
     r"(Failed|Failure|Rejected|Unavailable|TimedOut|Expired|Cancelled|Canceled|Aborted|Error)$"
@@ -41,8 +43,9 @@ class Step:
     """One declared reaction of a service.
 
     ``triggers`` are the event types that run it (for a join: its parts; for a deadline: the event
-    that starts it; for a join timeout and an ``outside`` step: none). ``emits`` are the event types
-    it may publish; ``within`` is a deadline or join timeout in seconds.
+    that starts it; for a join timeout and an ``outside`` step: none; for an ``external``
+    participant, which the app does not run: what it consumes). ``emits`` are the event types it
+    may publish; ``within`` is a deadline or join timeout in seconds.
     """
 
     service: str
@@ -76,7 +79,8 @@ class FlowModel:
         return [
             s
             for s in self.steps
-            if event_type in s.triggers and s.kind in ("handler", "compensation", "join")
+            if event_type in s.triggers
+            and s.kind in ("handler", "compensation", "join", "external")
         ]
 
     def deadlines_started_by(self, event_type: str) -> list[Step]:
@@ -167,6 +171,14 @@ def _names(classes: tuple[type[Event], ...] | list[type[Event]]) -> tuple[str, .
 
 
 def _steps(app: App) -> Iterator[Step]:
+    for participant in app.external.values():
+        yield Step(
+            participant.name,
+            "external",
+            "external",
+            _names(participant.consumes),
+            _names(participant.emits),
+        )
     for service in app.services.values():
         name = service.name
         if service.emits_outside:

@@ -18,12 +18,20 @@ from typing import Any
 from choreograph.app import App
 from choreograph.clock import Clock
 from choreograph.context import Context, State, TimerChange, flush_session, release_session
-from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, new_envelope, new_id
+from choreograph.envelope import (
+    MAX_EVENT_BYTES,
+    Envelope,
+    decode,
+    new_envelope,
+    new_id,
+    schema_version,
+)
 from choreograph.errors import (
     InvalidMessage,
     PermanentFailure,
     RetryLater,
     SchemaViolation,
+    TopicMismatch,
     UnknownEventType,
 )
 from choreograph.events import (
@@ -149,6 +157,13 @@ class Handling:
         body = delivery.message.body
         try:
             envelope = decode(body, limit=self.max_event_bytes)
+            topic = delivery.message.topic
+            if topic and topic != envelope.type:
+                raise TopicMismatch(
+                    f"an event of type {envelope.type!r} came on topic {topic!r}: events are "
+                    "routed by their topic and type alike, so the two must be equal"
+                )
+            version = schema_version(envelope)
             route = self.routes.get(envelope.type)
             if route is None:
                 raise UnknownEventType(
@@ -163,7 +178,7 @@ class Handling:
             self.service.name, envelope, delivery.attempt, State(tx), self.clock, route.name
         )
         try:
-            event = route.cls.parse_data(envelope.data)
+            event = route.cls.read(envelope.data, version)
         except Exception as exc:
             # Never retried; announced so the transaction does not wait for this service forever.
             if not isinstance(exc, SchemaViolation):  # e.g. data nested beyond what validates
@@ -244,6 +259,7 @@ class Handling:
         doc["parts"][part] = {
             "id": ctx.event_id,
             "data": event.to_data(),
+            "version": event.event_version,
             "traceparent": ctx.envelope.traceparent,
         }
         if len(doc["parts"]) < len(join.parts):
@@ -255,9 +271,12 @@ class Handling:
         doc["status"] = "done"
         await ctx.state.put(kind, key, doc)
         await _cancel_timers(ctx, key, f"join:{join.name}")
+        # a part kept before an upgrade is read as its version (1 when the part does not say)
         by_type = {
-            cls: cls.model_validate(doc["parts"][cls.event_type]["data"]) for cls in join.parts
-        }
+            cls: cls.read(doc["parts"][cls.event_type]["data"],
+                          doc["parts"][cls.event_type].get("version", 1))
+            for cls in join.parts
+        }  # fmt: skip
         ctx.extras["join_parts"] = [(p["id"], p.get("traceparent")) for p in doc["parts"].values()]
         return _checked(join.name, join.emits, await join.fn(Parts(key, by_type), ctx))
 
@@ -374,6 +393,7 @@ class Handling:
                 data=event.to_data(),
                 traceparent=ctx.envelope.traceparent,
                 tracestate=ctx.envelope.tracestate,
+                dataschema=event.dataschema(),
             )
         else:
             envelope = new_envelope(
@@ -381,6 +401,7 @@ class Handling:
                 event.to_data(),
                 source=self.service.name,
                 correlation_id=correlation_id,
+                dataschema=event.dataschema(),
             )
         return self.hooks.stamp(ctx, envelope)
 

@@ -217,7 +217,11 @@ class Runtime:
             await declare_groups(self.transport, self.app)
             self._declared = True
         envelope = new_envelope(
-            event.event_type, event.to_data(), source=source, correlation_id=correlation_id
+            event.event_type,
+            event.to_data(),
+            source=source,
+            correlation_id=correlation_id,
+            dataschema=event.dataschema(),
         )
         envelope = self.hooks.stamp(None, envelope)
         await self.transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
