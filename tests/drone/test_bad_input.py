@@ -121,10 +121,10 @@ POISON: dict[str, tuple[bytes, str, str]] = {
         "malformed envelope",
         "'data' must be a JSON object",
     ),
-    "unknown type": (
+    "another type on this topic": (
         envelope_body("drones.Mystery", request_body(90)),
-        "unknown event type",
-        "'drones.Mystery'",
+        "topic and type disagree",
+        "'drones.Mystery' came on topic 'DeliveryRequested'",
     ),
     "schema violation": (
         envelope_body("DeliveryRequested", {**request_body(91), "pickup": {"latitude": 500}}),

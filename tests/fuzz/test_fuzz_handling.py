@@ -45,7 +45,8 @@ from tests.support.brokers import POSTGRES
 #: Why a generated message may be dead-lettered. Not ``poison message``: that is the worker's
 #: last resort for a message whose step escaped its savepoint, which the fuzz must never find.
 EXPECTED_REASONS = {"malformed envelope", "unknown event type", "schema violation",
-                    "payload too large", "attempts exhausted", "permanent failure"}  # fmt: skip
+                    "payload too large", "attempts exhausted", "permanent failure",
+                    "topic and type disagree"}  # fmt: skip
 QUICK = RetryPolicy(max_attempts=2, immediate=1, base_delay=0.05, jitter=0)
 #: Generous: only guards against a stall; each example normally ends in well under a second.
 WAIT = 30.0
