@@ -38,11 +38,21 @@ class State:
         return await self._tx.delete(kind, key)
 
     async def find(
-        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        kind: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        *,
+        skip_locked: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
-        return await self._tx.find(kind, where, limit)
+        """Documents whose top-level fields equal ``where``'s, by key order, each locked for
+        this handling. ``skip_locked=True`` leaves out those another handling (another replica)
+        holds right now: use it to reserve one of many, e.g.
+        ``find("drone", {"status": "free"}, limit=1, skip_locked=True)``."""
+        return await self._tx.find(kind, where, limit, skip_locked=skip_locked)
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        """How many documents match now; locks nothing."""
         return await self._tx.count(kind, where)
 
 

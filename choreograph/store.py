@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from choreograph.errors import ConfigurationError
@@ -43,8 +43,33 @@ class Timer:
     data: dict[str, Any]
 
 
+Locks = Literal["wait", "raise", "none"]
+"""How a transaction locks the documents it touches (see :meth:`Store.transaction`)."""
+
+
+class DocumentBusy(BaseException):
+    """Raised by a ``locks="raise"`` transaction touching something another transaction holds.
+
+    The runtime rolls back the handling's savepoint (which releases what it locked), commits the
+    rest of the batch and handles the message again in a transaction that first waits for
+    :attr:`lock`. It derives from ``BaseException`` so that a handler's ``except Exception``
+    cannot swallow it and carry on without the lock.
+    """
+
+    def __init__(self, lock: tuple[str, str]) -> None:
+        super().__init__(f"{lock[0]}:{lock[1]} is held by another transaction")
+        self.lock = lock
+        """What is held, to pass in ``lock_first`` (an opaque pair for the caller)."""
+
+
 class StoreTx(ABC):
-    """One open transaction. Methods are only valid inside ``async with store.transaction()``."""
+    """One open transaction. Methods are only valid inside ``async with store.transaction()``.
+
+    A transaction of a store with per-key locking (PostgreSQL) locks each document it reads or
+    writes (``get``, ``put``, ``delete``, what ``find`` returns), the transaction end of each
+    correlation id it checks or records, the timers of each key it sets or cancels, and each
+    event id it asks ``seen`` about, until it ends. ``count`` locks nothing.
+    """
 
     @property
     @abstractmethod
@@ -66,16 +91,28 @@ class StoreTx(ABC):
 
     @abstractmethod
     async def find(
-        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        kind: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        *,
+        skip_locked: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
         """Documents of ``kind`` whose top-level fields equal ``where``'s, by key order.
 
         ``where`` values are JSON scalars (str, int, float, bool, None); a field of that name
         holding a list or an object never matches.
+
+        Each document returned is locked and matched again once locked, so it still matches
+        when the transaction writes it. ``skip_locked`` leaves out the documents another
+        transaction holds instead of waiting for them: the way to *reserve* one of many (a free
+        drone) while other replicas reserve others. Never use it to list what must all be seen.
         """
 
     @abstractmethod
-    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int: ...
+    async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
+        """How many documents match ``where`` now (locks nothing: it may change before the
+        transaction commits)."""
 
     @abstractmethod
     def savepoint(self) -> AbstractAsyncContextManager[None]:
@@ -83,10 +120,19 @@ class StoreTx(ABC):
 
     # inbox -------------------------------------------------------------------------------------
     @abstractmethod
-    async def seen(self, event_id: str) -> bool: ...
+    async def seen(self, event_id: str) -> bool:
+        """Whether ``event_id`` was handled (remembered by a committed transaction, or by this
+        one). While this transaction runs, another asking about the same id waits for it: of two
+        replicas handling one event at once, the second sees it handled, or handles it itself if
+        the first rolled back."""
 
     @abstractmethod
     async def remember(self, event_id: str, at: float) -> None: ...
+
+    async def prefetch_seen(self, event_ids: Sequence[str]) -> None:
+        """Ask about many event ids at once (a batch's) before ``seen`` asks about each: one
+        round trip instead of one per message. Optional; the answers are the same."""
+        return None
 
     # ended transactions ------------------------------------------------------------------------
     @abstractmethod
@@ -135,7 +181,20 @@ class Store(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    def transaction(self) -> AbstractAsyncContextManager[StoreTx]: ...
+    def transaction(
+        self, *, locks: Locks = "wait", lock_first: Sequence[tuple[str, str]] = ()
+    ) -> AbstractAsyncContextManager[StoreTx]:
+        """A transaction. On a store with per-key locking (see :class:`StoreTx`):
+
+        - ``locks="wait"``: touching what another transaction holds waits for it (the database
+          breaks a deadlock by failing one of the transactions).
+        - ``locks="raise"``: it raises :class:`DocumentBusy` instead, and never waits while it
+          holds anything; the runtime's workers use this and never deadlock.
+        - ``locks="none"``: nothing is locked; for reading (status pages, inspections).
+
+        ``lock_first`` is taken before anything else, waiting, in one global order (what a
+        ``DocumentBusy`` named). A store with one writer at a time (SQLite) ignores both.
+        """
 
     @abstractmethod
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:

@@ -369,9 +369,14 @@ class _WatchedTx(StoreTx):
         return await self._tx.delete(kind, key)
 
     async def find(
-        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        kind: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        *,
+        skip_locked: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
-        return await self._tx.find(kind, where, limit)
+        return await self._tx.find(kind, where, limit, skip_locked=skip_locked)
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         return await self._tx.count(kind, where)

@@ -27,7 +27,9 @@ def build(knobs: Knobs) -> Service:
     )
 
     async def ensure_fleet(ctx: Context) -> None:
-        if await ctx.state.get("fleet", "size") is None:
+        # count locks nothing (a get would lock the fleet document: one reservation at a time
+        # across replicas); two creating it at once collide on the first drone and one waits.
+        if not await ctx.state.count("fleet"):
             for number in range(1, knobs.fleet_size + 1):
                 await ctx.state.put("drone", drone_id(number), {"status": "free", "delivery": ""})
             await ctx.state.put("fleet", "size", {"drones": knobs.fleet_size})
@@ -41,7 +43,8 @@ def build(knobs: Knobs) -> Service:
         maybe_fail(knobs, "drone-scheduler", event.delivery_id, ctx.attempt)
         await ensure_fleet(ctx)
         held = await ctx.state.find("drone", {"delivery": event.delivery_id}, limit=1)
-        free = held or await ctx.state.find("drone", {"status": "free"}, limit=1)
+        # skip_locked: a drone another replica is reserving right now is not free for this one
+        free = held or await ctx.state.find("drone", {"status": "free"}, limit=1, skip_locked=True)
         if not free:
             if ctx.attempt < FLEET_WAIT.max_attempts:
                 raise RetryLater("every drone is busy")

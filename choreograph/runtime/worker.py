@@ -19,7 +19,7 @@ from choreograph.runtime.handling import Handling
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import relay
 from choreograph.service import Service
-from choreograph.store import Store
+from choreograph.store import DocumentBusy, Store
 from choreograph.transport import Delivery, Failure, Message, Subscription, Transport
 
 log = logging.getLogger("choreograph.worker")
@@ -27,6 +27,9 @@ log = logging.getLogger("choreograph.worker")
 #: Deliveries of a message whose store transaction fails even when it is handled alone, after
 #: which it is dead-lettered with reason ``poison message``.
 POISON_ATTEMPTS = 3
+#: Transactions handing work back (what it needed was busy) before the rest is left to come back
+#: after its lease: each one waits for everything found busy so far, so few are ever needed.
+HAND_BACKS = 20
 Result = tuple[Delivery, Context | None, Outcome]
 
 
@@ -180,16 +183,36 @@ class ServiceWorker:
             self._inflight -= len(batch)
 
     async def _transact(self, batch: list[Delivery]) -> list[Result]:
-        """Handle ``batch`` in one store transaction (a savepoint per message)."""
+        """Handle ``batch`` in one store transaction (a savepoint per message).
+
+        The transaction never waits for what another one (a lane, a replica) holds: a handling
+        that touches it is rolled back and *handed back* (:class:`DocumentBusy`), the others
+        commit, and the handed-back messages are handled again in a next transaction that first
+        waits for what was busy. No attempt is spent on it; nothing waits while holding a lock,
+        so lanes and replicas never deadlock."""
         results: list[Result] = []
-        async with self.store.transaction() as tx:
-            if self._sent:
-                await tx.forget_outbox(self._sent)
-                self._sent = []
-            for delivery in batch:
-                ctx, outcome = await self.handling.handle(tx, delivery)
-                results.append((delivery, ctx, outcome))
-            self._checkpoint("handled")
+        pending, lock_first = batch, list[tuple[str, str]]()
+        for _ in range(HAND_BACKS):
+            handed_back: list[Delivery] = []
+            async with self.store.transaction(locks="raise", lock_first=lock_first) as tx:
+                if self._sent:
+                    await tx.forget_outbox(self._sent)
+                    self._sent = []
+                await tx.prefetch_seen([delivery.message.id for delivery in pending])
+                for delivery in pending:
+                    try:
+                        ctx, outcome = await self.handling.handle(tx, delivery)
+                    except DocumentBusy as busy:
+                        handed_back.append(delivery)
+                        lock_first.append(busy.lock)
+                        continue
+                    results.append((delivery, ctx, outcome))
+                self._checkpoint("handled")
+            if not handed_back:
+                return results
+            pending = handed_back
+        log.warning("%s: %d messages still wait for busy documents; they come back after their "
+                    "lease", self.name, len(pending))  # fmt: skip
         return results
 
     async def _isolate(self, batch: list[Delivery], failed: Exception) -> list[Result]:
@@ -315,11 +338,21 @@ class ServiceWorker:
     async def _fire_due_timers(self) -> None:
         now = self.clock.now()
         due = await self.store.next_timer_due()
+        lock_first: list[tuple[str, str]] = []
         while due is not None and due <= now:
             fired: list[tuple[Context, Outcome]] = []
-            async with self.store.transaction() as tx:
-                for timer in await tx.take_due_timers(now, 100):
-                    fired.append(await self.handling.fire(tx, timer))
+            try:
+                async with self.store.transaction(locks="raise", lock_first=lock_first) as tx:
+                    for timer in await tx.take_due_timers(now, 100):
+                        fired.append(await self.handling.fire(tx, timer))
+            except DocumentBusy as busy:
+                # Rolled back: the timers are due again. Take them again, waiting for what was
+                # busy first (or at the next round, if that keeps happening).
+                lock_first.append(busy.lock)
+                if len(lock_first) > HAND_BACKS:
+                    return
+                continue
+            lock_first = []
             if not fired:
                 break
             await self._publish([m for _, o in fired for m in o.ready])

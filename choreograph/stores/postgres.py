@@ -4,26 +4,44 @@ Each service owns one schema (default: its name, sanitized) holding the same fiv
 SQLite store: ``state``, ``inbox``, ``ended``, ``outbox`` and ``timers``. Replicas of a service
 share it.
 
-Concurrency: every transaction first takes one lock per service (a transaction-scoped advisory
-lock), so the batches of all lanes and replicas of a service run one after the other, exactly
-like on the SQLite store: whatever a handler reads stays true until it commits (``find`` then
-``put`` never reserves one document twice, a read-modify-write never loses an update, an event
-handled by one replica is seen by the other) and no deadlock is possible. Work outside handler
-transactions is shared between replicas without waiting: ``claim_outbox`` and
-``take_due_timers`` skip rows another replica holds (``FOR UPDATE SKIP LOCKED``). See
-``docs/stores.md`` for why documents are not locked one by one.
+Concurrency (``locking=key``, the default): replicas and lanes of a service run their
+transactions at the same time, each locking what it touches, per key, until it ends:
+
+- a document (``get``, ``put``, ``delete``, each document ``find`` returns, matched again once
+  locked), absent ones included (a read-modify-write of a new document loses no update);
+- a correlation id's end (``transaction_ended``, ``end_transaction``): a late event and the
+  terminal event of one transaction never run at the same time;
+- the timers of a key (``set_timer``, ``cancel_timers``);
+- an event id (``seen`` inserts it into the inbox at once: a replica handling the same event
+  waits on that row and then sees it handled, or takes over if the first rolled back).
+
+Locks are transaction-scoped advisory locks on a hash of ``(kind, key)`` (a collision only makes
+two unrelated keys wait for each other), taken by small PL/pgSQL functions of the schema that
+lock first and read afterwards, in the same round trip, so that a read always sees what the
+previous holder committed. A worker's transactions use ``locks="raise"``: what is busy raises
+:class:`~choreograph.store.DocumentBusy` instead of waiting, so they never wait while holding
+anything and never deadlock; the worker handles that message again after the commit, in a
+transaction that first waits for what was busy (``lock_first``, taken in one global order).
+``find(..., skip_locked=True)`` reserves one of many without waiting at all. ``claim_outbox``
+and ``take_due_timers`` skip rows another replica holds (``FOR UPDATE SKIP LOCKED``).
+
+``locking=service`` keeps the former scheme: one advisory lock per service for every
+transaction, so that all lanes and replicas of a service run one after the other (to compare).
 
 The service's own tables live in its schema too: every connection's ``search_path`` starts with
 it, so a handler's unqualified ``INSERT INTO parcels`` on ``ctx.connection`` (or a SQLAlchemy model
 without a schema on ``ctx.session``) reaches the service's table. See ``docs/guide/tables.md``.
+Statements a handler runs there take the locks it asks for (row locks wait; use ``SKIP LOCKED``
+or ``NOWAIT`` where replicas compete, or lock the same rows in one order).
 
-URL options: ``schema``, ``pool_size`` (most connections of one store, default 5); all others
-are passed to asyncpg (e.g. ``sslmode``).
+URL options: ``schema``, ``pool_size`` (most connections of one store, default 5), ``locking``
+(``key`` or ``service``); all others are passed to asyncpg (e.g. ``sslmode``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,14 +49,14 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, Literal, Self, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
 
 from choreograph.errors import ConfigurationError
-from choreograph.store import OutboxRow, Store, StoreTx, Timer
+from choreograph.store import DocumentBusy, Locks, OutboxRow, Store, StoreTx, Timer
 from choreograph.transport import redact
 
 _MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names silently; we refuse them instead
@@ -52,6 +70,7 @@ class PostgresSettings:
     """The URL asyncpg connects with (our own options removed)."""
     schema: str
     pool_size: int = 5
+    locking: Literal["key", "service"] = "key"
 
     @classmethod
     def from_url(cls, url: str, service: str) -> PostgresSettings:
@@ -66,8 +85,11 @@ class PostgresSettings:
             raise ConfigurationError(f"pool_size must be a number in {redact(url)!r}") from None
         if pool_size < 1:
             raise ConfigurationError(f"pool_size must be at least 1 in {redact(url)!r}")
+        locking = options.pop("locking", "key")
+        if locking not in ("key", "service"):
+            raise ConfigurationError(f"locking must be key or service in {redact(url)!r}")
         dsn = parts._replace(query=urlencode(options)).geturl()
-        return cls(dsn, schema, pool_size)
+        return cls(dsn, schema, pool_size, cast('Literal["key", "service"]', locking))
 
 
 def schema_name(name: str) -> str:
@@ -93,7 +115,7 @@ def _lock_key(*parts: str) -> int:
 # The schema, created under an advisory lock so that replicas starting together do not race on
 # the catalog. Text columns sort bytewise (COLLATE "C"), as in SQLite, whatever the database's
 # collation: find() returns documents "by key order" everywhere.
-_SCHEMA_VERSION = "choreograph store, schema 2"  # 2: ended transactions
+_SCHEMA_VERSION = "choreograph store, schema 3"  # 2: ended transactions; 3: per-key locks
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.state (
@@ -123,32 +145,207 @@ CREATE TABLE IF NOT EXISTS {s}.timers (
 );
 CREATE INDEX IF NOT EXISTS timers_due ON {s}.timers (due_at);
 CREATE INDEX IF NOT EXISTS timers_key ON {s}.timers (key);
+
+-- Per-key locks. mode: 0 none, 1 wait, 2 try (busy: false), 3 try (find: skip the busy ones).
+-- Each function locks, then reads in a statement of its own: in READ COMMITTED a volatile
+-- function's statements each take a fresh snapshot, so a read sees what the previous holder of
+-- the lock committed.
+CREATE OR REPLACE FUNCTION {s}.lock_key(k TEXT, kk TEXT, mode INT) RETURNS BOOLEAN
+LANGUAGE plpgsql AS $f$
+DECLARE h BIGINT := hashtextextended(k || chr(31) || kk, {seed});
+BEGIN
+    IF mode = 1 THEN
+        PERFORM pg_advisory_xact_lock(h);
+    ELSIF mode >= 2 THEN
+        RETURN pg_try_advisory_xact_lock(h);
+    END IF;
+    RETURN true;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.lock_keys(ks TEXT[], kks TEXT[]) RETURNS INT
+LANGUAGE plpgsql AS $f$
+BEGIN  -- in the order given (the caller sorts): whoever waits here waits in one global order
+    FOR i IN 1 .. coalesce(array_length(ks, 1), 0) LOOP
+        PERFORM {s}.lock_key(ks[i], kks[i], 1);
+    END LOOP;
+    RETURN coalesce(array_length(ks, 1), 0);
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.get_doc(k TEXT, kk TEXT, mode INT, OUT ok BOOLEAN, OUT got JSONB)
+LANGUAGE plpgsql AS $f$
+BEGIN
+    ok := {s}.lock_key(k, kk, mode);
+    IF ok THEN
+        SELECT s.doc INTO got FROM {s}.state AS s WHERE s.kind = k AND s.key = kk;
+    END IF;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.put_doc(k TEXT, kk TEXT, d JSONB, mode INT) RETURNS BOOLEAN
+LANGUAGE plpgsql AS $f$
+BEGIN
+    IF NOT {s}.lock_key(k, kk, mode) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.state (kind, key, doc) VALUES (k, kk, d)
+        ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc;
+    RETURN true;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.delete_doc(k TEXT, kk TEXT, mode INT) RETURNS INT
+LANGUAGE plpgsql AS $f$
+DECLARE n INT;
+BEGIN
+    IF NOT {s}.lock_key(k, kk, mode) THEN
+        RETURN -1;
+    END IF;
+    DELETE FROM {s}.state AS s WHERE s.kind = k AND s.key = kk;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.matches(d JSONB, scalars JSONB, nulls TEXT[], exact JSONB)
+RETURNS BOOLEAN LANGUAGE sql IMMUTABLE AS $f$
+    SELECT d @> scalars
+        AND NOT EXISTS (
+            SELECT 1 FROM unnest(nulls) AS f WHERE coalesce(d -> f, 'null') <> 'null')
+        AND NOT EXISTS (
+            SELECT 1 FROM jsonb_each(exact) AS e WHERE (d -> e.key) IS DISTINCT FROM e.value)
+$f$;
+
+-- Matching documents in key order, each locked and matched again once locked. A busy one ends
+-- the search (busy = true, for the caller to raise) unless mode 3 skips it.
+CREATE OR REPLACE FUNCTION {s}.find_docs(
+    k TEXT, scalars JSONB, nulls TEXT[], exact JSONB, lim INT, mode INT
+) RETURNS TABLE (found_key TEXT, found_doc JSONB, busy BOOLEAN)
+LANGUAGE plpgsql AS $f$
+DECLARE
+    candidate TEXT;
+    taken INT := 0;
+BEGIN
+    IF lim <= 0 THEN
+        RETURN;
+    END IF;
+    FOR candidate IN
+        SELECT s.key FROM {s}.state AS s
+        WHERE s.kind = k AND s.doc @> scalars AND {s}.matches(s.doc, scalars, nulls, exact)
+        ORDER BY s.key
+    LOOP
+        IF NOT {s}.lock_key(k, candidate, mode) THEN
+            CONTINUE WHEN mode = 3;
+            found_key := candidate;
+            found_doc := NULL;
+            busy := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        SELECT s.doc INTO found_doc FROM {s}.state AS s
+        WHERE s.kind = k AND s.key = candidate AND {s}.matches(s.doc, scalars, nulls, exact);
+        IF FOUND THEN
+            found_key := candidate;
+            busy := false;
+            RETURN NEXT;
+            taken := taken + 1;
+            EXIT WHEN taken >= lim;
+        END IF;
+    END LOOP;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.ended_type(c TEXT, mode INT, OUT ok BOOLEAN, OUT got TEXT)
+LANGUAGE plpgsql AS $f$
+BEGIN
+    ok := {s}.lock_key(chr(1) || 'ended', c, mode);
+    IF ok THEN
+        SELECT e.event_type INTO got FROM {s}.ended AS e WHERE e.correlation_id = c;
+    END IF;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.end_transaction(c TEXT, t TEXT, at_ DOUBLE PRECISION, mode INT)
+RETURNS BOOLEAN LANGUAGE plpgsql AS $f$
+BEGIN
+    IF NOT {s}.lock_key(chr(1) || 'ended', c, mode) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.ended (correlation_id, event_type, at) VALUES (c, t, at_)
+        ON CONFLICT DO NOTHING;
+    RETURN true;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.set_timer(
+    n TEXT, kk TEXT, due DOUBLE PRECISION, d JSONB, mode INT
+) RETURNS BOOLEAN LANGUAGE plpgsql AS $f$
+BEGIN
+    IF NOT {s}.lock_key(chr(1) || 'timers', kk, mode) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO {s}.timers (name, key, due_at, data) VALUES (n, kk, due, d)
+        ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data;
+    RETURN true;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {s}.cancel_timers(kk TEXT, names TEXT[], mode INT) RETURNS INT
+LANGUAGE plpgsql AS $f$
+DECLARE n INT;
+BEGIN
+    IF NOT {s}.lock_key(chr(1) || 'timers', kk, mode) THEN
+        RETURN -1;
+    END IF;
+    DELETE FROM {s}.timers AS t WHERE t.key = kk AND (names IS NULL OR t.name = ANY(names));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $f$;
+
+-- Due timers, earliest first, skipping those another transaction holds (the row, or the key's
+-- timers in a handling that sets or cancels them).
+CREATE OR REPLACE FUNCTION {s}.take_timers(now_ DOUBLE PRECISION, lim INT, mode INT)
+RETURNS SETOF {s}.timers LANGUAGE plpgsql AS $f$
+DECLARE t {s}.timers;
+BEGIN
+    FOR t IN
+        SELECT * FROM {s}.timers AS x WHERE x.due_at <= now_ ORDER BY x.due_at LIMIT lim
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        CONTINUE WHEN NOT {s}.lock_key(
+            chr(1) || 'timers', t.key, CASE mode WHEN 0 THEN 0 ELSE 3 END);
+        DELETE FROM {s}.timers AS x WHERE x.name = t.name AND x.key = t.key;
+        RETURN NEXT t;
+    END LOOP;
+END $f$;
+
 COMMENT ON SCHEMA {s} IS '{version}';
 """
 
+#: Lock names of what is not a document (the functions above spell them the same way).
+_ENDED = "\x01ended"
+_TIMERS = "\x01timers"
+_MODES: dict[Locks, int] = {"none": 0, "wait": 1, "raise": 2}
+_NOTHING = contextlib.nullcontext()
 
-def _where(where: dict[str, Any] | None, params: list[Any]) -> str:
-    """SQL matching documents whose top-level fields equal ``where``'s (a missing field equals
-    ``None``, as in SQLite), appending its parameters to ``params``."""
-    if not where:
-        return ""
-    clauses: list[str] = []
-    scalars: dict[str, Any] = {}
-    for field, value in where.items():
-        if not field.replace("_", "").isalnum():
-            raise ValueError(f"invalid field name {field!r}")
-        # the name is only letters, digits and '_': safe inside a string literal
-        if value is None:
-            clauses.append(f" AND coalesce(doc -> '{field}', 'null') = 'null'")
-        elif isinstance(value, dict | list):  # containment is not equality for these
-            params.append(value)
-            clauses.append(f" AND doc -> '{field}' = ${len(params)}::jsonb")
-        else:
-            scalars[field] = value
-    if scalars:  # for scalars containment is equality, and it can use the GIN index
-        params.append(scalars)
-        clauses.insert(0, f" AND doc @> ${len(params)}::jsonb")
-    return "".join(clauses)
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """``find``'s ``where`` as the ``matches`` function takes it: scalars (compared by
+    containment, which can use the GIN index), fields that must be null or missing, and fields
+    compared for equality (lists and objects, for which containment is not equality)."""
+
+    scalars: dict[str, Any]
+    nulls: list[str]
+    exact: dict[str, Any]
+
+    @classmethod
+    def of(cls, where: dict[str, Any] | None) -> _Where:
+        scalars: dict[str, Any] = {}
+        nulls: list[str] = []
+        exact: dict[str, Any] = {}
+        for field, value in (where or {}).items():
+            if not field.replace("_", "").isalnum():
+                raise ValueError(f"invalid field name {field!r}")
+            if value is None:
+                nulls.append(field)
+            elif isinstance(value, dict | list):
+                exact[field] = value
+            else:
+                scalars[field] = value
+        return cls(scalars, nulls, exact)
 
 
 def _timer(row: asyncpg.Record) -> Timer:
@@ -210,20 +407,31 @@ class _Frame:
     inbox: list[tuple[str, float]]
     outbox: list[tuple[OutboxRow, float]]
     opened: bool = False
+    claimed: list[str] = dataclasses.field(default_factory=list)
+    """Event ids this savepoint inserted into the inbox (gone with it when it rolls back)."""
 
 
 class _PostgresTx(StoreTx):
-    """Inbox and outbox rows are kept in memory and written at the commit, in one statement each
-    (a batch of messages costs two inserts, not two per message). Savepoints are opened lazily,
-    before the first statement inside them, and released along with the next SAVEPOINT: a
-    handling that only emits events and records its event id costs no round trip at all."""
+    """Inbox and outbox rows are kept in memory and written at the commit, in one statement
+    (a batch of messages costs one statement, not two per message). Savepoints are opened
+    lazily, before the first statement that writes inside them, and released along with the
+    next SAVEPOINT: a handling that only emits events and records its event id costs no round
+    trip of its own.
 
-    def __init__(self, conn: Any, store: PostgresStore) -> None:
+    ``mode`` is how keys are locked (see ``lock_key`` in the schema). With ``claims``, ``seen``
+    inserts the event id into the inbox at once (the row is the lock of the event), and the
+    commit keeps the remembered ones and deletes the others."""
+
+    def __init__(self, conn: Any, store: PostgresStore, mode: int, *, claims: bool) -> None:
         self._conn = conn  # the pool's proxy of a StoreConnection
         self._raw: StoreConnection = conn.unproxied()
         self._raw.opening_savepoints(self._sync)
         self._s = store.schema_sql
+        self._mode = mode
+        self._claims = claims
         self._inbox: list[tuple[str, float]] = []
+        self._claimed: set[str] = set()  # inbox rows this transaction inserted
+        self._handled: set[str] = set()  # ids found in the inbox, committed by others
         self._outbox: list[tuple[OutboxRow, float]] = []
         self._frames: list[_Frame] = []  # open savepoints, outermost first
         self._unreleased: str | None = None  # a savepoint left successfully, not yet released
@@ -253,32 +461,42 @@ class _PostgresTx(StoreTx):
         await self._sync()
         return cast("list[Any]", await self._conn.fetch(sql, *args))
 
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
+        await self._sync()
+        return await self._conn.fetchrow(sql, *args)
+
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         await self._sync()
         return await self._conn.fetchval(sql, *args)
 
     async def flush(self) -> None:
-        """Write the buffered inbox and outbox rows (called before the commit)."""
-        if self._inbox:
-            await self._conn.execute(
-                f"INSERT INTO {self._s}.inbox (event_id, at) "
-                "SELECT * FROM unnest($1::text[], $2::float8[]) ON CONFLICT DO NOTHING",
-                [event_id for event_id, _ in self._inbox],
-                [at for _, at in self._inbox],
-            )
-            self._inbox = []
-        if self._outbox:
-            await self._conn.execute(
-                f"INSERT INTO {self._s}.outbox (id, topic, body, due_at, leased_until) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::float8[], "
-                "$5::float8[])",
-                [r.id for r, _ in self._outbox],
-                [r.topic for r, _ in self._outbox],
-                [r.body for r, _ in self._outbox],
-                [r.due_at for r, _ in self._outbox],
-                [claimed_until for _, claimed_until in self._outbox],
-            )
-            self._outbox = []
+        """Write the inbox and outbox rows in one statement (called before the commit): keep
+        the remembered event ids, delete the claimed ones that were not (a handling that failed
+        or was handed back), insert the outbox rows."""
+        remembered = dict(self._inbox)  # one row per id (a duplicate within the batch)
+        forgotten = [event_id for event_id in self._claimed if event_id not in remembered]
+        if not (remembered or forgotten or self._outbox):
+            return
+        s = self._s
+        rows = [row for row, _ in self._outbox]
+        await self._conn.execute(
+            f"WITH forgotten AS (DELETE FROM {s}.inbox WHERE event_id = ANY($1::text[])), "
+            f"kept AS (INSERT INTO {s}.inbox (event_id, at) "
+            "SELECT * FROM unnest($2::text[], $3::float8[]) "
+            "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at) "
+            f"INSERT INTO {s}.outbox (id, topic, body, due_at, leased_until) "
+            "SELECT * FROM unnest($4::text[], $5::text[], $6::bytea[], $7::float8[], "
+            "$8::float8[])",
+            forgotten,
+            list(remembered),
+            list(remembered.values()),
+            [r.id for r in rows],
+            [r.topic for r in rows],
+            [r.body for r in rows],
+            [r.due_at for r in rows],
+            [claimed_until for _, claimed_until in self._outbox],
+        )
+        self._inbox, self._outbox, self._claimed = [], [], set()
 
     @property
     def connection(self) -> Any:
@@ -287,42 +505,87 @@ class _PostgresTx(StoreTx):
     # documents -------------------------------------------------------------------------------
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        doc = await self._fetchval(
-            f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+        if not self._mode:
+            doc = await self._fetchval(
+                f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+            )
+            return cast("dict[str, Any] | None", doc)
+        row = await self._fetchrow(
+            f"SELECT ok, got FROM {self._s}.get_doc($1, $2, $3)", kind, key, self._mode
         )
-        return cast("dict[str, Any] | None", doc)
+        if not row["ok"]:
+            raise DocumentBusy((kind, key))
+        return cast("dict[str, Any] | None", row["got"])
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
-        await self._execute(
-            f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) "
-            "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc",
-            kind,
-            key,
-            doc,
-        )
+        if not self._mode:
+            await self._execute(
+                f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) "
+                "ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc",
+                kind,
+                key,
+                doc,
+            )
+        elif not await self._fetchval(
+            f"SELECT {self._s}.put_doc($1, $2, $3, $4)", kind, key, doc, self._mode
+        ):
+            raise DocumentBusy((kind, key))
 
     async def delete(self, kind: str, key: str) -> bool:
-        status = await self._execute(
-            f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+        if not self._mode:
+            status = await self._execute(
+                f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
+            )
+            return _count(status) > 0
+        deleted = await self._fetchval(
+            f"SELECT {self._s}.delete_doc($1, $2, $3)", kind, key, self._mode
         )
-        return _count(status) > 0
+        if deleted < 0:
+            raise DocumentBusy((kind, key))
+        return bool(deleted)
 
     async def find(
-        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        kind: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        *,
+        skip_locked: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
-        params: list[Any] = [kind, limit]
-        clause = _where(where, params)
+        w = _Where.of(where)
+        if not self._mode:
+            rows = await self._fetch(
+                f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
+                f"AND {self._s}.matches(doc, $2, $3, $4) ORDER BY key LIMIT $5",
+                kind,
+                w.scalars,
+                w.nulls,
+                w.exact,
+                limit,
+            )
+            return [(row["key"], row["doc"]) for row in rows]
         rows = await self._fetch(
-            f"SELECT key, doc FROM {self._s}.state WHERE kind = $1{clause} ORDER BY key LIMIT $2",
-            *params,
+            f"SELECT found_key, found_doc, busy FROM {self._s}.find_docs($1, $2, $3, $4, $5, $6)",
+            kind,
+            w.scalars,
+            w.nulls,
+            w.exact,
+            limit,
+            3 if skip_locked else self._mode,
         )
-        return [(row["key"], row["doc"]) for row in rows]
+        if rows and rows[-1]["busy"]:
+            raise DocumentBusy((kind, rows[-1]["found_key"]))
+        return [(row["found_key"], row["found_doc"]) for row in rows]
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
-        params: list[Any] = [kind]
-        clause = _where(where, params)
+        w = _Where.of(where)
         value = await self._fetchval(
-            f"SELECT count(*) FROM {self._s}.state WHERE kind = $1{clause}", *params
+            f"SELECT count(*) FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
+            f"AND {self._s}.matches(doc, $2, $3, $4)",
+            kind,
+            w.scalars,
+            w.nulls,
+            w.exact,
         )
         return int(value)
 
@@ -336,28 +599,60 @@ class _PostgresTx(StoreTx):
         except BaseException as exc:
             self._frames.pop()
             self._inbox, self._outbox = frame.inbox, frame.outbox
-            if frame.opened and isinstance(exc, Exception):
+            self._claimed.difference_update(frame.claimed)
+            if frame.opened and isinstance(exc, Exception | DocumentBusy):
                 # (a cancelled task skips this: the whole transaction is rolled back anyway)
                 self._unreleased = None  # it was inside this savepoint: gone with it
-                await self._conn.execute(
-                    f"ROLLBACK TO SAVEPOINT {frame.name}; RELEASE SAVEPOINT {frame.name}"
+                await asyncpg.Connection.execute(
+                    self._raw, f"ROLLBACK TO SAVEPOINT {frame.name}; RELEASE SAVEPOINT {frame.name}"
                 )
             raise
         else:
             self._frames.pop()
+            if self._frames:  # what it claimed now goes with the savepoint around it
+                self._frames[-1].claimed += frame.claimed
             if frame.opened:
                 self._unreleased = frame.name  # releasing it releases any left inside it
 
     # inbox -----------------------------------------------------------------------------------
 
-    async def seen(self, event_id: str) -> bool:
-        if any(seen_id == event_id for seen_id, _ in self._inbox):
-            return True
-        return bool(
-            await self._fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)", event_id
-            )
+    async def prefetch_seen(self, event_ids: Sequence[str]) -> None:
+        if not self._claims:
+            return
+        # In one order for everyone: two batches sharing ids never wait for each other in a
+        # cycle (the second waits at the first shared id for the first to end).
+        ids = sorted(set(event_ids) - self._claimed - self._handled)
+        if not ids:
+            return
+        await self._sync()
+        rows = await self._conn.fetch(
+            f"INSERT INTO {self._s}.inbox (event_id, at) SELECT unnest($1::text[]), 0 "
+            "ON CONFLICT DO NOTHING RETURNING event_id",
+            ids,
         )
+        claimed = {row["event_id"] for row in rows}
+        self._note_claims(claimed)
+        self._handled.update(event_id for event_id in ids if event_id not in claimed)
+
+    def _note_claims(self, claimed: set[str]) -> None:
+        self._claimed |= claimed
+        if self._frames:
+            self._frames[-1].claimed += claimed
+
+    async def seen(self, event_id: str) -> bool:
+        if event_id in self._handled or any(seen_id == event_id for seen_id, _ in self._inbox):
+            return True
+        if not self._claims:
+            return bool(
+                await self._fetchval(
+                    f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)",
+                    event_id,
+                )
+            )
+        if event_id in self._claimed:
+            return False  # ours, not handled yet (a handling of it failed in this batch)
+        await self.prefetch_seen([event_id])
+        return event_id in self._handled
 
     async def remember(self, event_id: str, at: float) -> None:
         self._inbox.append((event_id, at))
@@ -365,19 +660,27 @@ class _PostgresTx(StoreTx):
     # ended transactions ----------------------------------------------------------------------
 
     async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
-        await self._execute(
-            f"INSERT INTO {self._s}.ended (correlation_id, event_type, at) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
+        if not await self._fetchval(
+            f"SELECT {self._s}.end_transaction($1, $2, $3, $4)",
             correlation_id,
             event_type,
             at,
-        )
+            self._mode,
+        ):
+            raise DocumentBusy((_ENDED, correlation_id))
 
     async def transaction_ended(self, correlation_id: str) -> str | None:
-        found = await self._fetchval(
-            f"SELECT event_type FROM {self._s}.ended WHERE correlation_id = $1", correlation_id
+        # A read outside the message's savepoint (it need not open one): its lock, if the
+        # handling is rolled back, is kept until the commit, which is harmless.
+        row = await asyncpg.Connection.fetchrow(
+            self._raw,
+            f"SELECT ok, got FROM {self._s}.ended_type($1, $2)",
+            correlation_id,
+            self._mode,
         )
-        return None if found is None else str(found)
+        if not row["ok"]:
+            raise DocumentBusy((_ENDED, correlation_id))
+        return cast("str | None", row["got"])
 
     # outbox ----------------------------------------------------------------------------------
 
@@ -394,36 +697,35 @@ class _PostgresTx(StoreTx):
     # timers ----------------------------------------------------------------------------------
 
     async def set_timer(self, timer: Timer) -> None:
-        await self._execute(
-            f"INSERT INTO {self._s}.timers (name, key, due_at, data) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data",
+        if not await self._fetchval(
+            f"SELECT {self._s}.set_timer($1, $2, $3, $4, $5)",
             timer.name,
             timer.key,
             timer.due_at,
             timer.data,
-        )
+            self._mode,
+        ):
+            raise DocumentBusy((_TIMERS, timer.key))
 
     async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
-        if names is None:
-            status = await self._execute(f"DELETE FROM {self._s}.timers WHERE key = $1", key)
-        else:
-            status = await self._execute(
-                f"DELETE FROM {self._s}.timers WHERE key = $1 AND name = ANY($2::text[])",
-                key,
-                list(names),
-            )
-        return _count(status)
+        cancelled = await self._fetchval(
+            f"SELECT {self._s}.cancel_timers($1, $2, $3)",
+            key,
+            None if names is None else list(names),
+            self._mode,
+        )
+        if cancelled < 0:
+            raise DocumentBusy((_TIMERS, key))
+        return int(cancelled)
 
     async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
-        # Transactions of a service take turns, but a timer being cancelled right now (by
-        # cancel_timer, outside them) is skipped rather than waited for.
+        # A timer being fired by another transaction, or whose key's timers another handling
+        # is setting or cancelling, is skipped rather than waited for.
         rows = await self._fetch(
-            f"DELETE FROM {self._s}.timers WHERE (name, key) IN ("
-            f"SELECT name, key FROM {self._s}.timers WHERE due_at <= $1 "
-            "ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED) "
-            "RETURNING name, key, due_at, data",
+            f"SELECT name, key, due_at, data FROM {self._s}.take_timers($1, $2, $3)",
             now,
             limit,
+            self._mode,
         )
         return sorted((_timer(row) for row in rows), key=lambda t: t.due_at)
 
@@ -436,6 +738,7 @@ class PostgresStore(Store):
         self.settings = settings
         self.schema_sql = f'"{settings.schema}"'
         self._service_lock = _lock_key(settings.schema, "service")
+        self._seed = _lock_key(settings.schema, "keys")
         self._local = asyncio.Lock()
         self._pool: asyncpg.Pool[Any] | None = None
 
@@ -482,7 +785,9 @@ class PostgresStore(Store):
                 "SELECT pg_advisory_xact_lock($1)", _lock_key(self.settings.schema, "ddl")
             )
             if await conn.fetchval(version, self.settings.schema) != _SCHEMA_VERSION:
-                await conn.execute(_SCHEMA.format(s=self.schema_sql, version=_SCHEMA_VERSION))
+                await conn.execute(
+                    _SCHEMA.format(s=self.schema_sql, version=_SCHEMA_VERSION, seed=self._seed)
+                )
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -495,14 +800,26 @@ class PostgresStore(Store):
         return self._pool
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[StoreTx]:
-        # Lanes of this process queue here rather than each holding a connection while waiting
-        # for the lock of the service, which serialises them with the other replicas.
-        async with self._local, self._get_pool().acquire() as conn:
+    async def transaction(
+        self, *, locks: Locks = "wait", lock_first: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[StoreTx]:
+        service_lock = self.settings.locking == "service"
+        mode = 0 if service_lock else _MODES[locks]
+        # With the lock of the service, lanes of this process queue here rather than each
+        # holding a connection while waiting for it (it serialises them with other replicas).
+        async with self._local if service_lock else _NOTHING, self._get_pool().acquire() as conn:
             try:
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
-                    tx = _PostgresTx(conn, self)
+                    if service_lock:
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", self._service_lock)
+                    elif lock_first and mode:
+                        first = sorted(set(lock_first))
+                        await conn.execute(
+                            f"SELECT {self.schema_sql}.lock_keys($1::text[], $2::text[])",
+                            [kind for kind, _ in first],
+                            [key for _, key in first],
+                        )
+                    tx = _PostgresTx(conn, self, mode, claims=bool(mode))
                     yield tx
                     await tx.flush()
             finally:

@@ -2,7 +2,8 @@
 
 One SQLite file per service, in WAL mode. Calls run directly on the event loop thread: they take
 microseconds, and a thread hop would cost more than the call. One transaction at a time per store
-object (an asyncio lock); replicas in other processes serialise on SQLite's write lock.
+object (an asyncio lock); replicas in other processes serialise on SQLite's write lock. A single
+writer needs no per-key locks: ``locks``, ``lock_first`` and ``skip_locked`` change nothing.
 
 The service's own tables live in the same file (one transaction covers them and the inbox,
 outbox and timers): a handler reaches them through ``ctx.connection`` (this store's
@@ -23,7 +24,7 @@ import orjson
 
 from choreograph._files import private_file
 from choreograph.errors import ConfigurationError
-from choreograph.store import OutboxRow, Store, StoreTx, Timer
+from choreograph.store import Locks, OutboxRow, Store, StoreTx, Timer
 
 #: Seconds SQLite itself waits for a lock before the store yields to the event loop.
 _LOCK_POLL = 0.02
@@ -137,7 +138,12 @@ class _SqliteTx(StoreTx):
         return cur.rowcount > 0
 
     async def find(
-        self, kind: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        kind: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        *,
+        skip_locked: bool = False,  # one writer at a time: nothing is ever held by another
     ) -> list[tuple[str, dict[str, Any]]]:
         self._index(where)
         clause, params = _where(where)
@@ -334,7 +340,11 @@ class SqliteStore(Store):
                 db.execute("COMMIT")
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[StoreTx]:
+    async def transaction(
+        self, *, locks: Locks = "wait", lock_first: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[StoreTx]:
+        # One writer at a time: whatever a transaction reads stays true until it commits, so
+        # there is nothing to lock per key and nothing is ever busy.
         async with self._write() as db:
             tx = _SqliteTx(db, self._indexed)
             yield tx
