@@ -97,11 +97,31 @@ def lint(app: App) -> list[Finding]:
                 HandlerFailed.event_type,
             )
         )
+    findings += _versions(model)
     findings += _compensations(app, model)
     findings += _early_compensations(app)
     findings += _joins(model)
     findings += _cycles(model)
     return sorted(findings, key=lambda f: (f.severity != "error", f.code, f.subject))
+
+
+def _versions(model: FlowModel) -> list[Finding]:
+    """Versioned event types that cannot read every older version (no upcaster from it)."""
+    found: list[Finding] = []
+    for name, cls in sorted(model.classes.items()):
+        gaps = [v for v in range(1, cls.event_version) if v not in cls.event_upcasters]
+        if gaps:
+            found.append(
+                Finding(
+                    "warning",
+                    "missing-upcaster",
+                    f"{name} is at version {cls.event_version} but has no upcaster from version "
+                    f"{', '.join(map(str, gaps))}: such events (in queues, dead letters, or from "
+                    "replicas not yet upgraded) are dead-lettered as schema violations",
+                    name,
+                )
+            )
+    return found
 
 
 def _who(steps: list[Step]) -> str:

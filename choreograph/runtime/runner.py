@@ -234,11 +234,16 @@ class Runtime:
 
 async def declare_groups(transport: Transport, app: App) -> None:
     """Declare the group of every service of ``app`` with the topics it consumes, so that events
-    published from now on are kept for each service, running or not (idempotent)."""
+    published from now on are kept for each service, running or not (idempotent). External
+    participants get theirs too: what they consume waits for them from the app's first start."""
     for service in app.services.values():
         topics = {cls.event_type for cls in app.subscriptions(service)}
         if topics:
             await transport.declare_group(service.name, topics)
+    for participant in app.external.values():
+        topics = {cls.event_type for cls in participant.consumes}
+        if topics:
+            await transport.declare_group(participant.name, topics)
 
 
 async def wait_for_signal() -> None:

@@ -97,9 +97,16 @@ def test_asyncapi_with_a_version_and_a_server_never_shows_credentials() -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert doc["info"]["version"] == "2.3.4"
-    assert doc["servers"] == {"bus": {"host": "127.0.0.1:5672/prod", "protocol": "amqp"}}
+    assert doc["servers"] == {
+        "bus": {
+            "host": "127.0.0.1:5672",
+            "pathname": "/prod",
+            "protocol": "amqp",
+            "protocolVersion": "0.9.1",
+            "x-choreograph-namespace": "shop",
+        }
+    }
     assert "s3cret" not in result.output and "guest" not in result.output
-    assert "namespace" not in result.output
 
 
 # load_app ----------------------------------------------------------------------------------------

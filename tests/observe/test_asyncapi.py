@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,30 +12,14 @@ from click.testing import CliRunner
 from choreograph.cli import main
 from choreograph.observe.asyncapi import asyncapi_document
 from tests.observe.shop import build_app
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "asyncapi-validate"
+from tests.support.node import ASYNCAPI_VALIDATOR, node_project
 
 
 @pytest.fixture(scope="session")
 def validator() -> Path:
-    """The node validator, its npm dependencies installed from the lock file when missing."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "the AsyncAPI check needs Node.js 18+ and npm on PATH (apt-get install nodejs npm)"
-        )
-    if not (TOOL / "node_modules" / "@asyncapi" / "parser").is_dir():
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=TOOL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"npm ci in {TOOL} failed:\n{done.stdout}\n{done.stderr}")
-    return TOOL / "validate.mjs"
+    """The validator script, its npm packages installed (by scripts/install-tools.sh)."""
+    node_project(ASYNCAPI_VALIDATOR, "@asyncapi/parser")
+    return ASYNCAPI_VALIDATOR / "validate.mjs"
 
 
 def validate(validator: Path, path: Path) -> subprocess.CompletedProcess[str]:
