@@ -13,7 +13,7 @@ Stores are chosen by URL: ``sqlite:///path.db`` (default, one file per service),
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -129,10 +129,10 @@ class StoreTx(ABC):
     @abstractmethod
     async def remember(self, event_id: str, at: float) -> None: ...
 
-    async def prefetch_seen(self, event_ids: Sequence[str]) -> None:
-        """Ask about many event ids at once (a batch's) before ``seen`` asks about each: one
-        round trip instead of one per message. Optional; the answers are the same."""
-        return None
+    async def seen_many(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of ``event_ids`` were processed (one query for a batch where the store can).
+        Like ``seen``, the others are this transaction's from now on."""
+        return {event_id for event_id in event_ids if await self.seen(event_id)}
 
     # ended transactions ------------------------------------------------------------------------
     @abstractmethod
@@ -144,6 +144,16 @@ class StoreTx(ABC):
     async def transaction_ended(self, correlation_id: str) -> str | None:
         """The terminal event type that ended ``correlation_id``, or None while it is open (or
         once it ended longer ago than the inbox horizon)."""
+
+    async def ended_transactions(self, correlation_ids: Collection[str]) -> dict[str, str]:
+        """:meth:`transaction_ended` for many: the terminal event type of each of
+        ``correlation_ids`` that ended (one query for a batch where the store can)."""
+        ended = {}
+        for correlation_id in correlation_ids:
+            event_type = await self.transaction_ended(correlation_id)
+            if event_type is not None:
+                ended[correlation_id] = event_type
+        return ended
 
     # outbox ------------------------------------------------------------------------------------
     @abstractmethod

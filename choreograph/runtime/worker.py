@@ -198,7 +198,8 @@ class ServiceWorker:
                 if self._sent:
                     await tx.forget_outbox(self._sent)
                     self._sent = []
-                await tx.prefetch_seen([delivery.message.id for delivery in pending])
+                # one round trip claims the batch's event ids (seen() then answers from memory)
+                await tx.seen_many([delivery.message.id for delivery in pending])
                 for delivery in pending:
                     try:
                         ctx, outcome = await self.handling.handle(tx, delivery)

@@ -46,7 +46,7 @@ import dataclasses
 import functools
 import hashlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Self, cast
@@ -250,13 +250,25 @@ BEGIN
     END LOOP;
 END $f$;
 
-CREATE OR REPLACE FUNCTION {s}.ended_type(c TEXT, mode INT, OUT ok BOOLEAN, OUT got TEXT)
+-- The ends of many correlation ids, each locked (in the order given: the caller sorts); a busy
+-- one ends the list (busy = true).
+CREATE OR REPLACE FUNCTION {s}.ended_types(cs TEXT[], mode INT)
+RETURNS TABLE (correlation_id TEXT, event_type TEXT, busy BOOLEAN)
 LANGUAGE plpgsql AS $f$
+DECLARE c TEXT;
 BEGIN
-    ok := {s}.lock_key(chr(1) || 'ended', c, mode);
-    IF ok THEN
-        SELECT e.event_type INTO got FROM {s}.ended AS e WHERE e.correlation_id = c;
-    END IF;
+    FOREACH c IN ARRAY cs LOOP
+        IF NOT {s}.lock_key(chr(1) || 'ended', c, mode) THEN
+            correlation_id := c;
+            event_type := NULL;
+            busy := true;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END LOOP;
+    -- after every lock is taken: a fresh snapshot sees what their previous holders committed
+    RETURN QUERY SELECT e.correlation_id::TEXT, e.event_type, false
+        FROM {s}.ended AS e WHERE e.correlation_id = ANY(cs);
 END $f$;
 
 CREATE OR REPLACE FUNCTION {s}.end_transaction(c TEXT, t TEXT, at_ DOUBLE PRECISION, mode INT)
@@ -616,43 +628,37 @@ class _PostgresTx(StoreTx):
 
     # inbox -----------------------------------------------------------------------------------
 
-    async def prefetch_seen(self, event_ids: Sequence[str]) -> None:
+    async def seen_many(self, event_ids: Sequence[str]) -> set[str]:
+        handled = {seen_id for seen_id, _ in self._inbox}.intersection(event_ids)
         if not self._claims:
-            return
+            rows = await self._fetch(
+                f"SELECT event_id FROM {self._s}.inbox WHERE event_id = ANY($1::text[])",
+                [event_id for event_id in event_ids if event_id not in handled],
+            )
+            return handled | {row[0] for row in rows}
         # In one order for everyone: two batches sharing ids never wait for each other in a
         # cycle (the second waits at the first shared id for the first to end).
-        ids = sorted(set(event_ids) - self._claimed - self._handled)
-        if not ids:
-            return
-        await self._sync()
-        rows = await self._conn.fetch(
-            f"INSERT INTO {self._s}.inbox (event_id, at) SELECT unnest($1::text[]), 0 "
-            "ON CONFLICT DO NOTHING RETURNING event_id",
-            ids,
-        )
-        claimed = {row["event_id"] for row in rows}
-        self._note_claims(claimed)
-        self._handled.update(event_id for event_id in ids if event_id not in claimed)
-
-    def _note_claims(self, claimed: set[str]) -> None:
-        self._claimed |= claimed
-        if self._frames:
-            self._frames[-1].claimed += claimed
+        ids = sorted(set(event_ids) - self._claimed - self._handled - handled)
+        if ids:
+            await self._sync()
+            rows = await asyncpg.Connection.fetch(
+                self._raw,
+                f"INSERT INTO {self._s}.inbox (event_id, at) SELECT unnest($1::text[]), 0 "
+                "ON CONFLICT DO NOTHING RETURNING event_id",
+                ids,
+            )
+            claimed = {row[0] for row in rows}
+            self._claimed |= claimed
+            if self._frames:
+                self._frames[-1].claimed += claimed
+            self._handled.update(event_id for event_id in ids if event_id not in claimed)
+        return handled | self._handled.intersection(event_ids)
 
     async def seen(self, event_id: str) -> bool:
-        if event_id in self._handled or any(seen_id == event_id for seen_id, _ in self._inbox):
-            return True
-        if not self._claims:
-            return bool(
-                await self._fetchval(
-                    f"SELECT EXISTS (SELECT 1 FROM {self._s}.inbox WHERE event_id = $1)",
-                    event_id,
-                )
-            )
         if event_id in self._claimed:
-            return False  # ours, not handled yet (a handling of it failed in this batch)
-        await self.prefetch_seen([event_id])
-        return event_id in self._handled
+            # ours: handled if remembered in this transaction (not if a handling of it failed)
+            return any(seen_id == event_id for seen_id, _ in self._inbox)
+        return event_id in await self.seen_many([event_id])
 
     async def remember(self, event_id: str, at: float) -> None:
         self._inbox.append((event_id, at))
@@ -670,17 +676,21 @@ class _PostgresTx(StoreTx):
             raise DocumentBusy((_ENDED, correlation_id))
 
     async def transaction_ended(self, correlation_id: str) -> str | None:
-        # A read outside the message's savepoint (it need not open one): its lock, if the
-        # handling is rolled back, is kept until the commit, which is harmless.
-        row = await asyncpg.Connection.fetchrow(
+        return (await self.ended_transactions([correlation_id])).get(correlation_id)
+
+    async def ended_transactions(self, correlation_ids: Collection[str]) -> dict[str, str]:
+        # A read outside the message's savepoint (it need not open one): its locks, if the
+        # handling is rolled back, are kept until the commit, which is harmless. Locked in one
+        # order, so that waiting ("wait") can never be part of a cycle with another batch's.
+        rows = await asyncpg.Connection.fetch(
             self._raw,
-            f"SELECT ok, got FROM {self._s}.ended_type($1, $2)",
-            correlation_id,
+            f"SELECT correlation_id, event_type, busy FROM {self._s}.ended_types($1, $2)",
+            sorted(set(correlation_ids)),
             self._mode,
         )
-        if not row["ok"]:
-            raise DocumentBusy((_ENDED, correlation_id))
-        return cast("str | None", row["got"])
+        if rows and rows[-1]["busy"]:
+            raise DocumentBusy((_ENDED, rows[-1]["correlation_id"]))
+        return {row[0]: row[1] for row in rows}
 
     # outbox ----------------------------------------------------------------------------------
 

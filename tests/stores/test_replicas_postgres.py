@@ -105,6 +105,24 @@ async def test_a_busy_document_raises_instead_of_waiting_and_is_free_after_the_c
         assert await tx.get("drone", "d1") == {"status": "free"}
 
 
+async def test_a_late_event_never_runs_beside_the_end_of_its_transaction(
+    open_replicas: Replicas,
+) -> None:
+    """The terminal event of c1 is being handled: a replica checking whether c1 ended waits
+    for it (here: is told it is busy), then sees it ended."""
+    ending, late = await open_replicas(2)
+    async with ending.transaction(locks="raise") as tx:
+        await tx.end_transaction("c1", "DeliveryFailed", NOW)
+        async with late.transaction(locks="raise") as other:
+            with pytest.raises(DocumentBusy) as busy:
+                await other.ended_transactions(["c0", "c1", "c2"])
+            assert await other.ended_transactions(["c2"]) == {}  # other ids are not held
+
+    async with late.transaction(locks="raise", lock_first=[busy.value.lock]) as other:
+        assert await other.ended_transactions(["c0", "c1"]) == {"c1": "DeliveryFailed"}
+        assert await other.transaction_ended("c1") == "DeliveryFailed"
+
+
 @pytest.mark.parametrize("replicas", REPLICAS)
 async def test_replicas_never_handle_one_event_twice(
     open_replicas: Replicas, replicas: int
@@ -120,7 +138,7 @@ async def test_replicas_never_handle_one_event_twice(
             handed_back = batch
 
             async def handle(tx: StoreTx, batch: list[str] = batch) -> None:
-                await tx.prefetch_seen(batch)
+                await tx.seen_many(batch)
                 for event_id in batch:
                     if await tx.seen(event_id):
                         continue
