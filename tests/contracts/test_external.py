@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner
 
-from choreograph import App, ConfigurationError, Context, Event, External, Service
+from choreograph import App, ConfigurationError, Event, External, Service
 from choreograph.cli import main
 from choreograph.console.svg import render_graph
 from choreograph.observe.asyncapi import asyncapi_document
@@ -20,42 +20,7 @@ from choreograph.observe.model import FlowModel
 from choreograph.runtime.runner import declare_groups
 from choreograph.transport import Message
 from choreograph.transports.memory import MemoryTransport
-
-
-class OrderPlaced(Event):
-    order_id: str
-
-
-class InvoiceIssued(Event):
-    order_id: str
-    amount: float
-
-
-class OrderShipped(Event):
-    order_id: str
-
-
-def build(*, with_billing: bool = True) -> App:
-    shop = Service("shop", emits=[OrderPlaced])
-    shipping = Service("shipping")
-
-    @shipping.on(InvoiceIssued, emits=[OrderShipped])
-    async def ship(event: InvoiceIssued, ctx: Context) -> OrderShipped:
-        return OrderShipped(order_id=event.order_id)
-
-    billing = External(
-        "billing",
-        consumes=[OrderPlaced],
-        emits=[InvoiceIssued],
-        description="invoices, in Node.js",
-    )
-    return App(
-        "shop",
-        [shop, shipping],
-        terminal=[OrderShipped],
-        external=[billing] if with_billing else [],
-    )
-
+from tests.contracts.shop import OrderPlaced, build
 
 app = build()
 undeclared = build(with_billing=False)
