@@ -480,6 +480,47 @@ def asyncapi(app_spec: str, output: Path | None, doc_version: str, server: str |
     _write(output, orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
+@click.command("diff")
+@click.argument("old")
+@click.argument("new")
+@json_option
+def diff_command(old: str, new: str, as_json: bool) -> None:
+    """Compare two versions of a contract: OLD and NEW are each an AsyncAPI document (JSON, as
+    `choreograph asyncapi` writes it) or an app (module:attribute). Lists breaking and safe
+    changes; exits 1 when any change is breaking, so it can gate a release."""
+    from choreograph.observe.contract_diff import diff_contracts, read_contract
+
+    changes = diff_contracts(read_contract(_contract(old)), read_contract(_contract(new)))
+    breaking = [c for c in changes if c.severity == "breaking"]
+    if as_json:
+        _print_json([c.as_dict() for c in changes])
+    else:
+        for c in changes:
+            style = "red" if c.severity == "breaking" else "green"
+            console.print(
+                f"[{style}]{c.severity}[/] [bold]{c.event}[/]: {c.message}", soft_wrap=True
+            )
+        console.print(f"{len(breaking)} breaking, {len(changes) - len(breaking)} safe change(s)")
+    if breaking:
+        raise SystemExit(1)
+
+
+def _contract(spec: str) -> dict[str, Any]:
+    """An AsyncAPI document from a file, or written for an app."""
+    from choreograph.observe.asyncapi import asyncapi_document
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise click.BadParameter(f"{spec}: not JSON ({exc})") from None
+        if not isinstance(doc, dict) or not str(doc.get("asyncapi", "")).startswith("3."):
+            raise click.BadParameter(f"{spec}: not an AsyncAPI 3 document")
+        return doc
+    return asyncapi_document(_app(spec))
+
+
 def _app(spec: str | None) -> App:
     """Load an app; like uvicorn, the working directory is importable (console scripts do not
     put it on ``sys.path``)."""
@@ -493,4 +534,4 @@ def _app(spec: str | None) -> App:
         raise click.BadParameter(exc.message, param_hint="APP") from None
 
 
-COMMANDS = [record, trace, stuck, stats, graph, lint_command, asyncapi]
+COMMANDS = [record, trace, stuck, stats, graph, lint_command, asyncapi, diff_command]

@@ -109,6 +109,7 @@ def asyncapi_document(
             },
             "payload": _envelope_schema(cls, f"#/components/schemas/{data_key}"),
             "x-choreograph-version": cls.event_version,
+            "x-choreograph-upcasters": sorted(cls.event_upcasters),
             **wire.message_extras(event_type),
         }
         if event_type in model.terminal:
@@ -133,6 +134,7 @@ def asyncapi_document(
                 {
                     "name": name,
                     "description": f"{p.description or name} (external: the app does not run it)",
+                    "x-choreograph-external": True,
                 }
                 for name, p in app.external.items()
             ],
