@@ -152,7 +152,11 @@ def build_package(knobs: Knobs) -> Service:
     create = _operation(demo, DeliveryRequested)
     release = _operation(demo, DeliveryFailed)
     mark_delivered = _operation(demo, DeliveryCompleted)
-    participant = Service("package", description="Answers the orchestrator's package commands.")
+    participant = Service(
+        "package",
+        description="Answers the orchestrator's package commands.",
+        tables=demo.tables,  # the demo's own tables
+    )
 
     @participant.on(CreatePackage, emits=[PackageReady, PackageRejected])
     async def create_package(command: CreatePackage, ctx: Context) -> Any:
@@ -178,6 +182,7 @@ def build_drone_scheduler(knobs: Knobs) -> Service:
         "drone-scheduler",
         retry=demo.retry,
         description="Answers the orchestrator's drone commands.",
+        tables=demo.tables,
     )
 
     @participant.on(ReserveDrone, emits=[DroneScheduled, DroneUnavailable])

@@ -30,9 +30,11 @@ from benchmarks.profiling import service_argv
 from benchmarks.stores import drop_stores, store_template
 from benchmarks.w2 import CHOREOGRAPH
 from choreograph.app import load_app
-from choreograph.demo.drone_scheduler import drone_id
+from choreograph.demo.drone_scheduler import ensure_fleet
 from choreograph.demo.inspect_state import snapshot
 from choreograph.demo.knobs import Knobs
+from choreograph.demo.tables import DroneTables
+from choreograph.orm import create_tables, session_on
 from choreograph.store import store_from_url
 
 APPS = {
@@ -101,9 +103,9 @@ async def create_fleet(store_template: str, size: int) -> float:
     await store.open()
     try:
         async with store.transaction() as tx:
-            for number in range(1, size + 1):
-                await tx.put("drone", drone_id(number), {"status": "free", "delivery": ""})
-            await tx.put("fleet", "size", {"drones": size})
+            await create_tables(tx, DroneTables.metadata)
+            async with session_on(tx) as session:
+                await ensure_fleet(session, size)
     finally:
         await store.close()
     return time.monotonic() - started

@@ -27,10 +27,12 @@ once: its statements run on the loop thread, exactly like the store's, inside it
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import event
+from sqlalchemy import MetaData, event, text
 from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
@@ -249,6 +251,34 @@ def _postgres_engine(connection: Any) -> AsyncEngine:
         # JSON values go to the driver as Python values (the store's codec encodes them)
         json_serializer=_identity,
     )
+
+
+@asynccontextmanager
+async def session_on(tx: StoreTx) -> AsyncIterator[TransactionSession]:
+    """A session on ``tx`` outside any handling (operators' reads, scripts, tests), flushed at
+    the end of the block and discarded; ``tx`` commits as usual."""
+    session = open_session(tx)
+    try:
+        yield session
+        await session.flush()
+    finally:
+        await session._release()
+
+
+async def create_tables(tx: StoreTx, metadata: MetaData) -> None:
+    """Create the tables of ``metadata`` that ``tx``'s database lacks, in ``tx`` (replicas
+    starting together take turns on PostgreSQL; SQLite has a single writer)."""
+    session = open_session(tx)
+    try:
+        connection = await session.connection()
+        if connection.dialect.name == "postgresql":
+            lock = (
+                "SELECT pg_advisory_xact_lock(hashtext('choreograph tables ' || current_schema()))"
+            )
+            await connection.execute(text(lock))
+        await connection.run_sync(metadata.create_all)
+    finally:
+        await session._release()
 
 
 def open_session(tx: StoreTx) -> TransactionSession:

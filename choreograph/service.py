@@ -30,6 +30,8 @@ from choreograph.retry import DEFAULT_RETRY, RetryPolicy
 from choreograph.transport import check_group
 
 if TYPE_CHECKING:
+    from sqlalchemy import MetaData
+
     from choreograph.context import Context
 
 Emitted: TypeAlias = Event | Sequence[Event] | None
@@ -140,13 +142,17 @@ class Service:
         emits: Iterable[type[Event]] = (),
         retry: RetryPolicy = DEFAULT_RETRY,
         description: str = "",
+        tables: MetaData | None = None,
     ) -> None:
         """``emits`` lists events the service publishes from outside its handlers (e.g. from an
-        HTTP request through :meth:`Runtime.unit_of_work`)."""
+        HTTP request through :meth:`Runtime.unit_of_work`). ``tables`` is the SQLAlchemy
+        ``MetaData`` of the service's own tables (``choreograph[sqlalchemy]``): they live in its
+        store, and those missing are created when the service starts (changes: Alembic)."""
         self.name = check_group(name)
         self.emits_outside = _event_classes(f"{name} emits", emits)
         self.retry = retry
         self.description = description
+        self.tables = tables
         self.handlers: dict[type[Event], HandlerSpec] = {}
         self.joins: dict[str, JoinSpec] = {}
         self.deadlines: dict[str, DeadlineSpec] = {}

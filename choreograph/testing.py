@@ -275,6 +275,10 @@ class Harness:
         await store.open()
         try:
             async with store.transaction() as tx:
+                if spec.tables is not None:
+                    from choreograph.orm import create_tables
+
+                    await create_tables(tx, spec.tables)
                 for kind, docs in (state or {}).items():
                     for key, doc in docs.items():
                         await tx.put(kind, key, dict(doc))

@@ -1,6 +1,17 @@
-"""drone-scheduler: reserves a drone of a finite fleet for each delivery, and frees it again."""
+"""drone-scheduler: reserves a drone of a finite fleet for each delivery, and frees it again.
+
+The fleet is a table, a row per drone. A free drone is picked with ``SELECT ... FOR UPDATE SKIP
+LOCKED`` on PostgreSQL: replicas reserving at the same time each lock a different row, so no
+drone is ever reserved twice and none waits for another's transaction. SQLite has neither row
+locks nor a second writer (a transaction holds the database's write lock from its start), so a
+plain select is already exclusive there; SQLAlchemy leaves ``FOR UPDATE`` out on SQLite.
+"""
 
 from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from choreograph import Context, RetryLater, RetryPolicy, Service
 from choreograph.demo.events import (
@@ -11,28 +22,43 @@ from choreograph.demo.events import (
     DroneUnavailable,
 )
 from choreograph.demo.knobs import Knobs, chance
+from choreograph.demo.tables import Drone, DroneTables
 from choreograph.demo.transient import maybe_fail
 
 #: While the fleet is busy a request waits (retries) this many times before giving up.
 FLEET_WAIT = RetryPolicy(max_attempts=8, immediate=0, base_delay=0.2, max_delay=2.0)
+
+#: A free drone, locked for this transaction; one another transaction holds is skipped.
+FREE_DRONE = (
+    select(Drone)
+    .where(Drone.status == "free")
+    .order_by(Drone.drone_id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
 
 
 def drone_id(number: int) -> str:
     return f"drone-{number:04d}"
 
 
+async def ensure_fleet(session: AsyncSession, size: int) -> None:
+    """Create the fleet's rows the first time (replicas doing it at once insert each row once)."""
+    if await session.scalar(select(Drone.drone_id).limit(1)) is not None:
+        return
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [{"drone_id": drone_id(n), "status": "free"} for n in range(1, size + 1)]
+    await session.execute(insert(Drone).values(rows).on_conflict_do_nothing())
+
+
 def build(knobs: Knobs) -> Service:
     scheduler = Service(
-        "drone-scheduler", retry=FLEET_WAIT, description="Reserves and frees drones of the fleet."
+        "drone-scheduler",
+        retry=FLEET_WAIT,
+        description="Reserves and frees drones of the fleet.",
+        tables=DroneTables.metadata,
     )
-
-    async def ensure_fleet(ctx: Context) -> None:
-        # count locks nothing (a get would lock the fleet document: one reservation at a time
-        # across replicas); two creating it at once collide on the first drone and one waits.
-        if not await ctx.state.count("fleet"):
-            for number in range(1, knobs.fleet_size + 1):
-                await ctx.state.put("drone", drone_id(number), {"status": "free", "delivery": ""})
-            await ctx.state.put("fleet", "size", {"drones": knobs.fleet_size})
 
     @scheduler.on(DeliveryRequested, emits=[DroneScheduled, DroneUnavailable])
     async def reserve_drone(
@@ -41,27 +67,29 @@ def build(knobs: Knobs) -> Service:
         if knobs.silent_drone_scheduler:
             return None  # consumes and never answers: delivery's deadline must notice
         maybe_fail(knobs, "drone-scheduler", event.delivery_id, ctx.attempt)
-        await ensure_fleet(ctx)
-        held = await ctx.state.find("drone", {"delivery": event.delivery_id}, limit=1)
-        # skip_locked: a drone another replica is reserving right now is not free for this one
-        free = held or await ctx.state.find("drone", {"status": "free"}, limit=1, skip_locked=True)
-        if not free:
+        session = ctx.session
+        await ensure_fleet(session, knobs.fleet_size)
+        held = await session.scalar(select(Drone).where(Drone.delivery_id == event.delivery_id))
+        drone = held or await session.scalar(FREE_DRONE)
+        if drone is None:
             if ctx.attempt < FLEET_WAIT.max_attempts:
                 raise RetryLater("every drone is busy")
             return DroneUnavailable(
                 delivery_id=event.delivery_id, reason=f"all {knobs.fleet_size} drones are busy"
             )
-        drone, _ = free[0]
-        await ctx.state.put("drone", drone, {"status": "reserved", "delivery": event.delivery_id})
-        scheduled = DroneScheduled(delivery_id=event.delivery_id, drone_id=drone)
+        drone.status, drone.delivery_id = "reserved", event.delivery_id
+        scheduled = DroneScheduled(delivery_id=event.delivery_id, drone_id=drone.drone_id)
         if chance(knobs.slow_drone_rate, "slow", event.delivery_id):
             ctx.emit_later(scheduled, knobs.slow_drone_seconds)
             return None
         return scheduled
 
     async def free_drone(ctx: Context, delivery_id: str) -> None:
-        for drone, _ in await ctx.state.find("drone", {"delivery": delivery_id}):
-            await ctx.state.put("drone", drone, {"status": "free", "delivery": ""})
+        await ctx.session.execute(
+            update(Drone)
+            .where(Drone.delivery_id == delivery_id)
+            .values(status="free", delivery_id=None)
+        )
 
     # A request arriving after its delivery ended is late: the runtime does not run
     # reserve_drone for it, so freeing what is reserved now is enough, in any order of arrival.

@@ -1,7 +1,9 @@
 """ingestion: the HTTP API that accepts delivery requests and answers status queries.
 
-``POST /api/deliveryrequests`` validates the request, stores it and emits ``DeliveryRequested`` in
-one transaction (outbox), then answers 202 with a ``Location``. ``DELETE
+``POST /api/deliveryrequests`` validates the request, stores it (a row of ``delivery_requests``,
+through the unit of work's SQLAlchemy session, and the delivery's status document) and emits
+``DeliveryRequested`` in one transaction of ingestion's store (outbox: published after the
+commit), then answers 202 with a ``Location``. ``DELETE
 /api/deliveryrequests/{id}`` asks for a cancel. ``GET /api/deliveries/{id}`` answers from
 ingestion's own store, which follows the outcome events. Bad requests get a 4xx whose JSON body
 says what is wrong.
@@ -14,6 +16,7 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from sqlalchemy.exc import IntegrityError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +34,7 @@ from choreograph.demo.events import (
     Location,
     PackageInfo,
 )
+from choreograph.demo.tables import DeliveryRequestRow, IngestionTables
 
 MAX_BODY_BYTES = 16 * 1024
 TERMINAL = ("completed", "failed")
@@ -55,6 +59,7 @@ def build_service() -> Service:
         "ingestion",
         emits=[DeliveryRequested, DeliveryCancelRequested],
         description="HTTP API: accepts delivery requests, answers status queries.",
+        tables=IngestionTables.metadata,
     )
 
     async def set_status(ctx: Context, delivery_id: str, status: str, **extra: Any) -> None:
@@ -111,15 +116,22 @@ def create_http_app(runtime: Runtime) -> Starlette:
         except ValidationError as exc:
             return problem(422, "invalid delivery request", problems=_problems(exc))
         delivery_id = body.delivery_id or str(uuid.uuid4())
-        async with runtime.unit_of_work("ingestion", correlation_id=delivery_id) as uow:
-            known = await uow.state.get("delivery", delivery_id)
-            if known is None:
-                await uow.state.put("delivery", delivery_id, {"status": "requested"})
-                uow.emit(
-                    DeliveryRequested(
-                        delivery_id=delivery_id, **body.model_dump(exclude={"delivery_id"})
+        fields = body.model_dump(exclude={"delivery_id"})
+        try:
+            # the row, the status document and the event commit together, before the answer
+            async with runtime.unit_of_work("ingestion", correlation_id=delivery_id) as uow:
+                if await uow.state.get("delivery", delivery_id) is None:
+                    uow.session.add(
+                        DeliveryRequestRow(
+                            delivery_id=delivery_id,
+                            owner_id=body.owner_id,
+                            request={k: v for k, v in fields.items() if k != "owner_id"},
+                        )
                     )
-                )
+                    await uow.state.put("delivery", delivery_id, {"status": "requested"})
+                    uow.emit(DeliveryRequested(delivery_id=delivery_id, **fields))
+        except IntegrityError:
+            pass  # the same request, posted twice at once: the other one was accepted
         location = f"/api/deliveries/{delivery_id}"
         return JSONResponse(
             {"delivery_id": delivery_id, "status": "accepted"},

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from choreograph.demo.tables import DroneTables, PackageTables, drones, packages
+from choreograph.orm import create_tables, session_on
 from choreograph.store import Store, StoreTx, store_from_url
 
 
@@ -82,12 +84,17 @@ async def _read_ingestion(tx: StoreTx, snap: Snapshot) -> None:
 
 
 async def _read_drones(tx: StoreTx, snap: Snapshot) -> None:
-    snap.drones_reserved = await tx.count("drone", {"status": "reserved"})
+    await create_tables(tx, DroneTables.metadata)  # (a store read before its service ran)
+    async with session_on(tx) as session:
+        fleet = await drones(session)
+    snap.drones_reserved = sum(drone["status"] == "reserved" for drone in fleet.values())
 
 
 async def _read_packages(tx: StoreTx, snap: Snapshot) -> None:
-    for _, doc in await tx.find("package", limit=10_000_000):
-        snap.packages[doc["status"]] += 1
+    await create_tables(tx, PackageTables.metadata)
+    async with session_on(tx) as session:
+        for package in (await packages(session)).values():
+            snap.packages[package["status"]] += 1
 
 
 def reason_kind(reason: str) -> str:

@@ -1,6 +1,8 @@
-"""package: creates the package of each delivery in its own store, or rejects it."""
+"""package: creates the package of each delivery in its own table, or rejects it."""
 
 from __future__ import annotations
+
+from sqlalchemy import update
 
 from choreograph import Context, Service
 from choreograph.demo.events import (
@@ -11,13 +13,18 @@ from choreograph.demo.events import (
     PackageRejected,
 )
 from choreograph.demo.knobs import Knobs, chance
+from choreograph.demo.tables import Package, PackageTables
 from choreograph.demo.transient import maybe_fail
 
 MAX_WEIGHT_KG = 25.0
 
 
 def build(knobs: Knobs) -> Service:
-    package = Service("package", description="Creates or rejects the package of a delivery.")
+    package = Service(
+        "package",
+        description="Creates or rejects the package of a delivery.",
+        tables=PackageTables.metadata,
+    )
 
     @package.on(DeliveryRequested, emits=[PackageReady, PackageRejected])
     async def create_package(
@@ -30,11 +37,13 @@ def build(knobs: Knobs) -> Service:
             reason = f"package weighs {info.weight_kg} kg; the limit is {MAX_WEIGHT_KG} kg"
         elif chance(knobs.rejection_rate, "reject", event.delivery_id):
             reason = "package failed inspection"
-        status = "rejected" if reason else "ready"
-        await ctx.state.put(
-            "package",
-            info.package_id,
-            {"delivery_id": event.delivery_id, "status": status, "weight_kg": info.weight_kg},
+        await ctx.session.merge(
+            Package(
+                package_id=info.package_id,
+                delivery_id=event.delivery_id,
+                status="rejected" if reason else "ready",
+                weight_kg=info.weight_kg,
+            )
         )
         if reason:
             return PackageRejected(
@@ -48,14 +57,16 @@ def build(knobs: Knobs) -> Service:
     # create_package for it, so releasing what exists now is enough, in any order of arrival.
     @package.compensate(DeliveryFailed, undoes=create_package)
     async def release_package(event: DeliveryFailed, ctx: Context) -> None:
-        for key, doc in await ctx.state.find("package", {"delivery_id": event.delivery_id}):
-            if doc["status"] == "ready":
-                await ctx.state.put("package", key, {**doc, "status": "released"})
+        await ctx.session.execute(
+            update(Package)
+            .where(Package.delivery_id == event.delivery_id, Package.status == "ready")
+            .values(status="released")
+        )
 
     @package.on(DeliveryCompleted)
     async def mark_delivered(event: DeliveryCompleted, ctx: Context) -> None:
-        doc = await ctx.state.get("package", event.package_id)
-        if doc is not None:
-            await ctx.state.put("package", event.package_id, {**doc, "status": "delivered"})
+        await ctx.session.execute(
+            update(Package).where(Package.package_id == event.package_id).values(status="delivered")
+        )
 
     return package

@@ -20,7 +20,14 @@ from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import relay
 from choreograph.service import Service
 from choreograph.store import DocumentBusy, Store
-from choreograph.transport import Delivery, Failure, Message, Subscription, Transport
+from choreograph.transport import (
+    Delivery,
+    Failure,
+    Message,
+    Subscription,
+    Transport,
+    load_backend,
+)
 
 log = logging.getLogger("choreograph.worker")
 
@@ -96,6 +103,12 @@ class ServiceWorker:
 
     async def start(self) -> None:
         await self.store.open()
+        if self.service.tables is not None:
+            create_tables = load_backend(
+                "choreograph.orm", "create_tables", "sqlalchemy", f"tables of {self.name}"
+            )
+            async with self.store.transaction() as tx:
+                await create_tables(tx, self.service.tables)
         if self.handling.topics:
             self._subscription = await self.transport.subscribe(
                 self.name, self.handling.topics, lease=self.settings.lease

@@ -9,7 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from choreograph import Context, Middleware, Outcome
+from choreograph import Context, Middleware, Outcome, Runtime
+from choreograph.demo import tables
 from choreograph.demo.events import DeliveryRequested
 from choreograph.demo.knobs import Knobs
 from choreograph.testing import Harness
@@ -21,6 +22,18 @@ CALM = {"rejection_rate": 0.0, "transient_error_rate": 0.0, "flight_seconds": 0.
 
 def calm_knobs(**overrides: Any) -> Knobs:
     return Knobs(**{**CALM, **overrides})
+
+
+async def fleet(runtime: Runtime) -> dict[str, dict[str, str]]:
+    """drone-scheduler's drones: ``{drone_id: {"status": ..., "delivery": ...}}``."""
+    async with runtime.unit_of_work("drone-scheduler") as uow:
+        return await tables.drones(uow.session)
+
+
+async def packages(runtime: Runtime, delivery_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """package's packages (of one delivery, or all)."""
+    async with runtime.unit_of_work("package") as uow:
+        return await tables.packages(uow.session, delivery_id)
 
 
 def request_body(

@@ -24,6 +24,8 @@ from tests.drone.conftest import (
     Recorder,
     calm_knobs,
     delivery_requested,
+    fleet,
+    packages,
     request,
 )
 
@@ -80,22 +82,15 @@ async def run(h: Harness, requests: dict[str, DeliveryRequested]) -> None:
 async def final_state(h: Harness) -> dict[str, Any]:
     """Business state of every service (drone assignment order aside: drones by status)."""
     state: dict[str, Any] = {}
-    reads = {
-        "package": "package",
-        "drone-scheduler": "drone",
-        "delivery": "delivery",
-        "ingestion": "delivery",
-        "notification": "sent",
-    }
+    reads = {"delivery": "delivery", "ingestion": "delivery", "notification": "sent"}
     for service, kind in reads.items():
         async with h.runtime.unit_of_work(service) as uow:
             docs = dict(await uow.state.find(kind, limit=10_000))
-        if kind == "drone":
-            state[service] = Counter(doc["status"] for doc in docs.values())
-        else:
-            for doc in docs.values():
-                doc.pop("drone_id", None)
-            state[service] = docs
+        for doc in docs.values():
+            doc.pop("drone_id", None)
+        state[service] = docs
+    state["package"] = await packages(h.runtime)
+    state["drone-scheduler"] = Counter(d["status"] for d in (await fleet(h.runtime)).values())
     return state
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from choreograph import Event, PermanentFailure
-from choreograph.demo import create_app, drone_scheduler, package
+from choreograph.demo import create_app, drone_scheduler, package, tables
 from choreograph.demo.events import (
     DeliveryCancelRequested,
     DeliveryCompleted,
@@ -24,6 +24,7 @@ from tests.drone.conftest import (
     advance_until,
     calm_knobs,
     delivery_requested,
+    packages,
     request,
 )
 
@@ -36,11 +37,11 @@ def outcomes(h: Harness, delivery_id: str) -> list[str]:
 
 async def drones(h: Harness) -> dict[str, dict[str, str]]:
     async with h.runtime.unit_of_work("drone-scheduler") as uow:
-        return dict(await uow.state.find("drone", limit=10_000))
+        return await tables.drones(uow.session)
 
 
 async def package_status(h: Harness, event: DeliveryRequested) -> str | None:
-    doc = await h.state("package", "package", event.package.package_id)
+    doc = (await packages(h.runtime)).get(event.package.package_id)
     return None if doc is None else doc["status"]
 
 
@@ -63,10 +64,7 @@ async def test_a_delivery_is_scheduled_flown_and_completed(harness: HarnessFacto
     assert types.index("DeliveryCompleted") > scheduled_at
     assert outcomes(h, did) == ["DeliveryCompleted"]
     assert completed.data["package_id"] == event.package.package_id
-    assert await h.state("drone-scheduler", "drone", completed.data["drone_id"]) == {
-        "status": "free",
-        "delivery": "",
-    }
+    assert (await drones(h))[completed.data["drone_id"]] == {"status": "free", "delivery": ""}
     assert await package_status(h, event) == "delivered"
     assert (await h.state("delivery", "delivery", did) or {})["status"] == "completed"
     assert (await h.state("ingestion", "delivery", did) or {})["status"] == "completed"

@@ -31,7 +31,7 @@ from choreograph.events import Event
 from choreograph.pytest_plugin import HarnessFactory
 from choreograph.transport import Message
 from choreograph.transports.memory import MemoryTransport
-from tests.drone.conftest import Recorder, calm_knobs, delivery_requested
+from tests.drone.conftest import Recorder, calm_knobs, delivery_requested, fleet, packages
 from tests.stores.conftest import PG_URL, drop_schemas
 from tests.support.brokers import POSTGRES
 
@@ -119,12 +119,9 @@ def all_cases() -> list[Case]:
 
 async def held(runtime: Runtime, service: str, delivery_id: str) -> list[dict[str, Any]]:
     """What ``service`` still holds for the delivery: reserved drones, packages not released."""
-    async with runtime.unit_of_work(service) as uow:
-        if service == "drone-scheduler":
-            found = await uow.state.find("drone", {"delivery": delivery_id})
-        else:
-            found = await uow.state.find("package", {"delivery_id": delivery_id})
-    return [doc for _, doc in found]
+    if service == "drone-scheduler":
+        return [d for d in (await fleet(runtime)).values() if d["delivery"] == delivery_id]
+    return list((await packages(runtime, delivery_id)).values())
 
 
 @pytest.fixture(
@@ -224,8 +221,5 @@ async def test_a_request_retrying_for_a_busy_fleet_never_takes_a_drone_once_fail
     attempts = requests(recorder, second.delivery_id)
     assert attempts[-1] == "late" and "done" not in attempts
     assert await held(h.runtime, "drone-scheduler", second.delivery_id) == []
-    assert await h.state("drone-scheduler", "drone", "drone-0001") == {
-        "status": "free",
-        "delivery": "",
-    }
+    assert (await fleet(h.runtime))["drone-0001"] == {"status": "free", "delivery": ""}
     assert not h.published(DroneScheduled, second.delivery_id)

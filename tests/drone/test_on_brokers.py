@@ -21,11 +21,12 @@ import httpx
 import pytest
 from rich.console import Console
 
-from choreograph.demo import create_app
+from choreograph.demo import create_app, tables
 from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.demo.runner import isolated, run_demo
 from choreograph.observe.recorder import RECORDER_GROUP
+from choreograph.orm import session_on
 from choreograph.store import store_from_url
 from choreograph.transport import transport_from_url
 from tests.drone.conftest import request_body
@@ -182,6 +183,16 @@ async def docs(stores: str, service: str, kind: str) -> dict[str, dict[str, Any]
         await store.close()
 
 
+async def fleet_of(stores: str) -> dict[str, dict[str, Any]]:
+    store = store_from_url(stores, "drone-scheduler")
+    await store.open()
+    try:
+        async with store.transaction() as tx, session_on(tx) as session:
+            return await tables.drones(session)
+    finally:
+        await store.close()
+
+
 @pytest.mark.nats
 async def test_a_killed_drone_scheduler_replica_is_taken_over_by_the_other(
     tmp_path: Path,
@@ -282,7 +293,7 @@ async def test_a_killed_drone_scheduler_replica_is_taken_over_by_the_other(
                 assert seen[did]["status"] in ("completed", "failed"), (did, seen[did])
                 assert decided[did]["status"] == seen[did]["status"], did
                 assert told[did]["outcome"] == seen[did]["status"], did
-            drones = await docs(stores, "drone-scheduler", "drone")
+            drones = await fleet_of(stores)
             reserved = {k: d for k, d in drones.items() if d["status"] != "free"}
             assert not reserved, f"drones left reserved: {reserved}"
             assert not await dead_letters(url)

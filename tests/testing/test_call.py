@@ -16,6 +16,7 @@ from choreograph import (
 )
 from choreograph.demo import create_app
 from choreograph.demo.events import (
+    DeliveryCancelRequested,
     DeliveryFailed,
     DeliveryScheduled,
     DroneArrived,
@@ -36,64 +37,87 @@ def drone_app() -> App:
 async def test_call_returns_the_typed_events_emitted_and_the_documents_stored(
     harness: HarnessFactory, drone_app: App
 ) -> None:
-    # given the package service, on its own
+    # given the delivery service, on its own
     h = await harness(drone_app, services=[])
-    request = delivery_requested(1, weight_kg=3.0)
-    pid = request.package.package_id
+    did = "d-rejected"
+    rejected = PackageRejected(delivery_id=did, package_id="p1", reason="too heavy")
     # when
-    result = await h.call("package", request, correlation_id=request.delivery_id)
+    result = await h.call("delivery", rejected, correlation_id=did)
     # then
     assert result.outcome == "done"
     assert result.emitted == [
-        PackageReady(delivery_id=request.delivery_id, package_id=pid, weight_kg=3.0)
+        DeliveryFailed(delivery_id=did, reason="package rejected: too heavy", stage="package")
     ]
-    assert result.envelopes[0].correlationid == request.delivery_id
+    assert result.envelopes[0].correlationid == did
     assert result.envelopes[0].causationid == result.envelope.id
-    assert result.stored("package", pid) == {
-        "delivery_id": request.delivery_id,
-        "status": "ready",
-        "weight_kg": 3.0,
+    assert result.stored("delivery", did) == {
+        "status": "failed",
+        "reason": "package rejected: too heavy",
     }
     assert h.events == []  # nothing was published on the harness' bus
 
 
 async def test_call_starts_from_the_state_given(harness: HarnessFactory, drone_app: App) -> None:
-    # given a drone-scheduler whose first drone is already reserved
+    # given a delivery already in flight
+    h = await harness(drone_app, services=[])
+    did = "d-flying"
+    state = {"delivery": {did: {"status": "in_flight", "drone_id": "drone-7"}}}
+    # when a cancel arrives
+    cancel = DeliveryCancelRequested(delivery_id=did, reason="changed my mind")
+    result = await h.call("delivery", cancel, state=state, correlation_id=did)
+    # then it is too late to fail it: nothing is emitted and the document is as it was
+    assert result.outcome == "done"
+    assert result.emitted == []
+    assert result.stored("delivery", did) == state["delivery"][did]
+
+
+async def test_call_runs_a_handler_on_its_tables(harness: HarnessFactory, drone_app: App) -> None:
+    # given drone-scheduler, whose fleet is a table (created in the call's fresh store)
     h = await harness(drone_app, services=[])
     request = delivery_requested(2)
-    fleet = {
-        "fleet": {"size": {"drones": 2}},
-        "drone": {
-            "drone-0001": {"status": "reserved", "delivery": "another"},
-            "drone-0002": {"status": "free", "delivery": ""},
-        },
-    }
     # when a request arrives
-    result = await h.call("drone-scheduler", request, state=fleet)
-    # then it reserves the drone that was free
+    result = await h.call("drone-scheduler", request, correlation_id=request.delivery_id)
+    # then it reserves the first drone of the fleet
     assert result.outcome == "done"
     assert result.emitted == [
-        DroneScheduled(delivery_id=request.delivery_id, drone_id="drone-0002")
+        DroneScheduled(delivery_id=request.delivery_id, drone_id="drone-0001")
     ]
-    assert result.stored("drone", "drone-0001") == fleet["drone"]["drone-0001"]
-    assert result.stored("drone", "drone-0002") == {
-        "status": "reserved",
-        "delivery": request.delivery_id,
-    }
 
 
-async def test_a_compensation_runs_against_the_work_it_undoes(
-    harness: HarnessFactory, drone_app: App
-) -> None:
-    # given a package that was made ready for the delivery
-    h = await harness(drone_app, services=[])
-    request = delivery_requested(3)
-    ready = await h.call("package", request)
-    failed = DeliveryFailed(delivery_id=request.delivery_id, reason="no drone", stage="drone")
-    # when the delivery fails, with the state the first handling left
-    result = await h.call("package", failed, state=ready.state)
-    # then the package is released
-    assert (result.stored("package", request.package.package_id) or {})["status"] == "released"
+class Ordered(Event):
+    order: str
+
+
+class OrderCancelled(Event):
+    order: str
+
+
+def stock_app() -> App:
+    stock = Service("stock")
+
+    @stock.on(Ordered)
+    async def reserve(event: Ordered, ctx: Context) -> None:
+        await ctx.state.put("reserved", event.order, {"status": "held"})
+
+    @stock.compensate(OrderCancelled, undoes=reserve)
+    async def release(event: OrderCancelled, ctx: Context) -> None:
+        doc = await ctx.state.get("reserved", event.order)
+        if doc is not None:
+            await ctx.state.put("reserved", event.order, {"status": "released"})
+
+    return App("stock", [stock], terminal=[OrderCancelled])
+
+
+async def test_a_compensation_runs_against_the_work_it_undoes() -> None:
+    # given stock held for an order
+    h = Harness(stock_app())
+    held = await h.call("stock", Ordered(order="o1"), correlation_id="o1")
+    # when the order is cancelled, with the state the first handling left
+    result = await h.call(
+        "stock", OrderCancelled(order="o1"), state=held.state, correlation_id="o1"
+    )
+    # then the stock is released
+    assert result.stored("reserved", "o1") == {"status": "released"}
 
 
 async def test_a_join_completes_over_two_chained_calls_and_emits_later(
