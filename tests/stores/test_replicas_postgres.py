@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from choreograph import App, Context, Event, Middleware, Outcome, Runtime, Service, WorkerSettings
-from choreograph.demo import drone_scheduler
+from choreograph.demo import drone_scheduler, tables
 from choreograph.demo.events import DeliveryRequested
 from choreograph.demo.knobs import Knobs
 from choreograph.envelope import encode, new_envelope
@@ -295,9 +295,10 @@ async def test_replicas_of_the_drone_scheduler_never_reserve_a_drone_twice(
         assert seen.of("done") == Counter(dict.fromkeys(ids, 1))
         assert seen.of("duplicate") == Counter(dict.fromkeys(ids, 1))
         async with runtimes[0].unit_of_work("drone-scheduler") as uow:
-            drones = await uow.state.find("drone", {"status": "reserved"}, limit=100)
-        # and each delivery holds one drone of its own
-        assert sorted(doc["delivery"] for _, doc in drones) == deliveries
+            fleet = await tables.drones(uow.session)
+        # and each delivery holds one drone of its own (rows picked FOR UPDATE SKIP LOCKED)
+        reserved = [drone["delivery"] for drone in fleet.values() if drone["status"] == "reserved"]
+        assert sorted(reserved) == deliveries
     finally:
         await asyncio.gather(*(runtime.stop() for runtime in runtimes))
 
