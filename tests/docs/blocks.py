@@ -8,6 +8,8 @@ A block is annotated by HTML comments right above its fence (invisible on the si
     <!-- test: nats acme -->         the same, and the block's namespace ``acme`` is the test's
     <!-- test: expect -->            text: lines the previous sh block must print (… = anything)
     <!-- test: envelope -->          json: a CloudEvent that choreograph must decode
+    <!-- test: excerpt PATH -->      any language: the block is a verbatim part of the file PATH,
+                                     which a test runs (e.g. the Node.js participant)
 
 Unannotated ``python`` blocks run in order in one module per page; ``sh`` blocks run with bash
 in the page's directory. A block of any other kind, or unannotated, is an error: every block of

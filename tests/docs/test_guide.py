@@ -141,6 +141,8 @@ class PageRun:
             self.shell = Shell(block, code, self.cwd, self.env)
         elif block.lang == "json" and block.note("envelope") is not None:
             decode(code.encode())
+        elif excerpt := block.note("excerpt"):
+            assert code in (ROOT / excerpt).read_text(), f"{block.where}: not in {excerpt}"
         else:
             pytest.fail(f"{block.where}: a {block.lang or 'plain'} block the tests cannot run")
 
@@ -208,5 +210,6 @@ def test_every_block_of_the_guide_is_one_the_tests_run() -> None:
                 block.lang in runnable
                 or (block.lang == "text" and block.note("expect") is not None)
                 or (block.lang == "json" and block.note("envelope") is not None)
+                or bool(block.note("excerpt"))
             )
             assert kind_ok, f"{block.where}: a {block.lang or 'plain'} block no test runs"
