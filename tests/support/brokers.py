@@ -11,9 +11,11 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -78,7 +80,12 @@ REDIS = Broker(
     ),
     stop="redis-cli -p 6379 shutdown nosave",
 )
-RABBITMQ = Broker("RabbitMQ", 5672, start="rabbitmq-server -detached", stop="rabbitmqctl stop")
+RABBITMQ = Broker(
+    "RabbitMQ",
+    5672,
+    start=f"bash {_SCRIPTS}/start-rabbitmq.sh",  # with room for file handles
+    stop="rabbitmqctl stop",
+)
 POSTGRES = Broker(
     "PostgreSQL",
     5432,
