@@ -326,6 +326,14 @@ END $f$;
 COMMENT ON SCHEMA {s} IS '{version}';
 """
 
+#: Buffered puts, written in one statement: ``kinds``, ``keys`` and ``docs`` (JSON text) are the
+#: placeholders of three arrays.
+_PUTS = (
+    "INSERT INTO {s}.state (kind, key, doc) "
+    "SELECT k, kk, d::jsonb FROM unnest({kinds}::text[], {keys}::text[], {docs}::text[]) "
+    "AS u(k, kk, d) ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc"
+)
+
 #: Lock names of what is not a document (the functions above spell them the same way).
 _ENDED = "\x01ended"
 _TIMERS = "\x01timers"
@@ -421,6 +429,10 @@ class _Frame:
     opened: bool = False
     claimed: list[str] = dataclasses.field(default_factory=list)
     """Event ids this savepoint inserted into the inbox (gone with it when it rolls back)."""
+    held: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """Documents this savepoint locked (released when it rolls back)."""
+    journal: int = 0
+    """Where the journal of buffered puts stood when it began (undone back to it)."""
 
 
 class _PostgresTx(StoreTx):
@@ -437,7 +449,7 @@ class _PostgresTx(StoreTx):
     def __init__(self, conn: Any, store: PostgresStore, mode: int, *, claims: bool) -> None:
         self._conn = conn  # the pool's proxy of a StoreConnection
         self._raw: StoreConnection = conn.unproxied()
-        self._raw.opening_savepoints(self._sync)
+        self._raw.opening_savepoints(self._before_user_statement)
         self._s = store.schema_sql
         self._mode = mode
         self._claims = claims
@@ -445,6 +457,12 @@ class _PostgresTx(StoreTx):
         self._claimed: set[str] = set()  # inbox rows this transaction inserted
         self._handled: set[str] = set()  # ids found in the inbox, committed by others
         self._outbox: list[tuple[OutboxRow, float]] = []
+        # Documents this transaction holds the lock of, and puts of held documents not written
+        # yet (serialized when put: later changes to the dict do not count, as in the database)
+        # with the journal that undoes them when a savepoint rolls back.
+        self._held: set[tuple[str, str]] = set()
+        self._puts: dict[tuple[str, str], bytes] = {}
+        self._journal: list[tuple[tuple[str, str], bytes | None]] = []
         self._frames: list[_Frame] = []  # open savepoints, outermost first
         self._unreleased: str | None = None  # a savepoint left successfully, not yet released
         self._savepoints = 0
@@ -467,19 +485,19 @@ class _PostgresTx(StoreTx):
 
     async def _execute(self, sql: str, *args: Any) -> str:
         await self._sync()
-        return cast(str, await self._conn.execute(sql, *args))
+        return cast(str, await asyncpg.Connection.execute(self._raw, sql, *args))
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         await self._sync()
-        return cast("list[Any]", await self._conn.fetch(sql, *args))
+        return cast("list[Any]", await asyncpg.Connection.fetch(self._raw, sql, *args))
 
     async def _fetchrow(self, sql: str, *args: Any) -> Any:
         await self._sync()
-        return await self._conn.fetchrow(sql, *args)
+        return await asyncpg.Connection.fetchrow(self._raw, sql, *args)
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         await self._sync()
-        return await self._conn.fetchval(sql, *args)
+        return await asyncpg.Connection.fetchval(self._raw, sql, *args)
 
     async def flush(self) -> None:
         """Write the inbox and outbox rows in one statement (called before the commit): keep
@@ -487,15 +505,18 @@ class _PostgresTx(StoreTx):
         or was handed back), insert the outbox rows."""
         remembered = dict(self._inbox)  # one row per id (a duplicate within the batch)
         forgotten = [event_id for event_id in self._claimed if event_id not in remembered]
-        if not (remembered or forgotten or self._outbox):
+        if not (remembered or forgotten or self._outbox or self._puts):
             return
         s = self._s
         rows = [row for row, _ in self._outbox]
-        await self._conn.execute(
+        puts = self._take_puts()
+        await asyncpg.Connection.execute(
+            self._raw,
             f"WITH forgotten AS (DELETE FROM {s}.inbox WHERE event_id = ANY($1::text[])), "
             f"kept AS (INSERT INTO {s}.inbox (event_id, at) "
             "SELECT * FROM unnest($2::text[], $3::float8[]) "
-            "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at) "
+            "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at), "
+            f"put AS ({_PUTS.format(s=s, kinds='$9', keys='$10', docs='$11')}) "
             f"INSERT INTO {s}.outbox (id, topic, body, due_at, leased_until) "
             "SELECT * FROM unnest($4::text[], $5::text[], $6::bytea[], $7::float8[], "
             "$8::float8[])",
@@ -507,8 +528,50 @@ class _PostgresTx(StoreTx):
             [r.body for r in rows],
             [r.due_at for r in rows],
             [claimed_until for _, claimed_until in self._outbox],
+            *puts,
         )
         self._inbox, self._outbox, self._claimed = [], [], set()
+
+    # buffered puts -----------------------------------------------------------------------------
+
+    def _hold(self, doc: tuple[str, str]) -> None:
+        if doc not in self._held:
+            self._held.add(doc)
+            if self._frames:
+                self._frames[-1].held.append(doc)
+
+    def _buffer(self, doc: tuple[str, str], data: bytes | None) -> None:
+        """Set (``data``) or drop (None) the buffered put of ``doc``, journaled for savepoints."""
+        if self._frames:
+            self._journal.append((doc, self._puts.get(doc)))
+        if data is None:
+            self._puts.pop(doc, None)
+        else:
+            self._puts[doc] = data
+
+    def _take_puts(self) -> tuple[list[str], list[str], list[str]]:
+        """The buffered puts as the three arrays of ``_PUTS``, emptying the buffer."""
+        if self._frames:
+            self._journal += self._puts.items()
+        kinds = [kind for kind, _ in self._puts]
+        keys = [key for _, key in self._puts]
+        docs = [data.decode() for data in self._puts.values()]
+        self._puts = {}
+        return kinds, keys, docs
+
+    async def _write_puts(self) -> None:
+        """Write the buffered puts now (before a statement that reads documents)."""
+        if self._puts:
+            await self._sync()
+            await asyncpg.Connection.execute(
+                self._raw, _PUTS.format(s=self._s, kinds="$1", keys="$2", docs="$3"),
+                *self._take_puts(),
+            )  # fmt: skip
+
+    async def _before_user_statement(self) -> None:
+        """A handler's own statement on ``ctx.connection`` sees its savepoint and its puts."""
+        await self._sync()
+        await self._write_puts()
 
     @property
     def connection(self) -> Any:
@@ -517,6 +580,9 @@ class _PostgresTx(StoreTx):
     # documents -------------------------------------------------------------------------------
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        buffered = self._puts.get((kind, key))
+        if buffered is not None:
+            return cast("dict[str, Any]", orjson.loads(buffered))
         if not self._mode:
             doc = await self._fetchval(
                 f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
@@ -527,9 +593,18 @@ class _PostgresTx(StoreTx):
         )
         if not row["ok"]:
             raise DocumentBusy((kind, key))
+        self._hold((kind, key))
         return cast("dict[str, Any] | None", row["got"])
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        data = orjson.dumps(doc)
+        if (not self._mode or (kind, key) in self._held) and b"\\u0000" not in data:
+            # Held (or one writer at a time): nothing to lock, so the write waits for the next
+            # statement that reads documents, or the commit. (A NUL, which PostgreSQL refuses
+            # in JSON, is written at once: the handling fails in its own savepoint.)
+            self._buffer((kind, key), data)
+            return
+        self._buffer((kind, key), None)
         if not self._mode:
             await self._execute(
                 f"INSERT INTO {self._s}.state (kind, key, doc) VALUES ($1, $2, $3) "
@@ -538,23 +613,28 @@ class _PostgresTx(StoreTx):
                 key,
                 doc,
             )
-        elif not await self._fetchval(
+        elif await self._fetchval(
             f"SELECT {self._s}.put_doc($1, $2, $3, $4)", kind, key, doc, self._mode
         ):
+            self._hold((kind, key))
+        else:
             raise DocumentBusy((kind, key))
 
     async def delete(self, kind: str, key: str) -> bool:
+        buffered = (kind, key) in self._puts
+        self._buffer((kind, key), None)
         if not self._mode:
             status = await self._execute(
                 f"DELETE FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
             )
-            return _count(status) > 0
+            return buffered or _count(status) > 0
         deleted = await self._fetchval(
             f"SELECT {self._s}.delete_doc($1, $2, $3)", kind, key, self._mode
         )
         if deleted < 0:
             raise DocumentBusy((kind, key))
-        return bool(deleted)
+        self._hold((kind, key))
+        return buffered or bool(deleted)
 
     async def find(
         self,
@@ -565,6 +645,7 @@ class _PostgresTx(StoreTx):
         skip_locked: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
         w = _Where.of(where)
+        await self._write_puts()
         if not self._mode:
             rows = await self._fetch(
                 f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
@@ -587,10 +668,13 @@ class _PostgresTx(StoreTx):
         )
         if rows and rows[-1]["busy"]:
             raise DocumentBusy((kind, rows[-1]["found_key"]))
+        for row in rows:
+            self._hold((kind, row["found_key"]))
         return [(row["found_key"], row["found_doc"]) for row in rows]
 
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         w = _Where.of(where)
+        await self._write_puts()
         value = await self._fetchval(
             f"SELECT count(*) FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
             f"AND {self._s}.matches(doc, $2, $3, $4)",
@@ -605,6 +689,7 @@ class _PostgresTx(StoreTx):
     async def savepoint(self) -> AsyncIterator[None]:
         self._savepoints += 1
         frame = _Frame(f"sp{self._savepoints}", list(self._inbox), list(self._outbox))
+        frame.journal = len(self._journal)
         self._frames.append(frame)
         try:
             yield
@@ -612,6 +697,15 @@ class _PostgresTx(StoreTx):
             self._frames.pop()
             self._inbox, self._outbox = frame.inbox, frame.outbox
             self._claimed.difference_update(frame.claimed)
+            self._held.difference_update(frame.held)
+            for doc, data in reversed(self._journal[frame.journal :]):
+                if data is None:
+                    self._puts.pop(doc, None)
+                else:
+                    self._puts[doc] = data
+            del self._journal[frame.journal :]
+            if not self._frames:
+                self._journal = []
             if frame.opened and isinstance(exc, Exception | DocumentBusy):
                 # (a cancelled task skips this: the whole transaction is rolled back anyway)
                 self._unreleased = None  # it was inside this savepoint: gone with it
@@ -621,8 +715,11 @@ class _PostgresTx(StoreTx):
             raise
         else:
             self._frames.pop()
-            if self._frames:  # what it claimed now goes with the savepoint around it
+            if self._frames:  # what it claimed and locked now goes with the savepoint around it
                 self._frames[-1].claimed += frame.claimed
+                self._frames[-1].held += frame.held
+            else:
+                self._journal = []
             if frame.opened:
                 self._unreleased = frame.name  # releasing it releases any left inside it
 

@@ -103,3 +103,38 @@ async def test_a_closed_sqlite_store_refuses_work_until_opened_again(tmp_path: P
             assert await tx.get("k", "1") == {"v": 1}
     finally:
         await store.close()
+
+
+async def test_a_failed_savepoint_keeps_what_an_earlier_one_wrote_when_it_read_it(
+    store: Store,
+) -> None:
+    """(PostgreSQL writes a held document's put later, with the next read or the commit: a
+    savepoint that reads, and so writes the earlier put, then fails must not take it along.)"""
+    async with store.transaction() as tx:
+        async with tx.savepoint():
+            await tx.get("doc", "a")
+            await tx.put("doc", "a", {"v": 1})
+        with pytest.raises(RuntimeError):
+            async with tx.savepoint():
+                assert await tx.find("doc") == [("a", {"v": 1})]
+                await tx.put("doc", "a", {"v": 2})
+                await tx.put("doc", "b", {"v": 2})
+                raise RuntimeError("the handler failed")
+        assert await tx.get("doc", "a") == {"v": 1}
+        assert await tx.get("doc", "b") is None
+        assert await tx.count("doc") == 1
+    async with store.transaction() as tx:
+        assert await tx.find("doc") == [("a", {"v": 1})]
+
+
+async def test_a_document_is_stored_as_it_was_when_put(store: Store) -> None:
+    async with store.transaction() as tx:
+        doc = {"v": 1}
+        await tx.get("doc", "a")
+        await tx.put("doc", "a", doc)
+        doc["v"] = 2  # a change after the put is not stored
+        assert await tx.get("doc", "a") == {"v": 1}
+        assert await tx.delete("doc", "a") is True
+        assert await tx.get("doc", "a") is None
+    async with store.transaction() as tx:
+        assert await tx.get("doc", "a") is None
