@@ -25,6 +25,7 @@ from choreograph.cli._common import (
     transport_option,
 )
 from choreograph.errors import ConfigurationError
+from choreograph.observe.durations import format_duration
 from choreograph.observe.flowdb import DEFAULT_DB_URL, FlowDb, SqliteFlowDb, flowdb_from_url
 from choreograph.observe.flows import children, flow_stats, load_transaction, stuck_transactions
 from choreograph.observe.model import FlowModel
@@ -70,18 +71,6 @@ def _clock(epoch: float | None) -> str:
     if epoch is None:
         return "-"
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
-
-
-def _seconds(value: float) -> str:
-    if value < 0.001:
-        return f"{value * 1_000_000:.0f}µs"
-    if value < 1:
-        return f"{value * 1000:.1f}ms"
-    if value < 120:
-        return f"{value:.2f}s"
-    if value < 7200:
-        return f"{value / 60:.1f}m"
-    return f"{value / 3600:.1f}h"
 
 
 def _existing(db_url: str) -> FlowDb:
@@ -198,7 +187,7 @@ def _render_trace(view: dict[str, Any], show_all: bool) -> None:
     ending = f" ({view['terminal']})" if view["terminal"] else ""
     head = (
         f"[bold]{view['correlation_id']}[/]  [{style}]{status.replace('_', ' ')}{ending}[/]  "
-        f"{_seconds(view['duration'])} · {counts['events']} events · {counts['retries']} "
+        f"{format_duration(view['duration'])} · {counts['events']} events · {counts['retries']} "
         f"retries · {counts['dead_letters']} dead letters · {counts['compensations']} "
         f"compensations · started {_clock(view['started'])}"
     )
@@ -214,7 +203,7 @@ def _render_trace(view: dict[str, Any], show_all: bool) -> None:
         terminal = " [bold]■ end[/]" if event["type"] == view["terminal"] else ""
         node = parent.add(
             f"[bold cyan]{event['type']}[/] from {event['source']}  "
-            f"+{_seconds(max(0.0, event['time'] - t0))}{terminal}"
+            f"+{format_duration(max(0.0, event['time'] - t0))}{terminal}"
         )
         kids = children(events, event)
         placed: set[str] = set()
@@ -269,10 +258,11 @@ def _handling_line(h: dict[str, Any]) -> str:
     name = h["handler"] or "?"
     line = (
         f"{h['service']}.{name}{kind}  {_OUTCOME_STYLE.get(h['outcome'], h['outcome'])}  "
-        f"attempt {h['attempt']}  {_seconds(h['duration'])}"
+        f"attempt {h['attempt']}  {format_duration(h['duration'])}"
     )
     if h["outcome"] == "retry":
-        line += f"  [yellow]{h['error_type']}: {h['error']}; next in {_seconds(h['delay'] or 0)}[/]"
+        wait = format_duration(h["delay"] or 0)
+        line += f"  [yellow]{h['error_type']}: {h['error']}; next in {wait}[/]"
     elif h["outcome"] == "dead_letter":
         line += f"  [red]{h['reason']}: {h['error_type']}: {h['error']}[/]"
     elif h["note"]:
@@ -331,7 +321,7 @@ async def stuck(
             table.add_column("waiting for")
         for row in rows:
             cells = [
-                row["correlation_id"], _seconds(row["age"]), _seconds(row["idle"]),
+                row["correlation_id"], format_duration(row["age"]), format_duration(row["idle"]),
                 row["last_type"], str(row["events"]), str(row["retries"]),
                 str(row["dead_letters"]),
             ]  # fmt: skip

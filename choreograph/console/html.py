@@ -12,6 +12,7 @@ from html import escape
 from urllib.parse import urlencode
 
 from choreograph import __version__
+from choreograph.observe.durations import format_duration
 from choreograph.transport import redact
 
 #: Shown where there is no value.
@@ -54,17 +55,7 @@ def clock(epoch: float | None) -> str:
 def seconds(value: float | None) -> str:
     if value is None:
         return NONE
-    if value < 0.001:
-        return f"{value * 1e6:.0f}µs"
-    if value < 1:
-        return f"{value * 1000:.1f}ms"
-    if value < 120:
-        return f"{value:.1f}s"
-    if value < 7200:
-        return f"{value / 60:.1f}m"
-    if value < 172_800:
-        return f"{value / 3600:.1f}h"
-    return f"{value / 86_400:.1f}d"
+    return format_duration(value)
 
 
 def badge(status: str) -> str:
