@@ -3,10 +3,11 @@
 W3 options (each takes a comma-separated list; every combination is measured in the same run):
 ``--store sqlite,postgres``, ``--layout one,each``, ``--replicas 1,2,4`` (processes per service,
 process-per-service layout), ``--io-wait 0,5`` (ms of simulated I/O in package and
-drone-scheduler handlers), ``--locking ,service`` (the PostgreSQL store's locking option; empty
-for its default). ``--transports nats,nats-cluster`` puts a 3-node cluster of the run's own beside
-the single node (W3 only). ``--only orch``: the drone delivery choreographed and orchestrated,
-side by side, as it is, with one participant slow and with one down for a while.
+drone-scheduler handlers), ``--locking key,service`` (the PostgreSQL store's locking option;
+empty for its default), ``--deliveries N``. ``--transports nats-node,nats-cluster`` puts a
+3-node cluster of the run's own (``replicas=3``) beside a single node of its own with the same
+settings (W3 only). ``--only orch``: the drone delivery choreographed and orchestrated, side by
+side, as it is, with one participant slow and with one down for a while.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ from benchmarks.config import Config
 from benchmarks.harness import BenchError, Row
 from benchmarks.machine import describe, load_average
 from benchmarks.profiling import summarise
-from benchmarks.report import add_ratios, median, print_tables, write_markdown
+from benchmarks.report import (
+    add_ratios,
+    markdown_fragment,
+    median,
+    print_tables,
+    write_markdown,
+)
 from benchmarks.stores import STORES
 
-TRANSPORTS = ("sqlite", "nats", "redis", "amqp", nats_cluster.TRANSPORT)
-W3_ONLY = (nats_cluster.TRANSPORT,)
+TRANSPORTS = ("sqlite", "nats", "redis", "amqp", nats_cluster.NODE, nats_cluster.TRANSPORT)
+W3_ONLY = (nats_cluster.NODE, nats_cluster.TRANSPORT)
 """Transports only W3 runs on."""
 WORKLOADS = ("w1", "w2", "w3", "orch")
 SLOW_MS = 50.0
@@ -83,7 +90,7 @@ def plan(cfg: Config, workloads: set[str], transports: list[str]) -> list[Cell]:
     if "w3" in workloads:
         for t in every:
             for variant in w3_variants(cfg):
-                needs = "nats" if t == nats_cluster.TRANSPORT else t
+                needs = "" if t in W3_ONLY else t
                 if variant.store == "postgres" and needs == "sqlite":
                     needs = "postgres"
                 run = _bind(w3.run, cfg, t, variant)
@@ -213,9 +220,13 @@ async def main_async(args: argparse.Namespace, console: Console) -> int:
     if profile_dir is not None:
         report_profiles(profile_dir, console)
     narrowed = any(value is not None for value in w3_options.values())
+    command = "python -m benchmarks " + " ".join(sys.argv[1:])
+    if args.tables:
+        fragment = markdown_fragment(rows, machine, command.strip())
+        await asyncio.to_thread(Path(args.tables).write_text, fragment)
+        console.print(f"wrote {args.tables}")
     full = not (args.quick or args.only or args.transports or args.profile or narrowed)
     if args.write == "yes" or (args.write == "auto" and full):
-        command = "python -m benchmarks " + " ".join(sys.argv[1:])
         write_markdown(rows, machine, command.strip())
         console.print("wrote benchmarks/RESULTS.md")
     return 1 if any(r.error for r in rows) else 0
@@ -272,6 +283,12 @@ def main() -> None:
         help="rewrite benchmarks/RESULTS.md (auto: only after a full, unfiltered run)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--tables",
+        metavar="FILE",
+        default="",
+        help="also write this run's tables, command and load as Markdown to FILE",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",

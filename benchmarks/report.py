@@ -95,7 +95,7 @@ def _w3_ratio(row: Row, rows: list[Row]) -> str:
             return f"{row.rate / choreographed.rate:.2f}x choreography"
         return ""
     if row.transport == "nats-cluster":
-        single = twin("nats", row.side)
+        single = twin("nats-node", row.side) or twin("nats", row.side)
         if single and single.rate and row.rate:
             return f"{row.rate / single.rate:.2f}x single node"
         return ""
@@ -195,6 +195,20 @@ def derived_bounds(rows: list[Row]) -> list[str]:
                 f"of service CPU per {unit} (all processes summed)."
             )
     return out
+
+
+def markdown_fragment(rows: list[Row], machine: dict[str, str], command: str) -> str:
+    """This run's tables, the command that made them and the machine's load, as a piece of
+    Markdown to paste into ``RESULTS.md`` (for runs of some cells only)."""
+    lines = [
+        f"`{command}`, {machine.get('date', '?')}, git {machine.get('choreograph', '?')}; "
+        f"{machine.get('load_before', '')}; after: {machine.get('load_after', '')}; "
+        f"{machine.get('duration', '')}.",
+    ]
+    for _, group in _groups(rows).items():
+        lines += ["", *_markdown_table(group)]
+    lines += ["", *_cpu_lines(rows)]
+    return "\n".join(lines) + "\n"
 
 
 def _kept_analysis(path: Path) -> str:

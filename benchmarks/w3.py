@@ -135,6 +135,10 @@ async def bus(transport: str, namespace: str, workdir: Path) -> AsyncIterator[st
         async with nats_cluster.cluster_url(workdir / "cluster", namespace) as url:
             yield url
         return
+    if transport == nats_cluster.NODE:
+        async with nats_cluster.node_url(workdir / "node", namespace) as url:
+            yield url
+        return
     try:
         yield framework_url(transport, namespace, str(workdir / "bus.db"))
     finally:
