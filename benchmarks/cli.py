@@ -4,10 +4,11 @@ W3 options (each takes a comma-separated list; every combination is measured in 
 ``--store sqlite,postgres``, ``--layout one,each``, ``--replicas 1,2,4`` (processes per service,
 process-per-service layout), ``--io-wait 0,5`` (ms of simulated I/O in package and
 drone-scheduler handlers), ``--locking key,service`` (the PostgreSQL store's locking option;
-empty for its default), ``--deliveries N``. ``--transports nats-node,nats-cluster`` puts a
-3-node cluster of the run's own (``replicas=3``) beside a single node of its own with the same
-settings (W3 only). ``--only orch``: the drone delivery choreographed and orchestrated, side by
-side, as it is, with one participant slow and with one down for a while.
+empty for its default), ``--deliveries N``, ``--rate R`` (open loop).
+``--transports nats-node,nats-cluster`` puts a 3-node cluster of the run's own (``replicas=3``)
+beside a single node of its own with the same settings (W3 only). ``--only orch``: the drone
+delivery choreographed and orchestrated, side by side, as it is, with one participant slow and
+with one down for a while.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def w3_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "w3_io_wait_ms": _listed(args.io_wait, float),
         "w3_lockings": _listed(args.locking, str),
         "w3_deliveries": args.deliveries,
+        "w3_rate": args.rate,
     }
 
 
@@ -308,6 +310,9 @@ def main() -> None:
         help="PostgreSQL store locking options, e.g. ',service' (empty: the store's default)",
     )
     w3_group.add_argument("--deliveries", type=int, default=None, help="deliveries per W3 run")
+    w3_group.add_argument(
+        "--rate", type=float, default=None, help="W3 open-loop rate, deliveries/s (default 200)"
+    )
     args = parser.parse_args()
     if args.profile:
         profile_dir = Path(args.profile).resolve()

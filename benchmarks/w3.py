@@ -232,6 +232,8 @@ async def run(cfg: Config, transport: str, variant: Variant, workload: str = WOR
             before = services.cpu()
             await client.message("throughput_end", timeout)
             cpu = {s: c - before[s] for s, c in services.cpu().items()}
+            await _settled(store, deliveries, timeout)  # what follows the terminal events too
+            client.send("go")
             if variant.outage and latency_total:
                 await client.message("latency_start", 60)
                 outage = services.outage(variant.outage, OUTAGE_AFTER, variant.outage_seconds)

@@ -3,8 +3,9 @@
 Deliveries enter the bus as ingestion would publish them (source ``ingestion``, the delivery id as
 correlation id), in batches of 200, without the HTTP API (the pure messaging figure). The outcome
 is counted by a consumer group of its own on ``DeliveryCompleted`` and ``DeliveryFailed``.
-Phase 1: N deliveries at once (deliveries/s); phase 2: open loop at a fixed rate (p50/p99 from the
-scheduled submission to the terminal event).
+Phase 1: N deliveries at once (deliveries/s); phase 2, once the driver says ``go`` (after the
+services finished the work phase 1 left behind its terminal events): open loop at a fixed rate
+(p50/p99 from the scheduled submission to the terminal event).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from benchmarks.child import emit
+from benchmarks.child import emit, wait_for_stdin_line
 from benchmarks.harness import latency_summary
 from choreograph import transport_from_url
 from choreograph.demo.runner import sample_request
@@ -91,6 +92,7 @@ async def client(url: str, n: int, rate: float, seconds: float, timeout: float) 
 
     total = int(rate * seconds)
     if total:
+        await wait_for_stdin_line()
         emit("latency_start")
         t0 = time.time() + 0.05
         sent = 0
