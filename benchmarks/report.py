@@ -94,6 +94,8 @@ def _w3_ratio(row: Row, rows: list[Row]) -> str:
         if choreographed and choreographed.rate and row.rate:
             return f"{row.rate / choreographed.rate:.2f}x choreography"
         return ""
+    if row.side.startswith("choreograph") and row.workload != "W3 drone delivery":
+        return ""  # the comparison's reference row
     if row.transport == "nats-cluster":
         single = twin("nats-node", row.side) or twin("nats", row.side)
         if single and single.rate and row.rate:

@@ -208,7 +208,8 @@ async def run(cfg: Config, transport: str, variant: Variant, workload: str = WOR
     env[io_wait.SERVICES_ENV] = ",".join(variant.slow)
     deliveries = cfg.w3_deliveries
     latency_total = int(cfg.w3_rate * cfg.w3_seconds)
-    timeout = 60 + deliveries / 50
+    # A slow service: each delivery passes through it about 4 times, one after the other.
+    timeout = 60 + deliveries / 50 + deliveries * 4 * variant.io_wait_ms / 1000
     try:
         fleet_seconds = await create_fleet(store, the_knobs.fleet_size)
         async with bus(transport, ns, workdir) as url, processes(workdir) as procs:
