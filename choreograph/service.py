@@ -38,6 +38,10 @@ Emitted: TypeAlias = Event | Sequence[Event] | None
 HandlerFn: TypeAlias = Callable[[Any, "Context"], Awaitable[Emitted]]
 F = TypeVar("F", bound=Callable[..., Awaitable[Emitted]])
 
+CORRELATION = "$correlation"
+"""``ordered_by=CORRELATION`` orders a handler's events by their correlation id (the business
+transaction) instead of by a field of the event."""
+
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
@@ -55,6 +59,9 @@ class HandlerSpec:
     undoes: str | None = None
     retry: RetryPolicy | None = None
     after_end: bool = False
+    ordered_by: str | None = None
+    """The field of ``event`` (or :data:`CORRELATION`) whose value orders this handler's events:
+    see :mod:`choreograph.runtime.ordering`. None: no order is kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +176,20 @@ class Service:
         emits: Iterable[type[Event]] = (),
         retry: RetryPolicy | None = None,
         after_end: bool = False,
+        ordered_by: str | None = None,
     ) -> Callable[[F], F]:
         """Declare a handler of ``event`` that may emit events of the types in ``emits``.
 
         An event whose transaction has already ended (a terminal event of the app reached this
         service first) is *late*: the handler does not run for it, unless ``after_end`` is set
         (for work that must see every event, such as an audit trail).
+
+        ``ordered_by`` names a field of ``event`` (or is :data:`CORRELATION`): events with the
+        same value of it, for this and every other ordered handler of the service, are handled
+        one after the other in the order they arrived; different values in parallel
+        (``docs/ordering.md``).
         """
-        return self._handler(event, emits, retry, "handler", None, after_end)
+        return self._handler(event, emits, retry, "handler", None, after_end, ordered_by)
 
     def compensate(
         self,
@@ -185,6 +198,7 @@ class Service:
         undoes: Callable[..., Any] | str,
         emits: Iterable[type[Event]] = (),
         retry: RetryPolicy | None = None,
+        ordered_by: str | None = None,
     ) -> Callable[[F], F]:
         """Declare a compensation: when ``event`` (a failure) arrives, undo what ``undoes`` did.
 
@@ -193,6 +207,7 @@ class Service:
         step and the failure arrive, work done is undone and no work starts after the end.
         Compensations must be idempotent; they are retried like handlers, and one that finally
         fails is dead-lettered and announced with a ``CompensationFailed`` event.
+        ``ordered_by`` as in :meth:`on`.
         """
         target = undoes if isinstance(undoes, str) else undoes.__name__
         known = {spec.name for spec in self.handlers.values()} | set(self.joins)
@@ -201,7 +216,7 @@ class Service:
                 f"{self.name}: compensation for {event.__name__} undoes {target!r}, "
                 "which is not a handler or join of this service (declare it first)"
             )
-        return self._handler(event, emits, retry, "compensation", target)
+        return self._handler(event, emits, retry, "compensation", target, ordered_by=ordered_by)
 
     def join(
         self,
@@ -287,15 +302,22 @@ class Service:
         kind: Literal["handler", "compensation"],
         undoes: str | None,
         after_end: bool = False,
+        ordered_by: str | None = None,
     ) -> Callable[[F], F]:
         (cls,) = _event_classes(f"{self.name}.{kind}", [event])
         self._claim(cls)
         emitted = _event_classes(f"{self.name}.{kind} emits", emits)
+        if ordered_by not in (None, CORRELATION, *cls.model_fields):
+            known = ", ".join(cls.model_fields) or "none"
+            raise ConfigurationError(
+                f"{self.name}: ordered_by {ordered_by!r} is not a field of {cls.__name__} "
+                f"(its fields: {known}; or CORRELATION for the correlation id)"
+            )
 
         def register(fn: F) -> F:
             _check_async(fn)
             self.handlers[cls] = HandlerSpec(
-                fn.__name__, cls, emitted, fn, kind, undoes, retry, after_end
+                fn.__name__, cls, emitted, fn, kind, undoes, retry, after_end, ordered_by
             )
             return fn
 

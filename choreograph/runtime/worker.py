@@ -17,6 +17,7 @@ from choreograph.errors import ConfigurationError, TransportError
 from choreograph.middleware import Checkpoint, Outcome
 from choreograph.runtime.handling import Handling
 from choreograph.runtime.hooks import Hooks
+from choreograph.runtime.ordering import sequencer_for
 from choreograph.runtime.outbox import relay
 from choreograph.service import Service
 from choreograph.store import DocumentBusy, Store
@@ -92,6 +93,10 @@ class ServiceWorker:
         self._sent: list[str] = []
         self._inflight = 0
         self._rng = random.Random()
+        self._sequencer = sequencer_for(
+            service, capacity=2 * settings.concurrency * settings.batch_size, lease=settings.lease
+        )
+        self._receiving = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -99,7 +104,9 @@ class ServiceWorker:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        """Messages received and not yet settled (those waiting for their key's turn too)."""
+        waiting = self._sequencer.waiting if self._sequencer is not None else 0
+        return self._inflight + waiting
 
     async def start(self) -> None:
         await self.store.open()
@@ -146,7 +153,7 @@ class ServiceWorker:
         backoff = 0.1
         while not self._stopping.is_set():
             try:
-                batch = await self._receive(subscription)
+                batch = await self._next_batch(subscription)
                 if batch:
                     await self._process(subscription, batch)
                 backoff = 0.1
@@ -177,8 +184,27 @@ class ServiceWorker:
             return []
         return receive.result()
 
+    async def _next_batch(self, subscription: Subscription) -> list[Delivery]:
+        """A received batch; with ordering per key, the next deliveries whose key's turn it is
+        (``runtime/ordering.py``): one lane receives at a time, so the sequencer sees the
+        transport's order."""
+        sequencer = self._sequencer
+        if sequencer is None:
+            return await self._receive(subscription)
+        batch = sequencer.take(self.settings.batch_size)
+        if batch:
+            return batch
+        if self._receiving.locked() or not sequencer.may_receive():
+            await sequencer.changed(self.settings.poll_interval)
+            return []
+        async with self._receiving:
+            sequencer.add(await self._receive(subscription))
+        return sequencer.take(self.settings.batch_size)
+
     async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
         self._inflight += len(batch)
+        # Unless settled otherwise, a message comes back (its lease runs out): its key waits.
+        retried = {delivery.message.id: 0.0 for delivery in batch}
         try:
             try:
                 results = await self._transact(batch)
@@ -188,12 +214,15 @@ class ServiceWorker:
             await self._publish([m for _, _, o in results for m in o.ready])
             self._checkpoint("published")
             await self._settle(subscription, results)
+            retried = {d.message.id: o.delay for d, _, o in results if o.kind == "retry"}
             self._checkpoint("settled")
             for _, ctx, outcome in results:
                 if ctx is not None:
                     self._observe(ctx, outcome)
         finally:
             self._inflight -= len(batch)
+            if self._sequencer is not None:
+                self._sequencer.done(batch, retried)
 
     async def _transact(self, batch: list[Delivery]) -> list[Result]:
         """Handle ``batch`` in one store transaction (a savepoint per message).

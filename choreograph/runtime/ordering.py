@@ -1,0 +1,183 @@
+"""Ordering per key inside one process: the stage between receiving and handling.
+
+A service whose handlers declare ``ordered_by`` gets a :class:`Sequencer`. Received deliveries
+are added to it in the order the transport delivered them (the worker receives one batch at a
+time for it), and the worker's lanes take their batches from it. The guarantees:
+
+* **One key, arrival order.** A delivery is handed out only when no earlier delivery of its key
+  is waiting or in flight in another lane; a batch holds at most one delivery per key, because
+  the messages of a batch share one transaction and a retry of one of them must not be followed
+  by a later one of its key in the same transaction.
+* **Different keys in parallel.** A key waiting for its predecessor holds back only its own
+  deliveries: the other keys, and the events without a key, go to whichever lane is free.
+* **A retry stays in front.** A delivery settled as *retry* parks its key: later deliveries of
+  that key wait until the retried message comes back (after its delay) and is handled. If it
+  does not come back to this process within its delay plus the lease (another replica took it,
+  or it was lost with a dead transport connection), the key goes on without it.
+* **Redelivery.** A delivery received again while an earlier copy of it still waits here (its
+  lease ran out) replaces that copy in its place; a copy received while the first is in flight
+  waits behind it, and is then a duplicate (the inbox skips it).
+
+A dead-lettered delivery is skipped: the key goes on, and a replay of it comes after the events
+that were handled meanwhile. Ordering is per process: what holds across replicas depends on the
+transport (``docs/ordering.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from choreograph.service import CORRELATION, Service
+from choreograph.transport import Delivery
+
+KeyOf = Callable[[Delivery], "str | None"]
+
+
+def ordering_fields(service: Service) -> dict[str, str]:
+    """The field (or :data:`CORRELATION`) ordering each event type of ``service``, by type."""
+    return {
+        cls.event_type: spec.ordered_by
+        for cls, spec in service.handlers.items()
+        if spec.ordered_by is not None
+    }
+
+
+def key_reader(fields: Mapping[str, str]) -> KeyOf:
+    """A function giving a delivery's ordering key: the value of its type's ordering field, as
+    text, or None (not ordered: its type has no ``ordered_by``, the field is absent, or the body
+    is not a readable event; such a delivery is handed out at once and handling judges it)."""
+
+    def key_of(delivery: Delivery) -> str | None:
+        try:
+            doc = orjson.loads(delivery.message.body)
+            field = fields.get(doc["type"])
+            if field is None:
+                return None
+            if field == CORRELATION:
+                value = doc.get("correlationid") or doc["id"]
+            else:
+                value = doc["data"][field]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        if isinstance(value, str):
+            return value
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+    return key_of
+
+
+@dataclass(slots=True)
+class _Waiting:
+    delivery: Delivery
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parked:
+    message_id: str
+    until: float
+
+
+class Sequencer:
+    """Received deliveries waiting for their turn, and the keys in flight (one process)."""
+
+    def __init__(self, key_of: KeyOf, *, capacity: int, lease: float) -> None:
+        self._key_of = key_of
+        self._capacity = capacity
+        self._lease = lease
+        self._waiting: dict[str, _Waiting] = {}  # by message id, in arrival order
+        self._busy: dict[str, str] = {}  # message id in flight -> its key
+        self._keys_busy: set[str] = set()
+        self._parked: dict[str, _Parked] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries received and not yet handed out."""
+        return len(self._waiting)
+
+    def may_receive(self) -> bool:
+        """Whether a lane should receive more: below capacity, or nothing in flight (so keys
+        parked for a retry never stop the retried message from being received)."""
+        return len(self._waiting) < self._capacity or not self._keys_busy
+
+    def add(self, deliveries: Iterable[Delivery]) -> None:
+        """Deliveries as received, in the transport's order."""
+        for delivery in deliveries:
+            message_id = delivery.message.id
+            earlier = self._waiting.get(message_id)
+            if earlier is not None:
+                earlier.delivery = delivery  # the newest lease of it, in the first copy's place
+            else:
+                self._waiting[message_id] = _Waiting(delivery, self._key_of(delivery))
+        self._wake()
+
+    def take(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` deliveries whose turn it is, oldest first, at most one per key; their
+        keys are in flight until :meth:`done`."""
+        now = time.monotonic()
+        taken: list[Delivery] = []
+        taken_keys: set[str] = set()
+        for message_id, item in list(self._waiting.items()):
+            if len(taken) >= limit:
+                break
+            key = item.key
+            if key is not None:
+                if key in taken_keys or key in self._keys_busy:
+                    continue
+                if not self._turn(key, message_id, now):
+                    continue  # parked: only its retried message may go, wherever it is queued
+                taken_keys.add(key)
+                self._keys_busy.add(key)
+                self._busy[message_id] = key
+            del self._waiting[message_id]
+            taken.append(item.delivery)
+        return taken
+
+    def _turn(self, key: str, message_id: str, now: float) -> bool:
+        parked = self._parked.get(key)
+        if parked is None:
+            return True
+        if parked.message_id == message_id or parked.until <= now:
+            del self._parked[key]
+            return True
+        return False
+
+    def done(self, deliveries: Iterable[Delivery], retried: Mapping[str, float]) -> None:
+        """The lane is finished with ``deliveries`` (settled, or left to their lease); those in
+        ``retried`` (message id -> delay) park their key until they come back."""
+        now = time.monotonic()
+        for delivery in deliveries:
+            message_id = delivery.message.id
+            key = self._busy.pop(message_id, None)
+            if key is None:
+                continue
+            self._keys_busy.discard(key)
+            if message_id in retried:
+                until = now + retried[message_id] + self._lease
+                self._parked[key] = _Parked(message_id, until)
+        self._wake()
+
+    async def changed(self, timeout: float) -> None:
+        """Wait until deliveries are added or keys released, or ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def sequencer_for(service: Service, *, capacity: int, lease: float) -> Sequencer | None:
+    """The sequencer of ``service``, or None when none of its handlers declares ``ordered_by``."""
+    fields = ordering_fields(service)
+    if not fields:
+        return None
+    return Sequencer(key_reader(fields), capacity=capacity, lease=lease)
