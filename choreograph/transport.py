@@ -19,8 +19,10 @@ Guarantees (checked by ``tests/conformance`` on every transport)
     * **Dead letters** keep the message, the group, the reason, the error, its traceback and the
       attempts. They can be listed, fetched one by one, and replayed to their group only.
     * **No head-of-line blocking.** A message being retried or dead-lettered never stops the others.
-    * **Ordering.** None is promised between the members of a group, nor after a retry; each
-      transport documents what it gives in ``docs/transports.md``.
+    * **Ordering.** None is promised between the members of a group, nor after a retry. What one
+      member receives, redeliveries aside, is in publish order as :attr:`Transport.member_order`
+      claims (checked by the suite); each transport documents the rest in
+      ``docs/transports.md``, and ``docs/ordering.md`` what the runtime builds on it.
     * **Size.** ``max_message_bytes`` is the largest body the transport carries, the broker's own
       limit included (less what the transport adds: headers, dead-letter fields, replay routing),
       so a message that fits is also dead-lettered and replayed intact. A message over it is never
@@ -36,7 +38,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit
 
 import orjson
@@ -198,6 +200,11 @@ class Transport(ABC):
     """A message bus. Create one with :func:`transport_from_url`."""
 
     scheme: ClassVar[str]
+    member_order: ClassVar[Literal["group", "topic", "none"]] = "none"
+    """The order in which one member receives its group's messages, first deliveries of
+    messages published one after the other: ``group``, publish order across all its topics;
+    ``topic``, publish order within each topic; ``none``, no order. Ordering per key
+    (``docs/ordering.md``) holds across event types only on a ``group`` transport."""
     max_message_bytes: int = MAX_EVENT_BYTES
     """The largest body published, dead-lettered and replayed intact (see *Size* above). Broker
     transports lower it on :meth:`connect` to what their server accepts."""

@@ -47,6 +47,7 @@ class _Group:
 
 class MemoryTransport(Transport):
     scheme = "memory"
+    member_order = "group"
 
     def __init__(self, settings: MemorySettings | None = None, *, clock: Clock = SYSTEM_CLOCK):
         self.settings = settings or MemorySettings(url="memory://")

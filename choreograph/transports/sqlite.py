@@ -213,6 +213,7 @@ class SqliteTransport(Transport):
     """The embedded bus in one SQLite file, shared by every process that opens it."""
 
     scheme = "sqlite"
+    member_order = "group"
 
     def __init__(self, settings: SqliteSettings) -> None:
         self.settings = settings

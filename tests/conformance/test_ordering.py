@@ -32,9 +32,14 @@ class Step(Event):
     n: int
 
 
-def step(order_id: str, n: int) -> Message:
+class Undo(Event):
+    order_id: str
+    n: int
+
+
+def step(order_id: str, n: int, type_: str = "Step") -> Message:
     envelope = Envelope(
-        id=str(uuid.uuid4()), type="Step", source="test", correlationid=f"c-{order_id}",
+        id=str(uuid.uuid4()), type=type_, source="test", correlationid=f"c-{order_id}",
         data={"order_id": order_id, "n": n},
     )  # fmt: skip
     return Message(envelope.id, envelope.type, encode(envelope))
@@ -199,3 +204,38 @@ async def test_an_event_redelivered_after_its_lease_keeps_its_place(
     # then step 0 ran once (the copy was a duplicate) and before step 1
     assert handled == [("a", 0), ("a", 1)]
     assert runs == [0, 1]
+
+
+async def test_events_of_two_types_with_one_key_keep_their_order_where_the_transport_does(
+    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+) -> None:
+    # given a service with two handlers ordered by the same field, in one key space
+    handled: list[tuple[str, int]] = []
+    service = Service("orders")
+
+    @service.on(Step, ordered_by="order_id")
+    async def forward(event: Step, ctx: Context) -> None:
+        handled.append((event.order_id, event.n))
+
+    @service.on(Undo, ordered_by="order_id")
+    async def back(event: Undo, ctx: Context) -> None:
+        handled.append((event.order_id, event.n))
+
+    bus = await make_transport()
+    keys = [f"k{i}" for i in range(6)]
+    async with runtime_for(service, bus, transport_url, tmp_path):
+        # when each key's events are published taking turns between the two types
+        sent = [step(key, n, "Step" if n % 2 == 0 else "Undo") for n in range(10) for key in keys]
+        for start in range(0, len(sent), 9):
+            await bus.publish(sent[start : start + 9])
+        await wait_for(lambda: len(handled) >= len(sent))
+
+    # then each key's events were handled in publish order where one member receives in publish
+    # order across topics, and in each type's publish order always
+    order = by_key(handled)
+    assert bus.member_order in ("group", "topic")
+    for key in keys:
+        if bus.member_order == "group":
+            assert order[key] == list(range(10))
+        assert [n for n in order[key] if n % 2 == 0] == list(range(0, 10, 2))
+        assert [n for n in order[key] if n % 2 == 1] == list(range(1, 10, 2))

@@ -61,6 +61,7 @@ class NatsTransport(Transport):
     """
 
     scheme = "nats"
+    member_order = "topic"  # a consumer per topic, pulled side by side
 
     def __init__(self, settings: NatsSettings | None = None) -> None:
         self.settings = settings or NatsSettings(url="nats://127.0.0.1:4222")

@@ -52,6 +52,7 @@ DELAY_LEVELS = 32
 
 class RabbitMQTransport(Link):
     scheme = "amqp"
+    member_order = "group"
 
     @classmethod
     def from_url(cls, url: str) -> Self:

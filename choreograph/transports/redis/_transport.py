@@ -55,6 +55,7 @@ class RedisTransport(Transport):
     """The transport contract on Redis Streams. The package docstring shows the key layout."""
 
     scheme = "redis"
+    member_order = "group"
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
