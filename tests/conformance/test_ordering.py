@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+import pytest
 
 from choreograph import (
     App,
@@ -23,6 +25,8 @@ from choreograph import (
 from choreograph.envelope import Envelope, encode
 from choreograph.transport import Message, Transport
 from tests.conftest import TransportFactory
+from tests.stores.conftest import PG_URL, drop_schemas
+from tests.support.brokers import POSTGRES
 
 HANG_GUARD = 90.0
 
@@ -65,14 +69,19 @@ async def wait_for(check: Callable[[], object], timeout: float = HANG_GUARD) -> 
 
 
 def runtime_for(
-    service: Service, bus: Transport, url: str, tmp_path: Path, lease: float = 30.0
+    service: Service,
+    bus: Transport,
+    url: str,
+    tmp_path: Path,
+    lease: float = 30.0,
+    store: str | None = None,
 ) -> Runtime:
     """A runtime of ``service`` in four lanes of small batches on the test's bus: its own
     connection (it closes it when it stops), or the one in-process bus for ``memory://``."""
     return Runtime(
         App("ordering", [service]),
         transport=bus if url.startswith("memory://") else url,
-        store=f"sqlite:///{tmp_path}/{{service}}.db",
+        store=store or f"sqlite:///{tmp_path}/{{service}}.db",
         settings=WorkerSettings(concurrency=4, batch_size=5, poll_interval=0.2, lease=lease),
     )
 
@@ -144,6 +153,51 @@ async def test_a_key_waiting_for_a_retry_holds_back_only_its_own_events(
         await wait_for(lambda: len(handled) == 6 * 4)
     assert by_key(handled)["stuck"] == [0, 1, 2, 3]
     assert attempts == list(range(1, len(attempts) + 1))
+
+
+@pytest.fixture
+async def postgres_store(namespace: str) -> AsyncIterator[str]:
+    """A PostgreSQL store URL in schemas of the test's own (dropped afterwards)."""
+    POSTGRES.require()
+    yield f"{PG_URL}?schema={namespace}_{{service}}"
+    await drop_schemas(namespace)
+
+
+async def test_a_slow_handler_holds_back_only_its_own_key(
+    make_transport: TransportFactory, transport_url: str, tmp_path: Path, postgres_store: str
+) -> None:
+    # given an ordered service on the PostgreSQL store (its lanes' transactions run side by
+    # side), whose first step of key "slow" stays in its handler until the test lets it go
+    handled: list[tuple[str, int]] = []
+    started, release = asyncio.Event(), asyncio.Event()
+    service = Service("orders")
+
+    @service.on(Step, ordered_by="order_id")
+    async def record(event: Step, ctx: Context) -> None:
+        if (event.order_id, event.n) == ("slow", 0):
+            started.set()
+            await release.wait()
+        handled.append((event.order_id, event.n))
+
+    bus = await make_transport()
+    others = [f"k{i}" for i in range(5)]
+    async with runtime_for(service, bus, transport_url, tmp_path, store=postgres_store):
+        try:
+            await bus.publish([step("slow", 0)])
+            async with asyncio.timeout(HANG_GUARD):
+                await started.wait()
+
+            # when more steps of "slow" and of five other keys arrive while it is in its handler
+            await bus.publish(interleaved(["slow", *others], 4)[1:])
+
+            # then every other key is handled, in order, while "slow" is in its handler and its
+            # later steps wait for it
+            await wait_for(lambda: len(handled) == 5 * 4)
+            assert by_key(handled) == {key: [0, 1, 2, 3] for key in others}
+        finally:
+            release.set()  # and once it is let go, its steps follow in order
+        await wait_for(lambda: len(handled) == 6 * 4)
+    assert by_key(handled)["slow"] == [0, 1, 2, 3]
 
 
 async def test_a_retried_event_is_handled_before_the_later_ones_of_its_key(
