@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from sqlalchemy import select
 
-from choreograph import Runtime
+from choreograph import InvalidMessage, Runtime
 from choreograph.demo import create_app
 from choreograph.demo.ingestion import MAX_BODY_BYTES, create_http_app
 from choreograph.demo.knobs import Knobs
+from choreograph.demo.tables import DeliveryRequestRow
 from choreograph.envelope import Envelope, decode
 from choreograph.transport import Message
 from choreograph.transports.memory import MemoryTransport
@@ -146,6 +148,43 @@ async def test_posting_the_same_delivery_id_again_makes_one_delivery(api: Api) -
     await wait_until_quiet(api.runtime)
     assert len(api.events("DeliveryCompleted", did)) == 1
     assert (await api.status(did))["status"] == "completed"
+
+
+async def request_rows(api: Api) -> dict[str, DeliveryRequestRow]:
+    async with api.runtime.unit_of_work("ingestion") as uow:
+        return {
+            row.delivery_id: row for row in await uow.session.scalars(select(DeliveryRequestRow))
+        }
+
+
+async def test_a_request_is_a_row_committed_with_its_event_once(api: Api) -> None:
+    # given
+    body = request_body(4)
+    did = body["delivery_id"]
+    # when it is posted twice at once
+    await asyncio.gather(post(api, body), post(api, body))
+    # then one row holds it, committed with its one event
+    row = (await request_rows(api))[did]
+    assert row.owner_id == body["owner_id"]
+    assert row.request["package"]["package_id"] == body["package"]["package_id"]
+    (requested,) = api.events("DeliveryRequested", did)
+    assert requested.data["owner_id"] == row.owner_id
+
+
+async def test_a_request_whose_unit_of_work_fails_leaves_no_row_and_no_event(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given an event that cannot be staged (over the size the outbox accepts)
+    monkeypatch.setattr(api.runtime.worker("ingestion").handling, "max_event_bytes", 64)
+    body = request_body(5)
+    did = body["delivery_id"]
+    # when it is posted, the unit of work fails after the row was added
+    with pytest.raises(InvalidMessage):
+        await post(api, body)
+    # then neither the row nor the event nor the status exist
+    assert did not in await request_rows(api)
+    assert api.events("DeliveryRequested", did) == []
+    assert (await api.client.get(f"/api/deliveries/{did}")).status_code == 404
 
 
 # status and cancel --------------------------------------------------------------------------------
