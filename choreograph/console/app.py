@@ -243,7 +243,9 @@ async def _letters(request: Request, state: ConsoleState, _: Session) -> Respons
         return _respond(request, state, "Dead letters", banner + notice(str(exc), "warn"), "",
                         active="/dead-letters")  # fmt: skip
     groups = sorted(
-        {x.letter.group for x in letters} | set(state.app.services if state.app else ())
+        {x.letter.group for x in letters}
+        | set(state.app.services if state.app else ())
+        | set(state.app.external if state.app else ())
     )
     live = letters_live(filter_letters(letters, group, reason, q))
     body = banner + letters_form(groups, group, reason, q)

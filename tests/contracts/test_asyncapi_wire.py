@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from choreograph.cli import main
@@ -105,6 +106,7 @@ def test_without_a_server_the_addresses_are_the_event_types_and_versions_are_nam
     assert schema["const"] == "urn:choreograph:DeliveryRequested:v1"
 
 
+@pytest.mark.nats
 async def test_the_drone_document_on_nats_matches_what_the_app_declares_on_the_server() -> None:
     NATS.require()
     import nats
@@ -158,6 +160,7 @@ async def test_the_drone_document_on_nats_matches_what_the_app_declares_on_the_s
         await transport.close()
 
 
+@pytest.mark.redis
 async def test_the_drone_document_on_redis_names_the_streams_and_sets_the_app_creates() -> None:
     REDIS.require()
     import redis.asyncio as redis

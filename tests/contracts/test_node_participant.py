@@ -27,7 +27,7 @@ from tests.support.node import NODE_PARTICIPANT, node_project
 
 WAIT = 120.0  # hang guard: every wait polls for what it expects
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.nats]
 
 
 @pytest.fixture

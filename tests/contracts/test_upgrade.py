@@ -48,7 +48,7 @@ async def until(check: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture(params=["sqlite", "nats"])
+@pytest.fixture(params=["sqlite", pytest.param("nats", marks=pytest.mark.nats)])
 async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/bus.db"
