@@ -179,7 +179,10 @@ class Runtime:
                 uow.emit(DeliveryRequested(...))
 
         The events start (or continue) the transaction ``correlation_id``; they are published
-        right after the commit, or by the outbox relay if that fails.
+        right after the commit, or by the outbox relay if that fails. ``uow.connection`` and
+        ``uow.session`` write the service's own tables in the same transaction (the session is
+        flushed before the commit); an exception leaving the block rolls everything back. In a
+        web framework, open it inside the endpoint, so that the commit is over before the answer.
         """
         worker = self.worker(service)
         ready: list[Message] = []
