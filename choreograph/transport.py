@@ -205,6 +205,11 @@ class Transport(ABC):
     messages published one after the other: ``group``, publish order across all its topics;
     ``topic``, publish order within each topic; ``none``, no order. Ordering per key
     (``docs/ordering.md``) holds across event types only on a ``group`` transport."""
+    gives_back_in_order: ClassVar[bool] = False
+    """Whether what a member gives back when it closes reaches the group's next member before
+    the messages behind it, in their order (ordering per key then survives a graceful restart).
+    After a crash no transport does this: the messages behind come first, the dead member's
+    only once its lease runs out."""
     max_message_bytes: int = MAX_EVENT_BYTES
     """The largest body published, dead-lettered and replayed intact (see *Size* above). Broker
     transports lower it on :meth:`connect` to what their server accepts."""

@@ -48,6 +48,7 @@ class _Group:
 class MemoryTransport(Transport):
     scheme = "memory"
     member_order = "group"
+    gives_back_in_order = True
 
     def __init__(self, settings: MemorySettings | None = None, *, clock: Clock = SYSTEM_CLOCK):
         self.settings = settings or MemorySettings(url="memory://")
@@ -242,7 +243,7 @@ class MemorySubscription(Subscription):
             return
         self._closed = True
         state = self._bus._group(self.group)
-        for token in self._mine:
+        for token in sorted(self._mine, reverse=True):  # in front, in the order received
             held = state.leased.pop(token, None)
             if held is not None:
                 state.ready.appendleft((held[0], held[1]))

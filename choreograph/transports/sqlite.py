@@ -214,6 +214,7 @@ class SqliteTransport(Transport):
 
     scheme = "sqlite"
     member_order = "group"
+    gives_back_in_order = True
 
     def __init__(self, settings: SqliteSettings) -> None:
         self.settings = settings

@@ -53,6 +53,7 @@ DELAY_LEVELS = 32
 class RabbitMQTransport(Link):
     scheme = "amqp"
     member_order = "group"
+    gives_back_in_order = True
 
     @classmethod
     def from_url(cls, url: str) -> Self:
