@@ -153,7 +153,7 @@ async def run(
 @run_async
 async def declare(app_spec: str, transport_url: str) -> None:
     """Declare the group of every service of an app on the bus (with its streams, queues or
-    consumers), and nothing else, then exit.
+    consumers), and of its external participants, and nothing else, then exit.
 
     Run it before any replica exists (a Kubernetes Job, an init step): events published from
     then on are kept for each service even while it runs no replica. Running it again changes
@@ -166,6 +166,10 @@ async def declare(app_spec: str, transport_url: str) -> None:
         topics = sorted(cls.event_type for cls in app.subscriptions(service))
         if topics:
             console.print(f"declared [bold]{service.name}[/]: {', '.join(topics)}")
+    for participant in app.external.values():
+        topics = sorted(cls.event_type for cls in participant.consumes)
+        if topics:
+            console.print(f"declared [bold]{participant.name}[/] (external): {', '.join(topics)}")
     console.print(f"groups of {app.name} declared on [cyan]{redact(transport_url)}[/]")
 
 

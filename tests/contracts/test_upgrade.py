@@ -184,3 +184,52 @@ async def test_rolling_upgrade_old_and_new_replicas_side_by_side_then_the_old_re
     # a PackageReady of version 1 (from an old package replica) reads with the upcast dock
     assert {new_delivery[n] for n in new_delivery if n in old_package} <= {"A"}
     assert {new_delivery[n] for n in new_delivery if n in new_package} <= {"B"}
+
+
+async def test_a_join_part_kept_before_the_upgrade_is_read_through_the_upcaster(
+    tmp_path: Path,
+) -> None:
+    from typing import Any, ClassVar
+
+    from choreograph import App, Context, Event, Parts, Service
+    from tests.contracts.versions import DeliveryCompleted, ReadyV1, ReadyV2
+
+    class Scheduled(Event):
+        event_type: ClassVar[str] = "DroneScheduled"
+        delivery_id: str
+
+    docks: list[str] = []
+
+    def app(ready: type[Event]) -> App:
+        outside = Service("outside", emits=[ready, Scheduled])
+        delivery = Service("delivery")
+
+        @delivery.join(ready, Scheduled, key="delivery_id", emits=[DeliveryCompleted])
+        async def schedule(parts: Parts, ctx: Context) -> DeliveryCompleted:
+            part: Any = parts[ready]
+            docks.append(getattr(part, "dock", "-"))
+            return DeliveryCompleted(delivery_id=part.delivery_id)
+
+        return App("join", [outside, delivery], terminal=[DeliveryCompleted])
+
+    bus = f"sqlite:///{tmp_path}/bus.db"
+    store = f"sqlite:///{tmp_path}/{{service}}.db"
+    # given version 1 kept one part of a join (a PackageReady of version 1)
+    old = app(ReadyV1)
+    async with Runtime(old, transport=bus, store=store) as runtime:
+        await runtime.publish(ReadyV1(delivery_id="j-1"), source="outside")
+        kept: dict[str, Any] = {}
+        deadline = time.monotonic() + WAIT
+        while "PackageReady" not in kept.get("parts", {}):
+            assert time.monotonic() < deadline, "the join never kept its first part"
+            await asyncio.sleep(0.05)
+            async with runtime.unit_of_work("delivery") as uow:
+                kept = await uow.state.get("_join:schedule", "j-1") or {}
+    assert kept["parts"]["PackageReady"]["data"] == {"delivery_id": "j-1"}
+    # when version 2 receives the other part
+    new = app(ReadyV2)
+    async with Runtime(new, transport=bus, store=store) as runtime:
+        await runtime.publish(Scheduled(delivery_id="j-1"), source="outside")
+        await until(lambda: docks == ["A"], "the join to complete")
+    # then the kept part was read as version 2 through the upcaster, and nothing died
+    assert await dead_letters(bus) == []
