@@ -114,7 +114,27 @@ MUTATIONS = st.one_of(
     _set("subject", json_values),
     _set("traceparent", st.text(max_size=60) | json_values),
     _set("tracestate", st.text(max_size=600)),
-    _set("datacontenttype", st.sampled_from(["text/plain", ""]) | json_values),
+    _set(
+        "datacontenttype",
+        st.sampled_from(
+            ["text/plain", "", "application/json; charset=utf-8", "application/json;charset=latin1"]
+        )
+        | json_values,
+    ),
+    _set(
+        "dataschema",
+        st.sampled_from(
+            [
+                "urn:choreograph:Order:v1",
+                "urn:choreograph:Order:v9",
+                "urn:choreograph:Paid:v1",
+                "urn:choreograph:Order:v0",
+                "https://example.com/order.json",
+            ]
+        )
+        | st.text(max_size=40)
+        | json_values,
+    ),
     _set("data", order_data),
     _data_field("order_id", ids),
     _data_field("amount", json_values),
