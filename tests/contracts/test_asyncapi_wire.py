@@ -5,6 +5,7 @@ document names reaches the group that consumes it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -22,7 +23,8 @@ from choreograph.envelope import decode
 from choreograph.observe.asyncapi import asyncapi_document
 from choreograph.runtime.runner import declare_groups
 from choreograph.transport import transport_from_url
-from tests.support.brokers import NATS, REDIS
+from tests.support.brokers import NATS, RABBITMQ, REDIS
+from tests.support.commands import require_command
 from tests.support.node import ASYNCAPI_VALIDATOR, node_project
 
 DRONE = "choreograph.demo:create_app"
@@ -189,4 +191,41 @@ async def test_the_drone_document_on_redis_names_the_streams_and_sets_the_app_cr
         await client.aclose()
         with contextlib.suppress(Exception):
             await transport.delete_namespace()
+        await transport.close()
+
+
+@pytest.mark.rabbitmq
+async def test_the_drone_document_on_rabbitmq_names_the_bindings_the_app_creates() -> None:
+    RABBITMQ.require()
+    require_command("rabbitmqctl")
+    namespace = f"wire_{uuid.uuid4().hex[:8]}"
+    url = f"amqp://guest:guest@127.0.0.1:5672/?namespace={namespace}"
+    app = create_app(Knobs())
+    doc = asyncapi_document(app, server=url)
+    transport = transport_from_url(url)
+    await transport.connect()
+    groups = [*app.services]
+    try:
+        # given the app's groups declared on the broker
+        await declare_groups(transport, app)
+        listing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name",
+            "routing_key", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(listing.communicate(), 60)
+        assert listing.returncode == 0
+        listed = out.decode()
+        real = {tuple(line.split("\t")) for line in listed.splitlines() if line.count("\t") == 2}
+
+        # then each receive operation's queue is bound to the document's exchange with the
+        # document's routing key (the topic channel's address)
+        for op in receives(doc).values():
+            queue = doc["channels"][op["channel"]["$ref"].rpartition("/")[2]]["address"]
+            event = op["messages"][0]["$ref"].rpartition("/")[2]
+            topic = doc["channels"][event]
+            exchange = topic["bindings"]["amqp"]["exchange"]["name"]
+            assert (exchange, queue, topic["address"]) in real, (exchange, queue, topic["address"])
+    finally:
+        with contextlib.suppress(Exception):
+            await transport.delete_namespace(groups)  # type: ignore[call-arg]
         await transport.close()
