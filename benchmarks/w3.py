@@ -31,7 +31,7 @@ from benchmarks.stores import drop_stores, store_template
 from benchmarks.w2 import CHOREOGRAPH
 from choreograph.app import load_app
 from choreograph.demo.drone_scheduler import ensure_fleet
-from choreograph.demo.inspect_state import snapshot
+from choreograph.demo.inspect_state import Snapshot, snapshot
 from choreograph.demo.knobs import Knobs
 from choreograph.demo.tables import DroneTables
 from choreograph.orm import create_tables, session_on
@@ -113,15 +113,25 @@ async def create_fleet(store_template: str, size: int) -> float:
 
 async def _settled(store_template: str, expected: int, timeout: float = 20.0) -> str:
     """Wait until ingestion saw every outcome and every drone is free again; say whether the
-    stores are consistent (what ``inspect_state`` checks)."""
+    stores are consistent (what ``inspect_state`` checks). A store busy for longer than its
+    lock timeout (a SQLite service holding its write lock through a slow batch) is read again
+    at the next poll."""
     deadline = time.monotonic() + timeout
+    snap: Snapshot | None = None
+    unreadable = ""
     while True:
-        snap = await snapshot(store_template)
-        if snap.terminal >= expected and snap.drones_reserved == 0:
-            break
+        try:
+            snap = await snapshot(store_template)
+        except Exception as exc:
+            unreadable = f"{type(exc).__name__}: {exc}"
+        else:
+            if snap.terminal >= expected and snap.drones_reserved == 0:
+                break
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
+    if snap is None:
+        return f"UNREAD: the stores could not be read ({unreadable})"
     ok = snap.terminal == expected and snap.drones_reserved == 0
     state = "consistent" if ok else "INCONSISTENT"
     return f"{state}: {snap.terminal}/{expected} ended, {snap.drones_reserved} drones held"
