@@ -30,11 +30,11 @@ from tests.support.node import ASYNCAPI_VALIDATOR, node_project
 DRONE = "choreograph.demo:create_app"
 
 
-def validated(tmp_path: Path, *args: str) -> dict[str, Any]:
+def validated(tmp_path: Path, *args: str, app: str = DRONE) -> dict[str, Any]:
     """The document the CLI writes for ``args``, once the official parser accepted it."""
     node = node_project(ASYNCAPI_VALIDATOR, "@asyncapi/parser")
     path = tmp_path / f"doc-{uuid.uuid4().hex[:6]}.json"
-    result = CliRunner().invoke(main, ["asyncapi", DRONE, "-o", str(path), *args])
+    result = CliRunner().invoke(main, ["asyncapi", app, "-o", str(path), *args])
     assert result.exit_code == 0, result.output
     checked = subprocess.run(
         [node, str(ASYNCAPI_VALIDATOR / "validate.mjs"), str(path)],
@@ -95,6 +95,16 @@ def test_redis_document_names_group_streams_and_the_fan_out_set(tmp_path: Path) 
         "groups-set": "{drone}:t:DeliveryRequested"
     }
     assert doc["channels"]["group.package"]["address"] == "{drone}:g:package"
+
+
+def test_an_app_with_an_external_participant_validates_with_its_operations(
+    tmp_path: Path,
+) -> None:
+    doc = validated(tmp_path, "--server", "nats://127.0.0.1:4222?namespace=shop",
+                    app="tests.contracts.test_external:app")  # fmt: skip
+    consumer = receives(doc)["billing.receive.OrderPlaced"]["x-choreograph-nats"]
+    assert consumer["durable"] == "billing~OrderPlaced"
+    assert doc["operations"]["billing.send.InvoiceIssued"]["action"] == "send"
 
 
 def test_without_a_server_the_addresses_are_the_event_types_and_versions_are_named(
