@@ -271,12 +271,7 @@ class Handling:
         doc["status"] = "done"
         await ctx.state.put(kind, key, doc)
         await _cancel_timers(ctx, key, f"join:{join.name}")
-        # a part kept before an upgrade is read as its version (1 when the part does not say)
-        by_type = {
-            cls: cls.read(doc["parts"][cls.event_type]["data"],
-                          doc["parts"][cls.event_type].get("version", 1))
-            for cls in join.parts
-        }  # fmt: skip
+        by_type = {cls: _kept_part(cls, doc["parts"][cls.event_type]) for cls in join.parts}
         ctx.extras["join_parts"] = [(p["id"], p.get("traceparent")) for p in doc["parts"].values()]
         return _checked(join.name, join.emits, await join.fn(Parts(key, by_type), ctx))
 
@@ -506,6 +501,12 @@ def _cause(ctx: Context) -> dict[str, Any]:
 
 def _new_join(*, timer: bool) -> dict[str, Any]:
     return {"status": "open", "parts": {}, "timer": timer}
+
+
+def _kept_part(cls: type[Event], part: dict[str, Any]) -> Event:
+    """A join's part as its store keeps it: one kept before an upgrade is read as the version it
+    was kept in (1 when the part does not say), through the upcasters."""
+    return cls.read(part["data"], part.get("version", 1))
 
 
 def _join_key(join: JoinSpec, event: Event, ctx: Context) -> str:
