@@ -57,13 +57,28 @@ check_backend() {
   bin=$(venv_with "$extra")
   (cd "$work" && "$bin/python" -c "$code") || fail "[$extra] does not bring what its backend imports"
 }
-step "[rabbitmq], [redis], [postgres]: each backend imports with its extra alone"
+step "[rabbitmq], [redis], [postgres], [sqlalchemy]: each backend imports with its extra alone"
 checks=()
 check_backend rabbitmq "from choreograph.transport import transport_from_url as t; t('amqp://127.0.0.1:5672/')" &
 checks+=($!)
 check_backend redis "from choreograph.transport import transport_from_url as t; t('redis://127.0.0.1:6379/0')" &
 checks+=($!)
 check_backend postgres "from choreograph.store import store_from_url as s; s('postgresql://127.0.0.1/x', 'a')" &
+checks+=($!)
+check_backend sqlalchemy "
+import asyncio
+from sqlalchemy import text
+from choreograph.orm import session_on
+from choreograph.store import store_from_url
+
+async def main():
+    store = store_from_url('memory://', 'a')
+    await store.open()
+    async with store.transaction() as tx, session_on(tx) as session:
+        assert (await session.execute(text('SELECT 1'))).scalar_one() == 1
+    await store.close()
+
+asyncio.run(main())" &
 checks+=($!)
 for pid in "${checks[@]}"; do wait "$pid" || fail "a backend extra is incomplete"; done
 
