@@ -150,8 +150,11 @@ class Sequencer:
         return False
 
     def done(self, deliveries: Iterable[Delivery], retried: Mapping[str, float]) -> None:
-        """The lane is finished with ``deliveries`` (settled, or left to their lease); those in
-        ``retried`` (message id -> delay) park their key until they come back."""
+        """The lane is finished with ``deliveries``: committed and their emitted events published
+        (a settlement failing after this brings back a duplicate, which the inbox skips), or
+        not committed and left to their lease. Those in ``retried`` (message id -> delay: 0 for
+        one left to its lease) park their key until they come back, at most that delay plus
+        the lease."""
         now = time.monotonic()
         for delivery in deliveries:
             message_id = delivery.message.id

@@ -203,8 +203,7 @@ class ServiceWorker:
 
     async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
         self._inflight += len(batch)
-        # Unless settled otherwise, a message comes back (its lease runs out): its key waits.
-        retried = {delivery.message.id: 0.0 for delivery in batch}
+        released = False
         try:
             try:
                 results = await self._transact(batch)
@@ -213,16 +212,22 @@ class ServiceWorker:
             self._checkpoint("committed")
             await self._publish([m for _, _, o in results for m in o.ready])
             self._checkpoint("published")
+            if self._sequencer is not None:
+                # Committed and published: the keys' next events may go (a settlement that
+                # fails brings a duplicate back, which the inbox skips); a retry parks its key.
+                retried = {d.message.id: o.delay for d, _, o in results if o.kind == "retry"}
+                self._sequencer.done(batch, retried)
+            released = True
             await self._settle(subscription, results)
-            retried = {d.message.id: o.delay for d, _, o in results if o.kind == "retry"}
             self._checkpoint("settled")
             for _, ctx, outcome in results:
                 if ctx is not None:
                     self._observe(ctx, outcome)
         finally:
             self._inflight -= len(batch)
-            if self._sequencer is not None:
-                self._sequencer.done(batch, retried)
+            if self._sequencer is not None and not released:
+                # Not committed: the messages come back after their lease; their keys wait.
+                self._sequencer.done(batch, {d.message.id: 0.0 for d in batch})
 
     async def _transact(self, batch: list[Delivery]) -> list[Result]:
         """Handle ``batch`` in one store transaction (a savepoint per message).

@@ -7,11 +7,12 @@ import uuid
 
 import pytest
 
-from choreograph import Context, Event, Service
+from choreograph import App, Context, Event, RetryLater, Service
 from choreograph.envelope import Envelope, encode
 from choreograph.errors import ConfigurationError
 from choreograph.runtime.ordering import Sequencer, key_reader, ordering_fields, sequencer_for
 from choreograph.service import CORRELATION
+from choreograph.testing import Harness
 from choreograph.transport import Delivery, Message
 
 
@@ -118,3 +119,26 @@ def test_a_copy_received_while_waiting_replaces_the_first_in_its_place() -> None
     assert seq.waiting == 1
     seq.done([a1], {})
     assert seq.take(10) == [copy]
+
+
+async def test_the_harness_runs_an_ordered_service_with_a_delayed_retry() -> None:
+    # given an ordered service whose first leg of d1 asks to be retried 2 s later, once
+    handled: list[int] = []
+    service = Service("fleet")
+
+    @service.on(Moved, ordered_by="delivery_id")
+    async def move(event: Moved, ctx: Context) -> None:
+        if event.leg == 1 and ctx.attempt == 1:
+            raise RetryLater("not yet", delay=2)
+        handled.append(event.leg)
+
+    async with Harness(App("fleet", [service])) as h:
+        # when legs 1 and 2 of d1 are published
+        await h.publish(Moved(delivery_id="d1", leg=1))
+        await h.publish(Moved(delivery_id="d1", leg=2))
+        await h.settle()
+
+        # then leg 2 waits for leg 1's retry, which comes once virtual time passes
+        assert handled == []
+        await h.advance(2.5)
+        assert handled == [1, 2]
