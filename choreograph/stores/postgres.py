@@ -326,13 +326,20 @@ END $f$;
 COMMENT ON SCHEMA {s} IS '{version}';
 """
 
-#: Buffered puts, written in one statement: ``kinds``, ``keys`` and ``docs`` (JSON text) are the
-#: placeholders of three arrays.
-_PUTS = (
-    "INSERT INTO {s}.state (kind, key, doc) "
-    "SELECT k, kk, d::jsonb FROM unnest({kinds}::text[], {keys}::text[], {docs}::text[]) "
-    "AS u(k, kk, d) ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc"
-)
+
+def _puts_sql(s: str, kinds: str, keys: str, docs: str) -> str:
+    """Two common table expressions writing the buffered puts (``kinds``, ``keys`` and ``docs``,
+    JSON text, are the placeholders of three arrays): documents into ``state``, and the ends of
+    transactions (kind ``_ENDED``, doc ``[event_type, at]``) into ``ended``."""
+    rows = f"unnest({kinds}::text[], {keys}::text[], {docs}::text[]) AS u(k, kk, d)"
+    return (
+        f"put_ended AS (INSERT INTO {s}.ended (correlation_id, event_type, at) "
+        f"SELECT kk, d::jsonb ->> 0, (d::jsonb ->> 1)::float8 FROM {rows} "
+        "WHERE k = chr(1) || 'ended' ON CONFLICT DO NOTHING), "
+        f"put_docs AS (INSERT INTO {s}.state (kind, key, doc) SELECT k, kk, d::jsonb FROM {rows} "
+        "WHERE k <> chr(1) || 'ended' ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc)"
+    )
+
 
 #: Lock names of what is not a document (the functions above spell them the same way).
 _ENDED = "\x01ended"
@@ -462,6 +469,7 @@ class _PostgresTx(StoreTx):
         # with the journal that undoes them when a savepoint rolls back.
         self._held: set[tuple[str, str]] = set()
         self._puts: dict[tuple[str, str], bytes] = {}
+        self._ends: dict[str, str | None] = {}  # ends looked up (and locked) by this transaction
         self._journal: list[tuple[tuple[str, str], bytes | None]] = []
         self._frames: list[_Frame] = []  # open savepoints, outermost first
         self._unreleased: str | None = None  # a savepoint left successfully, not yet released
@@ -516,7 +524,7 @@ class _PostgresTx(StoreTx):
             f"kept AS (INSERT INTO {s}.inbox (event_id, at) "
             "SELECT * FROM unnest($2::text[], $3::float8[]) "
             "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at), "
-            f"put AS ({_PUTS.format(s=s, kinds='$9', keys='$10', docs='$11')}) "
+            f"{_puts_sql(s, '$9', '$10', '$11')} "
             f"INSERT INTO {s}.outbox (id, topic, body, due_at, leased_until) "
             "SELECT * FROM unnest($4::text[], $5::text[], $6::bytea[], $7::float8[], "
             "$8::float8[])",
@@ -550,7 +558,7 @@ class _PostgresTx(StoreTx):
             self._puts[doc] = data
 
     def _take_puts(self) -> tuple[list[str], list[str], list[str]]:
-        """The buffered puts as the three arrays of ``_PUTS``, emptying the buffer."""
+        """The buffered puts as the three arrays of ``_puts_sql``, emptying the buffer."""
         if self._frames:
             self._journal += self._puts.items()
         kinds = [kind for kind, _ in self._puts]
@@ -564,7 +572,7 @@ class _PostgresTx(StoreTx):
         if self._puts:
             await self._sync()
             await asyncpg.Connection.execute(
-                self._raw, _PUTS.format(s=self._s, kinds="$1", keys="$2", docs="$3"),
+                self._raw, f"WITH {_puts_sql(self._s, '$1', '$2', '$3')} SELECT 1",
                 *self._take_puts(),
             )  # fmt: skip
 
@@ -762,7 +770,21 @@ class _PostgresTx(StoreTx):
 
     # ended transactions ----------------------------------------------------------------------
 
+    def _known_end(self, correlation_id: str) -> tuple[bool, str | None]:
+        """Whether this transaction knows (and holds) the end of ``correlation_id``, and it."""
+        buffered = self._puts.get((_ENDED, correlation_id))
+        if buffered is not None:
+            return True, cast(str, orjson.loads(buffered)[0])
+        if correlation_id in self._ends:
+            return True, self._ends[correlation_id]
+        return False, None
+
     async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
+        known, ended = self._known_end(correlation_id)
+        if known:  # looked up and locked: write it with the commit (the first ending is kept)
+            if ended is None:
+                self._buffer((_ENDED, correlation_id), orjson.dumps([event_type, at]))
+            return
         if not await self._fetchval(
             f"SELECT {self._s}.end_transaction($1, $2, $3, $4)",
             correlation_id,
@@ -776,18 +798,32 @@ class _PostgresTx(StoreTx):
         return (await self.ended_transactions([correlation_id])).get(correlation_id)
 
     async def ended_transactions(self, correlation_ids: Collection[str]) -> dict[str, str]:
-        # A read outside the message's savepoint (it need not open one): its locks, if the
-        # handling is rolled back, are kept until the commit, which is harmless. Locked in one
-        # order, so that waiting ("wait") can never be part of a cycle with another batch's.
-        rows = await asyncpg.Connection.fetch(
-            self._raw,
-            f"SELECT correlation_id, event_type, busy FROM {self._s}.ended_types($1, $2)",
-            sorted(set(correlation_ids)),
-            self._mode,
-        )
-        if rows and rows[-1]["busy"]:
-            raise DocumentBusy((_ENDED, rows[-1]["correlation_id"]))
-        return {row[0]: row[1] for row in rows}
+        known: dict[str, str | None] = {}
+        unknown: list[str] = []
+        for correlation_id in set(correlation_ids):
+            is_known, ended = self._known_end(correlation_id)
+            if is_known:
+                known[correlation_id] = ended
+            else:
+                unknown.append(correlation_id)
+        if unknown:
+            # A read outside the message's savepoint (it need not open one): its locks, if the
+            # handling is rolled back, are kept until the commit, which is harmless. Locked in
+            # one order, so that waiting ("wait") is never part of a cycle with another batch.
+            rows = await asyncpg.Connection.fetch(
+                self._raw,
+                f"SELECT correlation_id, event_type, busy FROM {self._s}.ended_types($1, $2)",
+                sorted(unknown),
+                self._mode,
+            )
+            if rows and rows[-1]["busy"]:
+                raise DocumentBusy((_ENDED, rows[-1]["correlation_id"]))
+            found = {row[0]: row[1] for row in rows}
+            for correlation_id in unknown:
+                known[correlation_id] = found.get(correlation_id)
+            if not any(frame.opened for frame in self._frames):  # (else the lock may not last)
+                self._ends.update((c, known[c]) for c in unknown)
+        return {c: ended for c, ended in known.items() if ended is not None}
 
     # outbox ----------------------------------------------------------------------------------
 
