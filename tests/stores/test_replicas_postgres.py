@@ -18,7 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from choreograph import App, Context, Event, Middleware, Outcome, Runtime, Service, WorkerSettings
+from choreograph import (
+    App,
+    Context,
+    DeadlineExpired,
+    Event,
+    Middleware,
+    Outcome,
+    Runtime,
+    Service,
+    WorkerSettings,
+)
 from choreograph.demo import drone_scheduler, tables
 from choreograph.demo.events import DeliveryRequested
 from choreograph.demo.knobs import Knobs
@@ -341,5 +351,67 @@ async def test_replicas_updating_one_document_lose_no_update(
         assert total is not None
         assert total["n"] == 60
         assert sorted(total["events"]) == list(range(60))
+    finally:
+        await asyncio.gather(*(runtime.stop() for runtime in runtimes))
+
+
+class Started(Event):
+    n: int
+
+
+class Finished(Event):
+    n: int
+
+
+watcher = Service("watcher")
+
+
+@watcher.on(Started)
+async def note_start(event: Started, ctx: Context) -> None:
+    await ctx.state.put("started", ctx.correlation_id, {"n": event.n})
+
+
+@watcher.deadline(starts_on=Started, expect=[Finished], within=0.2)
+async def overdue(expired: DeadlineExpired, ctx: Context) -> None:
+    doc = await ctx.state.get("overdue", "all") or {"keys": []}  # held by the test for a while
+    await ctx.state.put("overdue", "all", {"keys": [*doc["keys"], expired.key]})
+
+
+async def test_a_timer_whose_document_is_busy_fires_once_after_it_is_free(
+    pg_namespace: str,
+) -> None:
+    store = f"{PG_URL}?schema={pg_namespace}_{{service}}"
+    bus = MemoryTransport()
+    app = App("watching", [watcher])
+    runtimes = [Runtime(app, transport=bus, store=store, settings=SETTINGS) for _ in range(2)]
+    for runtime in runtimes:
+        await runtime.start()
+    try:
+        # given the document every expiry updates is held by another transaction
+        async with runtimes[0].unit_of_work("watcher") as holder:
+            await holder.state.get("overdue", "all")
+            await publish_twice(bus, [(Started(n=n), f"k{n}") for n in range(5)])
+
+            timers = runtimes[1].worker("watcher").store.list_timers
+            deadline = time.monotonic() + 30
+            # (pending, and due for a while: the timer loops find the document busy meanwhile)
+            while len(due := await timers()) < 5 or max(t.due_at for t in due) > time.time() - 0.3:
+                assert time.monotonic() < deadline, "the deadlines were never set"
+                await asyncio.sleep(0.05)
+            await holder.state.put("overdue", "all", {"keys": ["held"]})
+
+        # when it is free, then each deadline fired once, after the holder's update
+        async def fired() -> list[str]:
+            async with runtimes[1].unit_of_work("watcher") as uow:
+                doc = await uow.state.get("overdue", "all")
+            return [] if doc is None else list(doc["keys"])
+
+        deadline = time.monotonic() + 30
+        while len(await fired()) < 6:
+            assert time.monotonic() < deadline, f"not every deadline fired: {await fired()}"
+            await asyncio.sleep(0.05)
+        keys = await fired()
+        assert keys[0] == "held"
+        assert sorted(keys[1:]) == [f"k{n}" for n in range(5)]
     finally:
         await asyncio.gather(*(runtime.stop() for runtime in runtimes))
