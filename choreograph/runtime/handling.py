@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,7 +49,7 @@ from choreograph.runtime import announce
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.outbox import stage
 from choreograph.service import DeadlineSpec, HandlerSpec, JoinSpec, Parts, Service
-from choreograph.store import StoreTx, Timer
+from choreograph.store import DocumentBusy, StoreTx, Timer
 from choreograph.transport import Delivery, Failure, Message
 
 log = logging.getLogger("choreograph.handling")
@@ -122,6 +122,46 @@ def build_routes(app: App, service: Service) -> dict[str, Route]:
     return routes
 
 
+_NO_FAILURES: Mapping[int, HandlingFailed] = {}
+
+
+class HandlingFailed(Exception):
+    """One handling of a batch raised (see :meth:`Handling.handle_batch`); its transaction must
+    be rolled back."""
+
+    def __init__(self, index: int, ctx: Context, error: Exception) -> None:
+        super().__init__(f"handling {index} of the batch failed: {error!r}")
+        self.index = index
+        self.ctx = ctx
+        self.error = error
+
+
+class HandedBack(Exception):
+    """One handling of a batch found something another transaction holds (see
+    :meth:`Handling.handle_batch`); its transaction must be rolled back."""
+
+    def __init__(self, index: int, busy: DocumentBusy) -> None:
+        super().__init__(f"handling {index} of the batch waits for {busy.lock}")
+        self.index = index
+        self.busy = busy
+
+
+def _only(results: list[tuple[Context | None, Outcome] | None]) -> tuple[Context | None, Outcome]:
+    assert results[0] is not None
+    return results[0]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the handlings of one batch share: its transaction, the ids already handled (the
+    store's inbox and this batch's) and the transactions known to have ended."""
+
+    tx: StoreTx
+    seen: set[str]
+    ended: dict[str, str]
+    failed: Mapping[int, HandlingFailed]
+
+
 class Handling:
     """The handling logic of one service (stateless between calls; safe to share by lanes)."""
 
@@ -148,12 +188,76 @@ class Handling:
         self._learns_end = any(r.terminal for r in self.routes.values()) or any(
             cls in app.terminal for cls in service.emits()
         )
+        self._terminal_types = frozenset(cls.event_type for cls in app.terminal)
         self._rng = rng or random.Random()
 
     # messages ------------------------------------------------------------------------------------
 
     async def handle(self, tx: StoreTx, delivery: Delivery) -> tuple[Context | None, Outcome]:
-        """Handle one delivery inside ``tx``. Never raises for a handler's failure."""
+        """Handle one delivery alone inside ``tx`` (the test harness' way). Never raises for a
+        handler's failure: what the failed handling wrote is rolled back to a savepoint and its
+        failure recorded instead. Raises :class:`DocumentBusy` when it finds something busy."""
+        try:
+            async with tx.savepoint():
+                return _only(await self.handle_batch(tx, [delivery]))
+        except HandlingFailed as failed:
+            return _only(await self.handle_batch(tx, [delivery], {0: failed}))
+        except HandedBack as handed_back:
+            raise handed_back.busy from None
+
+    async def handle_batch(
+        self,
+        tx: StoreTx,
+        deliveries: Sequence[Delivery],
+        failed: Mapping[int, HandlingFailed] = _NO_FAILURES,
+        *,
+        skip: Collection[int] = (),
+    ) -> list[tuple[Context | None, Outcome] | None]:
+        """Handle ``deliveries`` in order inside ``tx``, with one inbox lookup and one lookup of
+        ended transactions for all of them, and no savepoint. The deliveries at the indexes in
+        ``skip`` are left alone (their result is None).
+
+        A handling that raises (its handler, a middleware, staging what it emitted) raises
+        :class:`HandlingFailed` with its index: ``tx`` then holds part of that handling's writes
+        and must be rolled back. Handle the batch again in a new transaction with the failure in
+        ``failed`` (by index): that message's failure (a retry, or a dead letter with its
+        announcement) is recorded instead of running it again. A handling that finds something
+        busy (a ``locks="raise"`` transaction) raises :class:`HandedBack` likewise: roll back,
+        and handle the batch again without it (in ``skip``).
+        """
+        decoded = [
+            None if index in skip else self._decode(delivery)
+            for index, delivery in enumerate(deliveries)
+        ]
+        ids = [item[0].id for item in decoded if isinstance(item, tuple)]
+        seen = await tx.seen_many(ids) if ids else set()
+        ended: dict[str, str] = {}
+        if self._learns_end:
+            wanted = {
+                item[0].correlationid
+                for item in decoded
+                if isinstance(item, tuple) and not item[1].after_end
+            }
+            if wanted:
+                try:
+                    ended = await tx.ended_transactions(wanted)
+                except DocumentBusy as busy:
+                    first = next(
+                        index
+                        for index, item in enumerate(decoded)
+                        if isinstance(item, tuple) and item[0].correlationid == busy.lock[1]
+                    )
+                    raise HandedBack(first, busy) from None
+        batch = _Batch(tx, seen, ended, failed)
+        results: list[tuple[Context | None, Outcome] | None] = []
+        for index, (delivery, item) in enumerate(zip(deliveries, decoded, strict=True)):
+            if isinstance(item, tuple):
+                results.append(await self._handle(batch, index, delivery, *item))
+            else:
+                results.append(None if item is None else (None, item))
+        return results
+
+    def _decode(self, delivery: Delivery) -> tuple[Envelope, Route, int] | Outcome:
         body = delivery.message.body
         try:
             envelope = decode(body, limit=self.max_event_bytes)
@@ -172,8 +276,19 @@ class Handling:
         except InvalidMessage as exc:
             failure = _failure(exc)
             self.hooks.invalid(self.service.name, body, failure)
-            return None, Outcome("dead_letter", failure=failure)
+            return Outcome("dead_letter", failure=failure)
+        return envelope, route, version
 
+    async def _handle(
+        self,
+        batch: _Batch,
+        index: int,
+        delivery: Delivery,
+        envelope: Envelope,
+        route: Route,
+        version: int,
+    ) -> tuple[Context, Outcome]:
+        tx = batch.tx
         ctx = Context(
             self.service.name, envelope, delivery.attempt, State(tx), self.clock, route.name
         )
@@ -184,29 +299,42 @@ class Handling:
             if not isinstance(exc, SchemaViolation):  # e.g. data nested beyond what validates
                 exc = SchemaViolation(f"{envelope.type}: cannot validate: {_text(repr(exc), 500)}")
             return ctx, await self._give_up(tx, ctx, route.handler, exc)
-        if await tx.seen(envelope.id):
+        if envelope.id in batch.seen:
             return ctx, Outcome("duplicate")
+        known = batch.failed.get(index)
+        if known is not None:  # what the failed handling left in its context stays (middleware)
+            known.ctx.state = ctx.state
+            return known.ctx, await self._failed(tx, known.ctx, route.handler or route.join,
+                                                 known.error)  # fmt: skip
+        ended = None
+        if self._learns_end and not route.after_end:
+            ended = batch.ended.get(envelope.correlationid)
         notes: list[str] = []
-        ended: str | None = None
+        emitted: list[Envelope] = []
+        ready: list[Message] = []
         try:
-            async with tx.savepoint():
-                if self._learns_end and not route.after_end:
-                    ended = await tx.transaction_ended(envelope.correlationid)
-                if ended is None:
-                    events = await self.hooks.handle(
-                        ctx, lambda: self._react(ctx, route, event, notes)
-                    )
-                    await flush_session(ctx.state)  # the handler's own rows, in its savepoint
-                    emitted, ready = await self._emit(tx, ctx, events, route.allowed)
-                await tx.remember(envelope.id, self.clock.now())
+            if ended is None:
+                events = await self.hooks.handle(ctx, lambda: self._react(ctx, route, event, notes))
+                await flush_session(ctx.state)  # the handler's own rows, in its transaction
+                emitted, ready = await self._emit(tx, ctx, events, route.allowed)
+            await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
-            return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
+            raise HandlingFailed(index, ctx, exc) from exc
+        except DocumentBusy as busy:
+            raise HandedBack(index, busy) from None
         finally:
             await release_session(ctx.state)
+        batch.seen.add(envelope.id)
         if ended is not None:
             # Late: the transaction ended here first. Starting work now could never be undone
             # (its compensation already ran), so nothing runs; the outcome says so.
             return ctx, Outcome("late", note=f"the transaction already ended with {ended}")
+        # what this handling ended is seen by the rest of the batch as the store would show it
+        if route.terminal:
+            batch.ended.setdefault(envelope.correlationid, envelope.type)
+        for out in emitted:
+            if out.type in self._terminal_types:
+                batch.ended.setdefault(envelope.correlationid, out.type)
         if notes and not emitted:
             return ctx, Outcome("ignored", note="; ".join(notes))
         return ctx, Outcome("done", emitted=emitted, ready=ready)
@@ -425,7 +553,7 @@ class Handling:
         self, tx: StoreTx, ctx: Context, spec: HandlerSpec | JoinSpec | None, exc: Exception
     ) -> Outcome:
         ctx.later.clear()
-        ctx.timers.clear()  # rolled back with the savepoint
+        ctx.timers.clear()  # rolled back with the failed handling
         policy: RetryPolicy = (spec.retry if spec is not None else None) or self.service.retry
         if not isinstance(exc, PermanentFailure | InvalidMessage) and not policy.gives_up(
             ctx.attempt

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -26,6 +26,9 @@ from choreograph._files import private_file
 from choreograph.errors import ConfigurationError
 from choreograph.store import Locks, OutboxRow, Store, StoreTx, Timer
 
+#: Most ids in one ``IN (...)`` list (SQLite allows 32,766 parameters since 3.32; far fewer keep
+#: each statement cheap to prepare).
+_IN_CHUNK = 500
 #: Seconds SQLite itself waits for a lock before the store yields to the event loop.
 _LOCK_POLL = 0.02
 
@@ -189,6 +192,18 @@ class _SqliteTx(StoreTx):
         row = self._db.execute("SELECT 1 FROM inbox WHERE event_id = ?", (event_id,)).fetchone()
         return row is not None
 
+    async def seen_many(self, event_ids: Sequence[str]) -> set[str]:
+        found = {event_id for event_id in event_ids if event_id in self._inbox_ids}
+        rest = [event_id for event_id in event_ids if event_id not in found]
+        for start in range(0, len(rest), _IN_CHUNK):
+            chunk = rest[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT event_id FROM inbox WHERE event_id IN ({marks})", chunk
+            ).fetchall()
+            found.update(row[0] for row in rows)
+        return found
+
     async def remember(self, event_id: str, at: float) -> None:
         self._inbox.append((event_id, at))
         self._inbox_ids.add(event_id)
@@ -204,6 +219,19 @@ class _SqliteTx(StoreTx):
             "SELECT event_type FROM ended WHERE correlation_id = ?", (correlation_id,)
         ).fetchone()
         return None if row is None else str(row[0])
+
+    async def ended_transactions(self, correlation_ids: Collection[str]) -> dict[str, str]:
+        ids = list(correlation_ids)
+        ended: dict[str, str] = {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT correlation_id, event_type FROM ended WHERE correlation_id IN ({marks})",
+                chunk,
+            ).fetchall()
+            ended.update((str(row[0]), str(row[1])) for row in rows)
+        return ended
 
     async def add_outbox(self, rows: Sequence[OutboxRow], claimed_until: float = 0.0) -> None:
         self._outbox.extend((r.id, r.topic, r.body, r.due_at, claimed_until) for r in rows)
