@@ -209,7 +209,8 @@ def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:
     subject, traceparent, tracestate = get("subject"), get("traceparent"), get("tracestate")
     dataschema = get("dataschema")
     if (
-        event_type in _GOOD_TYPES
+        type(event_type) is str
+        and event_type in _GOOD_TYPES
         and type(event_id) is str
         and type(correlation_id) is str
         and type(source) is str

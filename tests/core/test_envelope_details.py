@@ -133,3 +133,37 @@ def test_an_invalid_event_type_is_refused_with_the_rule() -> None:
     assert check_event_type("a" * 200) == "a" * 200
     with pytest.raises(ValueError):
         check_event_type("a" * 201)
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"type": ["T"]},
+        {"type": {"T": 1}},
+        {"id": ""},
+        {"id": 7},
+        {"correlationid": "c" * 513},
+        {"causationid": 5},
+        {"traceparent": ["x"]},
+        {"data": [1]},
+        {"specversion": "0.3"},
+        {"datacontenttype": "text/xml"},
+        {"correlationid": "a\u0001b"},
+    ],
+)
+def test_the_fast_path_for_a_known_type_refuses_what_the_full_path_refuses(
+    attributes: dict[str, object],
+) -> None:
+    good = {"time": "2026-01-01T00:00:00Z", "correlationid": "c1", "data": {}}
+    assert decode(raw(**good)).type == "T"  # "T" is now a known, checked type
+    with pytest.raises(MalformedEnvelope):
+        decode(raw(**{**good, **attributes}))
+
+
+def test_the_fast_path_reads_what_the_full_path_reads() -> None:
+    envelope = make(causationid="c0", traceparent="00-ab-cd-01", subject="s")
+    assert decode(encode(envelope)) == envelope
+    assert decode(encode(envelope)) == envelope  # the second time by the fast path
+    external = raw(time="2026-01-01T00:00:00Z", ext="kept")
+    assert decode(external).extensions == {"ext": "kept"}
+    assert decode(external).correlationid == "e1"

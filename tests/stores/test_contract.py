@@ -408,3 +408,17 @@ async def test_open_and_close_are_idempotent(make_store: StoreFactory, store_nam
         async with again.transaction() as tx:
             assert await tx.get("k", "1") == {"v": 1}
             assert await tx.get("k", "2") == {"v": 2}
+
+
+async def test_batched_lookups_answer_as_the_single_ones(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.remember("committed", NOW)
+        await tx.end_transaction("c-ended", "Delivered", NOW)
+    async with store.transaction() as tx:
+        await tx.remember("this-tx", NOW)
+        ids = ["committed", "this-tx", "never", "committed"]
+        assert await tx.seen_many(ids) == {"committed", "this-tx"}
+        assert await tx.seen_many([]) == set()
+        ended = await tx.ended_transactions(["c-ended", "c-open"])
+        assert ended == {"c-ended": "Delivered"}
+        assert await tx.ended_transactions([]) == {}
