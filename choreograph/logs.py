@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
-from contextvars import ContextVar
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
@@ -36,7 +36,10 @@ MAX_TRACEBACK_CHARS = 8000
 #: transport raises anyway; they are quieted (CRITICAL only) unless the level asked is DEBUG.
 NOISY_DRIVERS = ("aiormq", "aio_pika", "redis", "nats", "asyncpg")
 
-_current: ContextVar[dict[str, Any] | None] = ContextVar("choreograph_handling", default=None)
+# The bound fields, or a function making them (bound per handling, made only when a record is).
+_current: ContextVar[dict[str, Any] | Callable[[], dict[str, Any]] | None] = ContextVar(
+    "choreograph_handling", default=None
+)
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` or a filter.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -51,9 +54,27 @@ def handling_fields(**fields: Any) -> Iterator[None]:
         _current.reset(token)
 
 
+def bind_handling(fields: Callable[[], dict[str, Any]]) -> Token[Any]:
+    """Bind the handling in progress for the current task, by a function that makes its fields
+    when a record needs them (the runtime's way: nothing is made for a handling that logs
+    nothing). Undo with :func:`unbind_handling`."""
+    return _current.set(fields)
+
+
+def unbind_handling(token: Token[Any]) -> None:
+    _current.reset(token)
+
+
+def _bound() -> dict[str, Any]:
+    bound = _current.get()
+    if bound is None:
+        return {}
+    return bound if isinstance(bound, dict) else bound()
+
+
 def current_fields() -> dict[str, Any]:
     """The fields bound now (empty outside a handling)."""
-    return dict(_current.get() or {})
+    return dict(_bound())
 
 
 def bounded_traceback(text: str, limit: int = MAX_TRACEBACK_CHARS) -> str:
@@ -68,7 +89,7 @@ class HandlingFilter(logging.Filter):
     ``extra=`` win over the bound ones."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        bound = _current.get() or {}
+        bound = _bound()
         for name in FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, bound.get(name))

@@ -315,7 +315,8 @@ class Handling:
         try:
             if ended is None:
                 events = await self.hooks.handle(ctx, lambda: self._react(ctx, route, event, notes))
-                await flush_session(ctx.state)  # the handler's own rows, in its transaction
+                if ctx.state._session is not None:
+                    await flush_session(ctx.state)  # the handler's own rows, in its transaction
                 emitted, ready = await self._emit(tx, ctx, events, route.allowed)
             await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
@@ -323,7 +324,8 @@ class Handling:
         except DocumentBusy as busy:
             raise HandedBack(index, busy) from None
         finally:
-            await release_session(ctx.state)
+            if ctx.state._session is not None:
+                await release_session(ctx.state)
         batch.seen.add(envelope.id)
         if ended is not None:
             # Late: the transaction ended here first. Starting work now could never be undone
@@ -531,6 +533,8 @@ class Handling:
     async def _emit(
         self, tx: StoreTx, ctx: Context, events: list[Event], allowed: tuple[type[Event], ...]
     ) -> tuple[list[Envelope], list[Message]]:
+        if not events and not ctx.later:
+            return [], []
         if ctx.later:
             _checked(ctx.handler, allowed, [event for event, _ in ctx.later])
         for event in events:

@@ -27,6 +27,7 @@ correlation id, attempt and the traceback.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +36,7 @@ from choreograph.context import Context
 from choreograph.envelope import Envelope
 from choreograph.errors import RetryLater
 from choreograph.events import Event
-from choreograph.logs import handling_fields
+from choreograph.logs import bind_handling, unbind_handling
 from choreograph.middleware import Checkpoint, Middleware, Next, Outcome, RuntimeView
 from choreograph.transport import Failure
 
@@ -78,13 +79,16 @@ class Hooks:
     async def handle(self, ctx: Context, react: Next) -> list[Event]:
         """Run ``react`` inside every ``around_handle``, the first middleware outermost, with the
         handling's fields bound for every record logged meanwhile."""
-        with handling_fields(**_fields(ctx)):
+        token = bind_handling(functools.partial(_fields, ctx))
+        try:
             if not self._around:
                 return await react()
             call = react
             for mw in reversed(self._around):
                 call = _bind(mw, ctx, call)
             return await call()
+        finally:
+            unbind_handling(token)
 
     def stamp(self, ctx: Context | None, envelope: Envelope) -> Envelope:
         for mw in self._stamp:

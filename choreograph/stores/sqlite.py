@@ -92,6 +92,9 @@ class _SqliteTx(StoreTx):
         self._db = db
         self._savepoints = 0
         self._indexed = indexed
+        # indexes made by this transaction: known to the store once it commits (a rollback
+        # takes them away again)
+        self.created: list[str] = []
         # Inbox and outbox rows are written in one statement each at commit (see flush);
         # a savepoint rolled back drops the rows added inside it.
         self._inbox: list[tuple[str, float]] = []
@@ -117,12 +120,12 @@ class _SqliteTx(StoreTx):
         """Queries by a field get an expression index on it, made the first time it is asked."""
         _check_fields(where)
         for field in where or ():
-            if field not in self._indexed:
+            if field not in self._indexed and field not in self.created:
                 self._db.execute(
                     f"CREATE INDEX IF NOT EXISTS state_by_{field} "
                     f"ON state (kind, json_extract(doc, '$.{field}'))"
                 )
-                self._indexed.add(field)
+                self.created.append(field)
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
         row = self._db.execute(
@@ -171,13 +174,14 @@ class _SqliteTx(StoreTx):
     async def savepoint(self) -> AsyncIterator[None]:
         self._savepoints += 1
         name = f"sp{self._savepoints}"
-        marks = (len(self._inbox), len(self._outbox))
+        marks = (len(self._inbox), len(self._outbox), len(self.created))
         self._db.execute(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
             self._db.execute(f"ROLLBACK TO {name}")
             self._db.execute(f"RELEASE {name}")
+            del self.created[marks[2] :]
             for event_id, _ in self._inbox[marks[0] :]:
                 self._inbox_ids.discard(event_id)
             del self._inbox[marks[0] :]
@@ -377,6 +381,7 @@ class SqliteStore(Store):
             tx = _SqliteTx(db, self._indexed)
             yield tx
             tx.flush()
+        self._indexed.update(tx.created)
 
     async def claim_outbox(self, now: float, limit: int, lease: float) -> list[OutboxRow]:
         async with self._write() as db:

@@ -21,7 +21,8 @@ How it works
     runs a query only when something changed or a retry or lease comes due. The wait between polls
     starts at ``min_poll_interval`` after the member received something and doubles up to
     ``poll_interval`` while it receives nothing; publishes through the same transport object wake
-    its members at once.
+    its members at once, and publishes from other processes ring its doorbell
+    (:mod:`choreograph.transports._doorbell`), which wakes them at once too.
 
 Time is the wall clock (``time.time()``), shared by every process on the machine.
 """
@@ -53,6 +54,7 @@ from choreograph.transport import (
     redact,
     split_oversized,
 )
+from choreograph.transports._doorbell import Doorbell
 
 _SYNCHRONOUS = ("normal", "full")
 
@@ -221,6 +223,7 @@ class SqliteTransport(Transport):
         self._sql = _Schema(settings.namespace)
         self._db: sqlite3.Connection | None = None
         self._subscriptions: set[SqliteSubscription] = set()
+        self._doorbell: Doorbell | None = None
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -241,6 +244,7 @@ class SqliteTransport(Transport):
         while True:
             try:
                 self._db = self._open(path)
+                self._doorbell = Doorbell(path)
                 return
             except sqlite3.OperationalError as exc:
                 busy = "locked" in str(exc) or "busy" in str(exc)
@@ -277,6 +281,9 @@ class SqliteTransport(Transport):
     async def close(self) -> None:
         for sub in list(self._subscriptions):
             await sub.close()
+        if self._doorbell is not None:
+            self._doorbell.close()
+            self._doorbell = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -307,6 +314,8 @@ class SqliteTransport(Transport):
             if buried:  # in the same transaction: published and buried together, or neither
                 db.executemany(self._sql.bury_unsent, buried)
         self._wake_all()
+        if self._doorbell is not None:
+            self._doorbell.ring()
 
     async def subscribe(
         self, group: str, topics: Collection[str], *, lease: float = 30.0
@@ -316,6 +325,8 @@ class SqliteTransport(Transport):
         await self.declare_group(group, topics)
         sub = SqliteSubscription(self, group, frozenset(topics), lease)
         self._subscriptions.add(sub)
+        if self._doorbell is not None:
+            self._doorbell.listen(self._wake_all)
         return sub
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -352,6 +363,8 @@ class SqliteTransport(Transport):
             db.execute(self._sql.to_group, (group, now, event_id, topic, now, new_body))
             db.execute(self._sql.forget_dead, (key,))
         self._wake_group(group)
+        if self._doorbell is not None:
+            self._doorbell.ring()
         return True
 
     async def discard(self, dead_letter_id: str) -> bool:

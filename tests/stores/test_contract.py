@@ -422,3 +422,17 @@ async def test_batched_lookups_answer_as_the_single_ones(store: Store) -> None:
         ended = await tx.ended_transactions(["c-ended", "c-open"])
         assert ended == {"c-ended": "Delivered"}
         assert await tx.ended_transactions([]) == {}
+
+
+async def test_a_query_by_a_field_works_after_the_transaction_that_first_asked_rolled_back(
+    store: Store,
+) -> None:
+    with pytest.raises(Boom):
+        async with store.transaction() as tx:
+            await tx.put("drone", "d1", {"base": "north"})
+            assert await tx.find("drone", {"base": "north"}) == [("d1", {"base": "north"})]
+            raise Boom
+    async with store.transaction() as tx:
+        await tx.put("drone", "d2", {"base": "north"})
+        assert await tx.find("drone", {"base": "north"}) == [("d2", {"base": "north"})]
+        assert await tx.count("drone", {"base": "north"}) == 1
