@@ -12,7 +12,11 @@ Pulling, and why it is shaped this way
     * when ``receive`` hands over a batch and the consumer reported more waiting (the
       ``num_pending`` of the last delivery), it sends a *prefetch* request ``{batch, no_wait}``:
       the next batch streams in while the caller handles this one, and the request ends as soon
-      as the backlog is drained (no message published later is taken by it).
+      as the backlog is drained (no message published later is taken by it);
+    * ``receive`` hands over whatever has arrived at once, without waiting for a request that
+      is still delivering to fill the batch: what it delivers meanwhile waits in the buffer for
+      the next call. Batches grow by themselves when messages come faster than they are
+      handled, and an idle member answers in one round trip.
 
     At most one request per consumer is outstanding per member, so counting deliveries tells
     exactly when it is spent.
@@ -253,19 +257,6 @@ class NatsSubscription(Subscription):
             ):
                 await self._pull(consumer, batch, None)
 
-    def _streaming(self) -> bool:
-        """Is a request delivering right now (so waiting a moment fills the batch)?"""
-        now = asyncio.get_running_loop().time()
-        for consumer in self._consumers.values():
-            request = consumer.request
-            if (
-                request is not None
-                and (not request.lingering or request.delivered > 0)
-                and now <= request.lost_at
-            ):
-                return True
-        return False
-
     def _next_lost_at(self) -> float:
         return min(
             (c.request.lost_at for c in self._consumers.values() if c.request is not None),
@@ -299,9 +290,8 @@ class NatsSubscription(Subscription):
             seen = self._arrivals
             now = loop.time()
             if self._buffer:
-                if len(self._buffer) < want and now < deadline and self._streaming():
-                    await self._wait(deadline, seen)
-                    continue
+                # what has arrived goes at once (a request still delivering fills the buffer for
+                # the next call): batches grow by themselves under load, never wait when idle
                 out = self._hand_over(want)
                 if self._malformed:
                     await self._bury_malformed()
