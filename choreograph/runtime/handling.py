@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,33 +122,10 @@ def build_routes(app: App, service: Service) -> dict[str, Route]:
     return routes
 
 
-_NO_FAILURES: Mapping[int, HandlingFailed] = {}
-
-
-class HandlingFailed(Exception):
-    """One handling of a batch raised (see :meth:`Handling.handle_batch`); its transaction must
-    be rolled back."""
-
-    def __init__(self, index: int, ctx: Context, error: Exception) -> None:
-        super().__init__(f"handling {index} of the batch failed: {error!r}")
-        self.index = index
-        self.ctx = ctx
-        self.error = error
-
-
-class HandedBack(Exception):
-    """One handling of a batch found something another transaction holds (see
-    :meth:`Handling.handle_batch`); its transaction must be rolled back."""
-
-    def __init__(self, index: int, busy: DocumentBusy) -> None:
-        super().__init__(f"handling {index} of the batch waits for {busy.lock}")
-        self.index = index
-        self.busy = busy
-
-
-def _only(results: list[tuple[Context | None, Outcome] | None]) -> tuple[Context | None, Outcome]:
-    assert results[0] is not None
-    return results[0]
+Handled = tuple[Delivery, Context | None, Outcome]
+"""A delivery, the context it was handled in (None when it could not be read) and its outcome."""
+# in place of a decoded delivery that waits for what another transaction holds
+_HANDED_BACK = Outcome("ignored", note="handed back")
 
 
 @dataclass(slots=True)
@@ -159,7 +136,6 @@ class _Batch:
     tx: StoreTx
     seen: set[str]
     ended: dict[str, str]
-    failed: Mapping[int, HandlingFailed]
 
 
 class Handling:
@@ -194,43 +170,30 @@ class Handling:
     # messages ------------------------------------------------------------------------------------
 
     async def handle(self, tx: StoreTx, delivery: Delivery) -> tuple[Context | None, Outcome]:
-        """Handle one delivery alone inside ``tx`` (the test harness' way). Never raises for a
-        handler's failure: what the failed handling wrote is rolled back to a savepoint and its
-        failure recorded instead. Raises :class:`DocumentBusy` when it finds something busy."""
-        try:
-            async with tx.savepoint():
-                return _only(await self.handle_batch(tx, [delivery]))
-        except HandlingFailed as failed:
-            return _only(await self.handle_batch(tx, [delivery], {0: failed}))
-        except HandedBack as handed_back:
-            raise handed_back.busy from None
+        """Handle one delivery inside ``tx`` (the test harness' way). Never raises for a
+        handler's failure. Raises :class:`DocumentBusy` when it finds something busy."""
+        handled, handed_back = await self.handle_batch(tx, [delivery])
+        if handed_back:
+            raise DocumentBusy(handed_back[0][1])
+        return handled[0][1], handled[0][2]
 
     async def handle_batch(
-        self,
-        tx: StoreTx,
-        deliveries: Sequence[Delivery],
-        failed: Mapping[int, HandlingFailed] = _NO_FAILURES,
-        *,
-        skip: Collection[int] = (),
-    ) -> list[tuple[Context | None, Outcome] | None]:
+        self, tx: StoreTx, deliveries: Sequence[Delivery]
+    ) -> tuple[list[Handled], list[tuple[Delivery, tuple[str, str]]]]:
         """Handle ``deliveries`` in order inside ``tx``, with one inbox lookup and one lookup of
-        ended transactions for all of them, and no savepoint. The deliveries at the indexes in
-        ``skip`` are left alone (their result is None).
+        ended transactions for all of them. Never raises for a handler's failure: each handling
+        runs in a savepoint of its own, which the stores open only before its first write (a
+        handling that writes no state of its own costs no savepoint statement), so a failure
+        rolls back that handling alone and the handler runs once.
 
-        A handling that raises (its handler, a middleware, staging what it emitted) raises
-        :class:`HandlingFailed` with its index: ``tx`` then holds part of that handling's writes
-        and must be rolled back. Handle the batch again in a new transaction with the failure in
-        ``failed`` (by index): that message's failure (a retry, or a dead letter with its
-        announcement) is recorded instead of running it again. A handling that finds something
-        busy (a ``locks="raise"`` transaction) raises :class:`HandedBack` likewise: roll back,
-        and handle the batch again without it (in ``skip``).
+        Returns the handled deliveries with their outcomes, and those *handed back* with what
+        they found busy (a ``locks="raise"`` transaction): handle them again in a transaction
+        that takes that first.
         """
-        decoded = [
-            None if index in skip else self._decode(delivery)
-            for index, delivery in enumerate(deliveries)
-        ]
+        decoded = [self._decode(delivery) for delivery in deliveries]
         ids = [item[0].id for item in decoded if isinstance(item, tuple)]
         seen = await tx.seen_many(ids) if ids else set()
+        handed_back: list[tuple[Delivery, tuple[str, str]]] = []
         ended: dict[str, str] = {}
         if self._learns_end:
             wanted = {
@@ -238,24 +201,29 @@ class Handling:
                 for item in decoded
                 if isinstance(item, tuple) and not item[1].after_end
             }
-            if wanted:
+            while wanted:
                 try:
                     ended = await tx.ended_transactions(wanted)
-                except DocumentBusy as busy:
-                    first = next(
-                        index
-                        for index, item in enumerate(decoded)
-                        if isinstance(item, tuple) and item[0].correlationid == busy.lock[1]
-                    )
-                    raise HandedBack(first, busy) from None
-        batch = _Batch(tx, seen, ended, failed)
-        results: list[tuple[Context | None, Outcome] | None] = []
-        for index, (delivery, item) in enumerate(zip(deliveries, decoded, strict=True)):
+                    break
+                except DocumentBusy as busy:  # its messages wait; the others go on
+                    wanted.discard(busy.lock[1])
+                    for index, item in enumerate(decoded):
+                        if isinstance(item, tuple) and item[0].correlationid == busy.lock[1]:
+                            handed_back.append((deliveries[index], busy.lock))
+                            decoded[index] = _HANDED_BACK
+        batch = _Batch(tx, seen, ended)
+        handled: list[Handled] = []
+        for delivery, item in zip(deliveries, decoded, strict=True):
             if isinstance(item, tuple):
-                results.append(await self._handle(batch, index, delivery, *item))
-            else:
-                results.append(None if item is None else (None, item))
-        return results
+                try:
+                    ctx, outcome = await self._handle(batch, delivery, *item)
+                except DocumentBusy as busy:
+                    handed_back.append((delivery, busy.lock))
+                    continue
+                handled.append((delivery, ctx, outcome))
+            elif item is not _HANDED_BACK:
+                handled.append((delivery, None, item))
+        return handled, handed_back
 
     def _decode(self, delivery: Delivery) -> tuple[Envelope, Route, int] | Outcome:
         body = delivery.message.body
@@ -282,7 +250,6 @@ class Handling:
     async def _handle(
         self,
         batch: _Batch,
-        index: int,
         delivery: Delivery,
         envelope: Envelope,
         route: Route,
@@ -301,11 +268,6 @@ class Handling:
             return ctx, await self._give_up(tx, ctx, route.handler, exc)
         if envelope.id in batch.seen:
             return ctx, Outcome("duplicate")
-        known = batch.failed.get(index)
-        if known is not None:  # what the failed handling left in its context stays (middleware)
-            known.ctx.state = ctx.state
-            return known.ctx, await self._failed(tx, known.ctx, route.handler or route.join,
-                                                 known.error)  # fmt: skip
         ended = None
         if self._learns_end and not route.after_end:
             ended = batch.ended.get(envelope.correlationid)
@@ -313,16 +275,17 @@ class Handling:
         emitted: list[Envelope] = []
         ready: list[Message] = []
         try:
-            if ended is None:
-                events = await self.hooks.handle(ctx, lambda: self._react(ctx, route, event, notes))
-                if ctx.state._session is not None:
-                    await flush_session(ctx.state)  # the handler's own rows, in its transaction
-                emitted, ready = await self._emit(tx, ctx, events, route.allowed)
-            await tx.remember(envelope.id, self.clock.now())
+            async with tx.savepoint():
+                if ended is None:
+                    events = await self.hooks.handle(
+                        ctx, lambda: self._react(ctx, route, event, notes)
+                    )
+                    if ctx.state._session is not None:
+                        await flush_session(ctx.state)  # the handler's rows, in its savepoint
+                    emitted, ready = await self._emit(tx, ctx, events, route.allowed)
+                await tx.remember(envelope.id, self.clock.now())
         except Exception as exc:
-            raise HandlingFailed(index, ctx, exc) from exc
-        except DocumentBusy as busy:
-            raise HandedBack(index, busy) from None
+            return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
         finally:
             if ctx.state._session is not None:
                 await release_session(ctx.state)

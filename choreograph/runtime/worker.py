@@ -15,7 +15,7 @@ from choreograph.clock import Clock
 from choreograph.context import Context
 from choreograph.errors import ConfigurationError, TransportError
 from choreograph.middleware import Checkpoint, Outcome
-from choreograph.runtime.handling import HandedBack, Handling, HandlingFailed
+from choreograph.runtime.handling import Handling
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.ordering import sequencer_for
 from choreograph.runtime.outbox import relay
@@ -230,16 +230,28 @@ class ServiceWorker:
                 self._sequencer.done(batch, {d.message.id: 0.0 for d in batch})
 
     async def _handle(self, batch: list[Delivery]) -> list[Result]:
-        """Handle ``batch`` in one store transaction when nothing fails or waits (no savepoint).
+        """Handle ``batch`` in one store transaction (each handling in a savepoint of its own,
+        which costs nothing unless it writes state).
 
         The transaction never waits for what another one (a lane, a replica) holds: a handling
-        that touches it is *handed back* (:class:`DocumentBusy`) and handled again in a next
-        transaction that first waits for what was busy. No attempt is spent on it; nothing waits
-        while holding a lock, so lanes and replicas never deadlock."""
+        that touches it is rolled back and *handed back* (:class:`DocumentBusy`), the others
+        commit, and the handed-back messages are handled again in a next transaction that first
+        waits for what was busy. No attempt is spent on it; nothing waits while holding a lock,
+        so lanes and replicas never deadlock."""
         results: list[Result] = []
         pending, lock_first = batch, list[tuple[str, str]]()
         for _ in range(HAND_BACKS):
-            handed_back = await self._commit(pending, lock_first, results)
+            sent, self._sent = self._sent, []
+            try:
+                async with self.store.transaction(locks="raise", lock_first=lock_first) as tx:
+                    if sent:
+                        await tx.forget_outbox(sent)
+                    handled, handed_back = await self.handling.handle_batch(tx, pending)
+                    self._checkpoint("handled")
+            except BaseException:
+                self._sent += sent  # not forgotten: the next transaction does it
+                raise
+            results += handled
             if not handed_back:
                 return results
             pending = [delivery for delivery, _ in handed_back]
@@ -247,59 +259,6 @@ class ServiceWorker:
         log.warning("%s: %d messages still wait for busy documents; they come back after their "
                     "lease", self.name, len(pending))  # fmt: skip
         return results
-
-    async def _commit(
-        self, batch: list[Delivery], lock_first: list[tuple[str, str]], results: list[Result]
-    ) -> list[tuple[Delivery, tuple[str, str]]]:
-        """Handle ``batch`` in as few transactions as it takes, adding to ``results``; return the
-        messages handed back, with what they wait for.
-
-        A handling that fails or finds something busy rolls its transaction back; the messages
-        before it are then handled again and committed with its recorded failure (a retry, or a
-        dead letter and its announcement) or without it (handed back), and the rest follows in
-        the next transaction. Each costs one replay of the messages before it, never more. A
-        failure of the store itself propagates."""
-        handed_back: list[tuple[Delivery, tuple[str, str]]] = []
-        pending = batch
-        failed: dict[int, HandlingFailed] = {}
-        busy: dict[int, tuple[str, str]] = {}
-        while pending:
-            marked = [*failed, *busy]
-            take = max(marked) + 1 if marked else len(pending)
-            try:
-                handled = await self._transact(pending[:take], lock_first, failed, busy)
-            except HandlingFailed as exc:
-                failed[exc.index] = exc
-                continue
-            except HandedBack as exc:
-                busy[exc.index] = exc.busy.lock
-                continue
-            for delivery, result in zip(pending[:take], handled, strict=True):
-                if result is not None:
-                    results.append((delivery, *result))
-            handed_back += [(pending[i], lock) for i, lock in sorted(busy.items())]
-            pending, failed, busy = pending[take:], {}, {}
-        return handed_back
-        return results
-
-    async def _transact(
-        self,
-        batch: list[Delivery],
-        lock_first: list[tuple[str, str]],
-        failed: dict[int, HandlingFailed],
-        busy: dict[int, tuple[str, str]],
-    ) -> list[tuple[Context | None, Outcome] | None]:
-        sent, self._sent = self._sent, []
-        try:
-            async with self.store.transaction(locks="raise", lock_first=lock_first) as tx:
-                if sent:
-                    await tx.forget_outbox(sent)
-                handled = await self.handling.handle_batch(tx, batch, failed, skip=busy)
-                self._checkpoint("handled")
-        except BaseException:
-            self._sent += sent  # not forgotten: the next transaction does it
-            raise
-        return handled
 
     async def _isolate(self, batch: list[Delivery], failed: Exception) -> list[Result]:
         """The batch's transaction failed as a whole: handle its messages one at a time, so that

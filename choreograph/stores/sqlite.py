@@ -100,10 +100,22 @@ class _SqliteTx(StoreTx):
         self._inbox: list[tuple[str, float]] = []
         self._inbox_ids: set[str] = set()
         self._outbox: list[tuple[str, str, bytes, float, float]] = []
+        # Savepoints are lazy: SAVEPOINT is sent only before the first statement that writes
+        # inside one (or when the connection is handed out), so a handling that writes no state
+        # costs no statement for its savepoint. [name, opened]
+        self._frames: list[list[Any]] = []
+
+    def _writing(self) -> sqlite3.Connection:
+        """The connection, with every savepoint open so far opened in SQLite."""
+        for frame in self._frames:
+            if not frame[1]:
+                self._db.execute(f"SAVEPOINT {frame[0]}")
+                frame[1] = True
+        return self._db
 
     @property
     def connection(self) -> sqlite3.Connection:
-        return self._db
+        return self._writing()
 
     def flush(self) -> None:
         if self._inbox:
@@ -121,7 +133,7 @@ class _SqliteTx(StoreTx):
         _check_fields(where)
         for field in where or ():
             if field not in self._indexed and field not in self.created:
-                self._db.execute(
+                self._writing().execute(
                     f"CREATE INDEX IF NOT EXISTS state_by_{field} "
                     f"ON state (kind, json_extract(doc, '$.{field}'))"
                 )
@@ -134,13 +146,13 @@ class _SqliteTx(StoreTx):
         return None if row is None else orjson.loads(row[0])
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
-        self._db.execute(
+        self._writing().execute(
             "INSERT OR REPLACE INTO state (kind, key, doc) VALUES (?, ?, ?)",
             (kind, key, orjson.dumps(doc).decode()),
         )
 
     async def delete(self, kind: str, key: str) -> bool:
-        cur = self._db.execute("DELETE FROM state WHERE kind = ? AND key = ?", (kind, key))
+        cur = self._writing().execute("DELETE FROM state WHERE kind = ? AND key = ?", (kind, key))
         return cur.rowcount > 0
 
     async def find(
@@ -173,14 +185,16 @@ class _SqliteTx(StoreTx):
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         self._savepoints += 1
-        name = f"sp{self._savepoints}"
+        frame: list[Any] = [f"sp{self._savepoints}", False]
         marks = (len(self._inbox), len(self._outbox), len(self.created))
-        self._db.execute(f"SAVEPOINT {name}")
+        self._frames.append(frame)
         try:
             yield
         except BaseException:
-            self._db.execute(f"ROLLBACK TO {name}")
-            self._db.execute(f"RELEASE {name}")
+            self._frames.pop()
+            if frame[1]:
+                self._db.execute(f"ROLLBACK TO {frame[0]}")
+                self._db.execute(f"RELEASE {frame[0]}")
             del self.created[marks[2] :]
             for event_id, _ in self._inbox[marks[0] :]:
                 self._inbox_ids.discard(event_id)
@@ -188,7 +202,9 @@ class _SqliteTx(StoreTx):
             del self._outbox[marks[1] :]
             raise
         else:
-            self._db.execute(f"RELEASE {name}")
+            self._frames.pop()
+            if frame[1]:
+                self._db.execute(f"RELEASE {frame[0]}")
 
     async def seen(self, event_id: str) -> bool:
         if event_id in self._inbox_ids:
@@ -213,7 +229,7 @@ class _SqliteTx(StoreTx):
         self._inbox_ids.add(event_id)
 
     async def end_transaction(self, correlation_id: str, event_type: str, at: float) -> None:
-        self._db.execute(
+        self._writing().execute(
             "INSERT OR IGNORE INTO ended (correlation_id, event_type, at) VALUES (?, ?, ?)",
             (correlation_id, event_type, at),
         )
@@ -241,19 +257,19 @@ class _SqliteTx(StoreTx):
         self._outbox.extend((r.id, r.topic, r.body, r.due_at, claimed_until) for r in rows)
 
     async def forget_outbox(self, ids: Sequence[str]) -> None:
-        self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        self._writing().executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     async def set_timer(self, timer: Timer) -> None:
-        self._db.execute(
+        self._writing().execute(
             "INSERT OR REPLACE INTO timers (name, key, due_at, data) VALUES (?, ?, ?, ?)",
             (timer.name, timer.key, timer.due_at, orjson.dumps(timer.data)),
         )
 
     async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
         if names is None:
-            cur = self._db.execute("DELETE FROM timers WHERE key = ?", (key,))
+            cur = self._writing().execute("DELETE FROM timers WHERE key = ?", (key,))
         else:
-            cur = self._db.executemany(
+            cur = self._writing().executemany(
                 "DELETE FROM timers WHERE key = ? AND name = ?", [(key, n) for n in names]
             )
         return cur.rowcount
@@ -263,7 +279,7 @@ class _SqliteTx(StoreTx):
             "SELECT name, key, due_at, data FROM timers WHERE due_at <= ? ORDER BY due_at LIMIT ?",
             (now, limit),
         ).fetchall()
-        self._db.executemany(
+        self._writing().executemany(
             "DELETE FROM timers WHERE name = ? AND key = ?", [(r[0], r[1]) for r in rows]
         )
         return [Timer(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
