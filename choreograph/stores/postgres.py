@@ -444,10 +444,11 @@ class _Frame:
 
 class _PostgresTx(StoreTx):
     """Inbox and outbox rows are kept in memory and written at the commit, in one statement
-    (a batch of messages costs one statement, not two per message). Savepoints are opened
-    lazily, before the first statement that writes inside them, and released along with the
-    next SAVEPOINT: a handling that only emits events and records its event id costs no round
-    trip of its own.
+    (a batch of messages costs one statement, not two per message), with the puts of documents
+    the transaction already holds and the ends of transactions it looked up. Savepoints are
+    opened lazily, before the first statement inside them, and released along with the next
+    SAVEPOINT: a handling that only emits events and records its event id costs no round trip
+    of its own.
 
     ``mode`` is how keys are locked (see ``lock_key`` in the schema). With ``claims``, ``seen``
     inserts the event id into the inbox at once (the row is the lock of the event), and the
