@@ -524,7 +524,9 @@ class _PostgresTx(StoreTx):
             f"WITH forgotten AS (DELETE FROM {s}.inbox WHERE event_id = ANY($1::text[])), "
             f"kept AS (INSERT INTO {s}.inbox (event_id, at) "
             "SELECT * FROM unnest($2::text[], $3::float8[]) "
-            "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at), "
+            # a claimed row already says when, to the second, unless the clock is another one
+            "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at "
+            "WHERE abs(inbox.at - EXCLUDED.at) > 1), "
             f"{_puts_sql(s, '$9', '$10', '$11')} "
             f"INSERT INTO {s}.outbox (id, topic, body, due_at, leased_until) "
             "SELECT * FROM unnest($4::text[], $5::text[], $6::bytea[], $7::float8[], "
@@ -749,7 +751,8 @@ class _PostgresTx(StoreTx):
             await self._sync()
             rows = await asyncpg.Connection.fetch(
                 self._raw,
-                f"INSERT INTO {self._s}.inbox (event_id, at) SELECT unnest($1::text[]), 0 "
+                f"INSERT INTO {self._s}.inbox (event_id, at) "
+                "SELECT unnest($1::text[]), extract(epoch FROM clock_timestamp()) "
                 "ON CONFLICT DO NOTHING RETURNING event_id",
                 ids,
             )
