@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,11 +66,16 @@ def connection_of(state: State) -> Any:
 def session_of(state: State) -> TransactionSession:
     """The SQLAlchemy session on the store transaction, opened on first use."""
     if state._session is None:
-        open_session = load_backend(
-            "choreograph.orm", "open_session", "sqlalchemy", "SQLAlchemy session (ctx.session)"
-        )
-        state._session = open_session(state._tx)
+        state._session = _open_session()(state._tx)
     return state._session
+
+
+@functools.cache
+def _open_session() -> Callable[[StoreTx], TransactionSession]:
+    opener: Callable[[StoreTx], TransactionSession] = load_backend(
+        "choreograph.orm", "open_session", "sqlalchemy", "SQLAlchemy session (ctx.session)"
+    )
+    return opener
 
 
 async def flush_session(state: State) -> None:

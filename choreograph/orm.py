@@ -53,9 +53,21 @@ _NOT_YOURS = (
 )
 
 
+class _RefusingSession(Session):
+    """The session underneath: refuses to commit, whichever way it is asked (a ``begin()`` block
+    ending, ``run_sync(lambda s: s.commit())``)."""
+
+
+@event.listens_for(_RefusingSession, "before_commit")
+def _refuse_commit(session: Session) -> None:
+    raise ConfigurationError(f"committing the session is not allowed: {_NOT_YOURS}")
+
+
 class TransactionSession(AsyncSession):
     """An ``AsyncSession`` on a store transaction: use it freely (add, execute, flush, query,
     ``begin_nested``), but never commit, roll back or close it yourself."""
+
+    sync_session_class = _RefusingSession
 
     async def commit(self) -> None:
         raise ConfigurationError(f"session.commit() is not allowed: {_NOT_YOURS}")
@@ -283,11 +295,4 @@ async def create_tables(tx: StoreTx, metadata: MetaData) -> None:
 
 def open_session(tx: StoreTx) -> TransactionSession:
     """A session on ``tx``'s connection (see the module's doc)."""
-    engine = _engine_for(tx.connection)
-    session = TransactionSession(engine, expire_on_commit=False, autoflush=True)
-    event.listen(session.sync_session, "before_commit", _refuse_commit)
-    return session
-
-
-def _refuse_commit(session: Session) -> None:
-    raise ConfigurationError(f"committing the session is not allowed: {_NOT_YOURS}")
+    return TransactionSession(_engine_for(tx.connection), expire_on_commit=False)
