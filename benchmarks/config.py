@@ -50,6 +50,7 @@ class Config:
                 w2_seconds=3.0,
                 w3_deliveries=300,
                 w3_seconds=3.0,
+                w3_stores=("sqlite",),
                 repeat=repeat,
                 quick=True,
                 profile_dir=profile_dir,
