@@ -267,6 +267,13 @@ class Transport(ABC):
         (for tests, demos and decommissioning). Transports that keep nothing outside the process
         or a local file do nothing."""
 
+    def orders_across_members(self, group: str) -> bool:
+        """Whether ``group``'s messages go to one member at a time, in publish order, and a member
+        taking over (also from one that crashed) receives what its predecessor held first, in
+        order: ordering per key then holds across replicas (``docs/ordering.md``). Checked by the
+        tests of each transport that claims it."""
+        return False
+
     async def lag(self, group: str) -> int | None:
         """Messages waiting for ``group`` (not yet delivered or due), or None when unknown."""
         return None

@@ -33,12 +33,24 @@ class RabbitMQSettings(TransportSettings):
     message is dead-lettered by reference instead of closing the channel."""
     dlq_max_age: str = ""
     """Stream retention of the dead letters, e.g. ``30D`` (Y, M, D, h, m, s); empty keeps all."""
+    single_active: str = ""
+    """Groups (comma-separated) whose queue has a single active consumer: one member of the
+    group receives at a time, the others stand by and the broker hands the queue to one of them
+    when it goes, so the group's messages are handled in order across replicas
+    (``docs/ordering.md``). Set when the group's queue is created: an existing queue keeps its
+    arguments (changing it is refused; delete the queue first)."""
     cafile: str = ""
     certfile: str = ""
     keyfile: str = ""
 
+    @property
+    def single_active_groups(self) -> frozenset[str]:
+        return frozenset(g.strip() for g in self.single_active.split(",") if g.strip())
+
     def __post_init__(self) -> None:
         check_group(self.namespace)
+        for group in self.single_active_groups:
+            check_group(group)
         parts = self.server_url("amqp", "amqps")
         where = redact(self.url)
         if not parts.hostname:

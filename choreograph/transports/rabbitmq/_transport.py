@@ -83,6 +83,9 @@ class RabbitMQTransport(Link):
             raise translate(exc, f"declaring the dead-letter stream {self._dlq!r}") from exc
         self._dlq_declared = True
 
+    def orders_across_members(self, group: str) -> bool:
+        return group in self.settings.single_active_groups
+
     async def declare_group(self, group: str, topics: Collection[str]) -> None:
         check_group(group)
         for topic in topics:
@@ -98,7 +101,10 @@ class RabbitMQTransport(Link):
         try:
             ch = await self._channel("ctl", self._deadline())
             if known is None:
-                await ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+                arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+                if group in self.settings.single_active_groups:
+                    arguments["x-single-active-consumer"] = True
+                await ch.queue_declare(queue, durable=True, arguments=arguments)
                 await ch.queue_bind(queue, self._groups_ex, routing_key=f"#.{group}")
             for topic in missing:
                 await ch.queue_bind(queue, self._events, routing_key=topic)
