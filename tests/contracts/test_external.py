@@ -4,21 +4,26 @@ the ``trace`` overlay treat them as participants; the runtime declares their gro
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
 from choreograph import App, ConfigurationError, Event, External, Service
 from choreograph.cli import main
+from choreograph.console import ConsoleSettings, create_console_app
 from choreograph.console.svg import render_graph
+from choreograph.envelope import encode, new_envelope
 from choreograph.observe.asyncapi import asyncapi_document
 from choreograph.observe.flows import expectations
 from choreograph.observe.graph import build_graph, to_mermaid
 from choreograph.observe.lint import lint
 from choreograph.observe.model import FlowModel
+from choreograph.observe.recorder import Recorder
 from choreograph.runtime.runner import declare_groups
-from choreograph.transport import Message
+from choreograph.transport import Delivery, Failure, Message, transport_from_url
 from choreograph.transports.memory import MemoryTransport
 from tests.contracts.shop import OrderPlaced, build
 
@@ -131,3 +136,42 @@ def test_lint_warns_of_a_version_no_upcaster_reads() -> None:
     findings = lint(App("v", [shop], external=[billing]))
     (missing,) = [f for f in findings if f.code == "missing-upcaster"]
     assert missing.subject == "OrderPlaced" and "no upcaster from version 1" in missing.message
+
+
+async def test_the_console_overview_lists_the_external_participant_with_its_bus_figures(
+    tmp_path: Path,
+) -> None:
+    # given billing's group declared on a bus, one order waiting for it and one dead-lettered
+    bus = f"sqlite:///{tmp_path}/bus.db"
+    async with transport_from_url(bus) as transport:
+        await declare_groups(transport, app)
+        await transport.publish(
+            [Message("m1", "OrderPlaced", b"{}"), Message("m2", "OrderPlaced", b"{}")]
+        )
+        member = await transport.subscribe("billing", ["OrderPlaced"])
+        (first, *_) = await member.receive(1, 1.0)
+        await member.dead_letter(first, Failure("schema violation", "Invalid", "no amount"))
+        await member.close()
+    # and the recorder has seen the order (no report from billing: the app does not run it)
+    db_url = f"sqlite:///{tmp_path}/flows.db"
+    recorder = Recorder(app, "memory://", db_url)
+    await recorder.db.open()
+    order = new_envelope("OrderPlaced", {"order_id": "o1", "amount": 1.0}, source="shop")
+    assert await recorder.record([Delivery(Message(order.id, order.type, encode(order)), 1)]) == []
+    await recorder.db.close()
+    settings = ConsoleSettings(db_url=db_url, app_spec="tests.contracts.test_external:app",
+                               transport_url=bus)  # fmt: skip
+    console = create_console_app(settings)
+
+    # when the operator opens the overview
+    async with console.router.lifespan_context(console):
+        transport_ = httpx.ASGITransport(app=console)
+        async with httpx.AsyncClient(transport=transport_, base_url="http://127.0.0.1") as client:
+            page = (await client.get("/")).text
+
+    # then billing is a row, marked external, with its dead letter and its waiting order
+    row = page[page.index('<span class="svc">billing</span>') :].split("</tr>")[0]
+    assert "(external)" in row and "not run by this app" in row, row
+    cells = row.split("<td>")
+    assert '<a href="/dead-letters?group=billing"><span class="bad">1</span></a>' in row  # dead
+    assert cells[7].startswith("1<"), row  # the group's lag: the order still waiting for it

@@ -56,7 +56,10 @@ async def overview_live(state: ConsoleState, window: str) -> str:
     )
     activity = await service_activity(state.db, since, now=now)
     alive = await replicas(state.db, now=now)
-    names = sorted(set(activity) | set(alive) | set(state.app.services if state.app else ()))
+    external = set(state.app.external) if state.app else set()
+    names = sorted(
+        set(activity) | set(alive) | set(state.app.services if state.app else ()) | external
+    )
     letters_by_group: dict[str, int] = {}
     bus_note = ""
     try:
@@ -75,9 +78,15 @@ async def overview_live(state: ConsoleState, window: str) -> str:
             if replica_list
             else '<span class="muted" title="no heartbeat in the last 15 s">0</span>'
         )
+        label = f'<span class="svc">{esc(name)}</span>'
+        if name in external:
+            # the app does not run it: no heartbeats or reports; its group's lag and dead letters
+            # are on the bus all the same
+            label += ' <span class="muted">(external)</span>'
+            replica_text = '<span class="muted" title="not run by this app">—</span>'
         rows.append(
             [
-                f'<span class="svc">{esc(name)}</span>',
+                label,
                 replica_text,
                 f"{item.get('per_second', 0.0):g}",
                 f"{item.get('done', 0):,}",
