@@ -10,10 +10,13 @@ time for it), and the worker's lanes take their batches from it. The guarantees:
   by a later one of its key in the same transaction.
 * **Different keys in parallel.** A key waiting for its predecessor holds back only its own
   deliveries: the other keys, and the events without a key, go to whichever lane is free.
-* **A retry stays in front.** A delivery settled as *retry* parks its key: later deliveries of
-  that key wait until the retried message comes back (after its delay) and is handled. If it
+* **A retry stays in front.** A retry whose delay is at most half the lease is kept here: the
+  delivery stays unsettled (its lease covers the wait; a crash brings it back through the
+  transport) and is handed out again, as its next attempt, once the delay has passed, before
+  the later deliveries of its key. A longer retry goes through the transport and parks its key:
+  later deliveries of that key wait until the retried message comes back and is handled. If it
   does not come back to this process within its delay plus the lease (another replica took it,
-  or it was lost with a dead transport connection), the key goes on without it.
+  or the member's cap of unacknowledged messages is full), the key goes on without it.
 * **Redelivery.** A delivery received again while an earlier copy of it still waits here (its
   lease ran out) replaces that copy in its place; a copy received while the first is in flight
   waits behind it, and is then a duplicate (the inbox skips it).
@@ -27,12 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import orjson
 
+from choreograph.clock import SYSTEM_CLOCK, Clock
 from choreograph.service import CORRELATION, Service
 from choreograph.transport import Delivery
 
@@ -76,6 +79,8 @@ def key_reader(fields: Mapping[str, str]) -> KeyOf:
 class _Waiting:
     delivery: Delivery
     key: str | None
+    due: float = 0.0
+    """A retry kept here: not handed out before this time (the clock's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +92,13 @@ class _Parked:
 class Sequencer:
     """Received deliveries waiting for their turn, and the keys in flight (one process)."""
 
-    def __init__(self, key_of: KeyOf, *, capacity: int, lease: float) -> None:
+    def __init__(
+        self, key_of: KeyOf, *, capacity: int, lease: float, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self._key_of = key_of
         self._capacity = capacity
         self._lease = lease
+        self._clock = clock
         self._waiting: dict[str, _Waiting] = {}  # by message id, in arrival order
         self._busy: dict[str, str] = {}  # message id in flight -> its key
         self._keys_busy: set[str] = set()
@@ -121,7 +129,7 @@ class Sequencer:
     def take(self, limit: int) -> list[Delivery]:
         """Up to ``limit`` deliveries whose turn it is, oldest first, at most one per key; their
         keys are in flight until :meth:`done`."""
-        now = time.monotonic()
+        now = self._clock.now()
         taken: list[Delivery] = []
         taken_keys: set[str] = set()
         for message_id, item in list(self._waiting.items()):
@@ -130,6 +138,9 @@ class Sequencer:
             key = item.key
             if key is not None:
                 if key in taken_keys or key in self._keys_busy:
+                    continue
+                if item.due > now:
+                    taken_keys.add(key)  # a kept retry, not yet due: its key waits for it
                     continue
                 if not self._turn(key, message_id, now):
                     continue  # parked: only its retried message may go, wherever it is queued
@@ -149,23 +160,41 @@ class Sequencer:
             return True
         return False
 
-    def done(self, deliveries: Iterable[Delivery], retried: Mapping[str, float]) -> None:
-        """The lane is finished with ``deliveries``: committed and their emitted events published
-        (a settlement failing after this brings back a duplicate, which the inbox skips), or
-        not committed and left to their lease. Those in ``retried`` (message id -> delay: 0 for
-        one left to its lease) park their key until they come back, at most that delay plus
-        the lease."""
-        now = time.monotonic()
+    def done(
+        self, deliveries: Iterable[Delivery], retried: Mapping[str, float], *, committed: bool
+    ) -> set[str]:
+        """The lane is finished with ``deliveries``: ``committed`` and their emitted events
+        published (a settlement failing after this brings back a duplicate, which the inbox
+        skips), or not committed and left to their lease (their keys park until they come back).
+        Of those to retry (``retried``: message id -> delay), the ones with a delay of at most
+        half the lease are kept here (returned: the caller does not settle them), the others
+        park their key until they come back, at most their delay plus the lease."""
+        now = self._clock.now()
+        kept: set[str] = set()
         for delivery in deliveries:
             message_id = delivery.message.id
             key = self._busy.pop(message_id, None)
             if key is None:
                 continue
             self._keys_busy.discard(key)
-            if message_id in retried:
-                until = now + retried[message_id] + self._lease
-                self._parked[key] = _Parked(message_id, until)
+            if not committed:
+                self._parked[key] = _Parked(message_id, now + self._lease)
+            elif message_id in retried and retried[message_id] <= self._lease / 2:
+                again = Delivery(delivery.message, delivery.attempt + 1, delivery.handle)
+                first = {message_id: _Waiting(again, key, now + retried[message_id])}
+                self._waiting = first | {i: w for i, w in self._waiting.items() if i != message_id}
+                kept.add(message_id)
+            elif message_id in retried:
+                self._parked[key] = _Parked(message_id, now + retried[message_id] + self._lease)
         self._wake()
+        return kept
+
+    def due_in(self, longest: float) -> float:
+        """Seconds until the next kept retry is due (a lane waits no longer), at most
+        ``longest``."""
+        now = self._clock.now()
+        dues = [w.due - now for w in self._waiting.values() if w.due > 0]
+        return max(0.001, min([longest, *dues]))
 
     async def changed(self, timeout: float) -> None:
         """Wait until deliveries are added or keys released, or ``timeout`` seconds."""
@@ -178,9 +207,11 @@ class Sequencer:
         self._changed = asyncio.Event()
 
 
-def sequencer_for(service: Service, *, capacity: int, lease: float) -> Sequencer | None:
+def sequencer_for(
+    service: Service, *, capacity: int, lease: float, clock: Clock = SYSTEM_CLOCK
+) -> Sequencer | None:
     """The sequencer of ``service``, or None when none of its handlers declares ``ordered_by``."""
     fields = ordering_fields(service)
     if not fields:
         return None
-    return Sequencer(key_reader(fields), capacity=capacity, lease=lease)
+    return Sequencer(key_reader(fields), capacity=capacity, lease=lease, clock=clock)

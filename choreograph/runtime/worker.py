@@ -94,7 +94,10 @@ class ServiceWorker:
         self._inflight = 0
         self._rng = random.Random()
         self._sequencer = sequencer_for(
-            service, capacity=2 * settings.concurrency * settings.batch_size, lease=settings.lease
+            service,
+            capacity=2 * settings.concurrency * settings.batch_size,
+            lease=settings.lease,
+            clock=clock,
         )
         self._receiving = asyncio.Lock()
 
@@ -168,10 +171,11 @@ class ServiceWorker:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _receive(self, subscription: Subscription) -> list[Delivery]:
-        receive = asyncio.ensure_future(
-            subscription.receive(self.settings.batch_size, self.settings.poll_interval)
-        )
+    async def _receive(
+        self, subscription: Subscription, timeout: float | None = None
+    ) -> list[Delivery]:
+        timeout = self.settings.poll_interval if timeout is None else timeout
+        receive = asyncio.ensure_future(subscription.receive(self.settings.batch_size, timeout))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({receive, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -194,11 +198,12 @@ class ServiceWorker:
         batch = sequencer.take(self.settings.batch_size)
         if batch:
             return batch
+        wait = sequencer.due_in(self.settings.poll_interval)  # until a kept retry is due
         if self._receiving.locked() or not sequencer.may_receive():
-            await sequencer.changed(self.settings.poll_interval)
+            await sequencer.changed(wait)
             return []
         async with self._receiving:
-            sequencer.add(await self._receive(subscription))
+            sequencer.add(await self._receive(subscription, wait))
         return sequencer.take(self.settings.batch_size)
 
     async def _process(self, subscription: Subscription, batch: list[Delivery]) -> None:
@@ -214,11 +219,15 @@ class ServiceWorker:
             self._checkpoint("published")
             if self._sequencer is not None:
                 # Committed and published: the keys' next events may go (a settlement that
-                # fails brings a duplicate back, which the inbox skips); a retry parks its key.
+                # fails brings a duplicate back, which the inbox skips). A short retry is kept
+                # by the sequencer, unsettled; a longer one parks its key.
                 retried = {d.message.id: o.delay for d, _, o in results if o.kind == "retry"}
-                self._sequencer.done(batch, retried)
+                kept = self._sequencer.done(batch, retried, committed=True)
+                settle = [r for r in results if r[0].message.id not in kept] if kept else results
+            else:
+                settle = results
             released = True
-            await self._settle(subscription, results)
+            await self._settle(subscription, settle)
             self._checkpoint("settled")
             for _, ctx, outcome in results:
                 if ctx is not None:
@@ -227,7 +236,7 @@ class ServiceWorker:
             self._inflight -= len(batch)
             if self._sequencer is not None and not released:
                 # Not committed: the messages come back after their lease; their keys wait.
-                self._sequencer.done(batch, {d.message.id: 0.0 for d in batch})
+                self._sequencer.done(batch, {}, committed=False)
 
     async def _handle(self, batch: list[Delivery]) -> list[Result]:
         """Handle ``batch`` in one store transaction (each handling in a savepoint of its own,

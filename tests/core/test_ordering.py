@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from choreograph import App, Context, Event, RetryLater, Service
+from choreograph.clock import VirtualClock
 from choreograph.envelope import Envelope, encode
 from choreograph.errors import ConfigurationError
 from choreograph.runtime.ordering import Sequencer, key_reader, ordering_fields, sequencer_for
@@ -84,7 +85,7 @@ def test_one_delivery_per_key_is_out_at_a_time_and_others_go_past() -> None:
     # when lanes take batches, then a's second waits until its first is done
     assert seq.take(10) == [a1, b1, free]
     assert seq.take(10) == []
-    seq.done([a1], {})
+    seq.done([a1], {}, committed=True)
     assert seq.take(10) == [a2]
     assert seq.waiting == 0
 
@@ -95,14 +96,37 @@ def test_a_retried_delivery_goes_before_the_later_ones_of_its_key() -> None:
     a1, a2 = delivery({"delivery_id": "a", "leg": 1}), delivery({"delivery_id": "a", "leg": 2})
     seq.add([a1, a2])
     assert seq.take(10) == [a1]
-    seq.done([a1], {a1.message.id: 5.0})
+    seq.done([a1], {a1.message.id: 20.0}, committed=True)  # over half the lease: parked
 
     # then a2 waits for a1's return, even once a1 comes back behind it
     assert seq.take(10) == []
     again = Delivery(a1.message, attempt=2)
     seq.add([again])
     assert seq.take(10) == [again]
-    seq.done([again], {})
+    seq.done([again], {}, committed=True)
+    assert seq.take(10) == [a2]
+
+
+async def test_a_short_retry_is_kept_in_front_of_its_key_until_due() -> None:
+    # given a1 taken and retried after 2 s (at most half the lease: kept here) while a2 waits
+    clock = VirtualClock()
+    seq = Sequencer(key_reader({"Moved": "delivery_id"}), capacity=100, lease=30, clock=clock)
+    a1, a2 = delivery({"delivery_id": "a", "leg": 1}), delivery({"delivery_id": "a", "leg": 2})
+    b1 = delivery({"delivery_id": "b", "leg": 1})
+    seq.add([a1, a2])
+    assert seq.take(10) == [a1]
+    assert seq.done([a1], {a1.message.id: 2.0}, committed=True) == {a1.message.id}
+    seq.add([b1])
+
+    # then before the delay only b goes, and a lane would wait 2 s at most
+    assert seq.take(10) == [b1]
+    assert seq.due_in(60) == 2.0
+
+    # and once it is due, a1 goes again as its next attempt, before a2
+    await clock.advance(2)
+    [again] = seq.take(10)
+    assert (again.message.id, again.attempt) == (a1.message.id, 2)
+    seq.done([again], {}, committed=True)
     assert seq.take(10) == [a2]
 
 
@@ -117,7 +141,7 @@ def test_a_copy_received_while_waiting_replaces_the_first_in_its_place() -> None
 
     # then one a2 waits, the newest copy, and goes once a1 is done
     assert seq.waiting == 1
-    seq.done([a1], {})
+    seq.done([a1], {}, committed=True)
     assert seq.take(10) == [copy]
 
 

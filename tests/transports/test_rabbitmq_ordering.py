@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from choreograph import App, Context, Runtime, Service, WorkerSettings
+from choreograph import (
+    App,
+    Context,
+    RetryLater,
+    RetryPolicy,
+    Runtime,
+    Service,
+    WorkerSettings,
+)
 from choreograph.errors import ConfigurationError
 from choreograph.transport import Delivery, Message, Transport, transport_from_url
 from tests.conformance._helpers import ids, message, receive_for, unique
@@ -99,14 +107,18 @@ async def test_ordering_per_key_holds_across_two_replicas(
     tmp_path: Path,
 ) -> None:
     # given two replicas of an ordered service on a single-active group, whose handler takes a
-    # random short while (so that competing replicas would overtake each other)
+    # random short while (so that competing replicas would overtake each other) and fails one
+    # event in four on its first attempt (retried after 50 ms)
     handled: list[tuple[str, int]] = []
     rng = random.Random(5)
-    service = Service("orders")
+    failing = {(f"k{i}", n) for i in range(6) for n in range(8) if (i + n) % 4 == 0}
+    service = Service("orders", retry=RetryPolicy(max_attempts=3, base_delay=0.05, jitter=0))
 
     @service.on(Step, ordered_by="order_id")
     async def record(event: Step, ctx: Context) -> None:
         await asyncio.sleep(rng.uniform(0, 0.01))
+        if ctx.attempt == 1 and (event.order_id, event.n) in failing:
+            raise RetryLater("transient", delay=0.05)
         handled.append((event.order_id, event.n))
 
     bus = await bus_for("orders")
