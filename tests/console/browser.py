@@ -72,6 +72,39 @@ class Browser:
     def all(self, selector: str) -> list[Any]:
         return list(self.driver.find_elements("css selector", selector))
 
+    # Parts of a page are replaced while it is read (live updates): these read or act in one
+    # step inside the page, or retry, so an element replaced meanwhile is never used stale.
+
+    def text_of(self, selector: str) -> str:
+        """The visible text of the first element matching ``selector`` ('' when none does)."""
+        script = "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';"
+        return str(self.driver.execute_script(script, selector))
+
+    def attrs(self, selector: str, *names: str) -> list[tuple[str | None, ...]]:
+        """For every element matching ``selector``, its attributes ``names``."""
+        script = """return Array.from(document.querySelectorAll(arguments[0]))
+            .map(e => arguments[1].map(name => e.getAttribute(name)));"""
+        return [tuple(row) for row in self.driver.execute_script(script, selector, list(names))]
+
+    def cells(self, rows: str, column: int) -> list[str]:
+        """The text of cell ``column`` (from 0) of every row matching ``rows``."""
+        script = """return Array.from(document.querySelectorAll(arguments[0]))
+            .map(r => r.querySelectorAll('td')[arguments[1]].innerText);"""
+        return [str(text) for text in self.driver.execute_script(script, rows, column)]
+
+    def click(self, selector: str) -> None:
+        """Click the first element matching ``selector``, finding it again if it was replaced."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def attempt() -> bool:
+            try:
+                self.css(selector).click()
+            except StaleElementReferenceException:
+                return False
+            return True
+
+        self.wait(attempt, f"a click on {selector!r}")
+
     def wait(self, check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
         """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

@@ -78,7 +78,7 @@ def test_search_a_delivery_and_read_its_history(
     box.send_keys(deliveries["done"])
     box.submit()
     browser.wait(lambda: len(browser.all("#live table.grid tbody tr")) == 1, "one result")
-    browser.css(f"#live a[href='/transactions/{deliveries['done']}']").click()
+    browser.click(f"#live a[href='/transactions/{deliveries['done']}']")
 
     # then its history shows both parts of the join, the join timer with the due time the
     # service set (300 s, although the console's own declarations say 10 s), and the end
@@ -89,8 +89,7 @@ def test_search_a_delivery_and_read_its_history(
     assert f"({SERVICE_JOIN_TIMEOUT / 60:.1f}m later)" in text, text
     assert "timer cancelled" in text
     # and the graph draws the path it took
-    taken = {(e.get_attribute("data-from"), e.get_attribute("data-to"))
-             for e in browser.all("svg.graph g.edge.taken")}  # fmt: skip
+    taken = set(browser.attrs("svg.graph g.edge.taken", "data-from", "data-to"))
     assert ("PackageReady", "delivery") in taken and ("DroneScheduled", "delivery") in taken
     browser.screenshot("transaction-completed")
 
@@ -102,7 +101,7 @@ def test_search_a_delivery_and_read_its_history(
     text = browser.text()
     assert "package.release_package" in text and "drone-scheduler.release_drone" in text
     assert text.count("compensation") >= 2
-    assert "failed" in browser.css(".summary").text
+    assert "failed" in browser.text_of(".summary")
     browser.screenshot("transaction-failed")
 
 
@@ -116,13 +115,12 @@ def test_search_by_data_field_status_and_sort(browser: Browser, deliveries: dict
     # when listing failed ones only
     browser.open("/transactions?status=failed")
     browser.wait_text(deliveries["heavy"])
-    assert deliveries["done"] not in browser.css("#live").text
+    assert deliveries["done"] not in browser.text_of("#live")
 
     # when sorting by the number of events, fewest first
     browser.open("/transactions?sort=events&dir=asc")
     browser.wait(lambda: browser.all("#live th a.sorted"), "a sorted column")
-    counts = [int(row.find_elements("css selector", "td")[5].text)
-              for row in browser.all("#live table.grid tbody tr")]  # fmt: skip
+    counts = [int(text) for text in browser.cells("#live table.grid tbody tr", 5)]
     assert counts == sorted(counts) and len(counts) >= 4
 
 
@@ -135,14 +133,14 @@ def test_replay_a_dead_letter_and_see_its_transaction_complete(
     browser.open(f"/transactions/{grounded}")
     browser.wait_text("Waiting for")
     # then its page says what it waits for, on the graph too
-    assert "delivery.complete_delivery" in browser.css(".waiting-box").text
-    waiting = [n.get_attribute("data-name") for n in browser.all("svg.graph g.node.waiting")]
+    assert "delivery.complete_delivery" in browser.text_of(".waiting-box")
+    waiting = [name for (name,) in browser.attrs("svg.graph g.node.waiting", "data-name")]
     assert waiting == ["delivery"]
     browser.screenshot("transaction-waiting")
     browser.open("/dead-letters")
     browser.wait_text("DroneArrived")
     browser.screenshot("dead-letters")
-    browser.css("#live a[href^='/dead-letters/']").click()
+    browser.click("#live a[href^='/dead-letters/']")
     browser.wait_text("flight computer lost the landing report")
     assert "Traceback" in browser.text() and "PermanentFailure" in browser.text()
     browser.screenshot("dead-letter")
@@ -168,7 +166,7 @@ def test_replay_a_dead_letter_and_see_its_transaction_complete(
     # then the browser lands on the delivery's page, which completes by itself
     browser.wait(lambda: f"/transactions/{grounded}" in browser.driver.current_url, "redirect")
     browser.driver.execute_script("window.__sameDocument = true")
-    browser.wait(lambda: "completed" in browser.css(".summary").text, "completion", 60)
+    browser.wait(lambda: "completed" in browser.text_of(".summary"), "completion", 60)
     assert browser.driver.execute_script("return window.__sameDocument") is True
     text = browser.text()
     assert "console replay" in text and "DeliveryCompleted" in text
@@ -182,8 +180,8 @@ def test_pages_update_live(
 ) -> None:
     # given the overview, open in the browser
     browser.open("/")
-    browser.wait(lambda: browser.css(".card.total .n").text, "the counts")
-    before = int(browser.css(".card.total .n").text.replace(",", ""))
+    browser.wait(lambda: browser.text_of(".card.total .n"), "the counts")
+    before = int(browser.text_of(".card.total .n").replace(",", ""))
     browser.driver.execute_script("window.__sameDocument = true")
 
     # when three more deliveries are requested
@@ -192,11 +190,11 @@ def test_pages_update_live(
 
     # then the count grows on the same page, without a reload
     browser.wait(
-        lambda: int(browser.css(".card.total .n").text.replace(",", "")) >= before + 3,
+        lambda: int(browser.text_of(".card.total .n").replace(",", "")) >= before + 3,
         "the overview to count the new deliveries",
     )
     assert browser.driver.execute_script("return window.__sameDocument") is True
-    assert "delivery" in browser.css("#live table.grid").text
+    assert "delivery" in browser.text_of("#live table.grid")
     browser.screenshot("overview")
 
 
@@ -205,11 +203,7 @@ def test_the_choreography_page_counts_each_edge(
 ) -> None:
     browser.open("/choreography")
     browser.wait(lambda: browser.all("svg.graph text.count"), "edge counts")
-    counted = {
-        (e.get_attribute("data-from"), e.get_attribute("data-to"))
-        for e in browser.all("svg.graph g.edge")
-        if e.find_elements("css selector", "text.count")
-    }
+    counted = set(browser.attrs("svg.graph g.edge:has(text.count)", "data-from", "data-to"))
     assert ("DeliveryRequested", "package") in counted
     assert ("delivery", "DeliveryCompleted") in counted
     browser.screenshot("choreography")
