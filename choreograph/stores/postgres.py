@@ -343,6 +343,7 @@ def _puts_sql(s: str, kinds: str, keys: str, docs: str) -> str:
 
 #: Lock names of what is not a document (the functions above spell them the same way).
 _ENDED = "\x01ended"
+_WRITTEN = b"w"  # marks a buffered end already written (JSON never starts with it)
 _TIMERS = "\x01timers"
 _MODES: dict[Locks, int] = {"none": 0, "wait": 1, "raise": 2}
 _NOTHING = contextlib.nullcontext()
@@ -508,13 +509,27 @@ class _PostgresTx(StoreTx):
         await self._sync()
         return await asyncpg.Connection.fetchval(self._raw, sql, *args)
 
+    # Reads run where the transaction stands, without opening the handling's savepoint: a
+    # handling that reads and then only puts what it read (buffered) costs no SAVEPOINT. The
+    # locks they take outlive a rollback of the handling; the commit releases them (meanwhile
+    # others are told the document is busy, which is harmless).
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        return cast("list[Any]", await asyncpg.Connection.fetch(self._raw, sql, *args))
+
+    async def _read_row(self, sql: str, *args: Any) -> Any:
+        return await asyncpg.Connection.fetchrow(self._raw, sql, *args)
+
+    async def _read_val(self, sql: str, *args: Any) -> Any:
+        return await asyncpg.Connection.fetchval(self._raw, sql, *args)
+
     async def flush(self) -> None:
         """Write the inbox and outbox rows in one statement (called before the commit): keep
         the remembered event ids, delete the claimed ones that were not (a handling that failed
         or was handed back), insert the outbox rows."""
         remembered = dict(self._inbox)  # one row per id (a duplicate within the batch)
         forgotten = [event_id for event_id in self._claimed if event_id not in remembered]
-        if not (remembered or forgotten or self._outbox or self._puts):
+        if not (remembered or forgotten or self._outbox or self._unwritten()):
             return
         s = self._s
         rows = [row for row, _ in self._outbox]
@@ -546,6 +561,7 @@ class _PostgresTx(StoreTx):
     # buffered puts -----------------------------------------------------------------------------
 
     def _hold(self, doc: tuple[str, str]) -> None:
+        # (a savepoint rolled back forgets it: at worst its next put locks it again)
         if doc not in self._held:
             self._held.add(doc)
             if self._frames:
@@ -561,18 +577,24 @@ class _PostgresTx(StoreTx):
             self._puts[doc] = data
 
     def _take_puts(self) -> tuple[list[str], list[str], list[str]]:
-        """The buffered puts as the three arrays of ``_puts_sql``, emptying the buffer."""
+        """The buffered puts not written yet, as the three arrays of ``_puts_sql``. Documents
+        leave the buffer; an end stays, marked written, so that it is still known."""
+        taken = {doc: data for doc, data in self._puts.items() if not data.startswith(_WRITTEN)}
         if self._frames:
-            self._journal += self._puts.items()
-        kinds = [kind for kind, _ in self._puts]
-        keys = [key for _, key in self._puts]
-        docs = [data.decode() for data in self._puts.values()]
-        self._puts = {}
-        return kinds, keys, docs
+            self._journal += taken.items()
+        for doc, data in taken.items():
+            if doc[0] == _ENDED:
+                self._puts[doc] = _WRITTEN + data
+            else:
+                del self._puts[doc]
+        return [k for k, _ in taken], [kk for _, kk in taken], [d.decode() for d in taken.values()]
+
+    def _unwritten(self) -> bool:
+        return any(not data.startswith(_WRITTEN) for data in self._puts.values())
 
     async def _write_puts(self) -> None:
         """Write the buffered puts now (before a statement that reads documents)."""
-        if self._puts:
+        if self._unwritten():
             await self._sync()
             await asyncpg.Connection.execute(
                 self._raw, f"WITH {_puts_sql(self._s, '$1', '$2', '$3')} SELECT 1",
@@ -595,11 +617,11 @@ class _PostgresTx(StoreTx):
         if buffered is not None:
             return cast("dict[str, Any]", orjson.loads(buffered))
         if not self._mode:
-            doc = await self._fetchval(
+            doc = await self._read_val(
                 f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
             )
             return cast("dict[str, Any] | None", doc)
-        row = await self._fetchrow(
+        row = await self._read_row(
             f"SELECT ok, got FROM {self._s}.get_doc($1, $2, $3)", kind, key, self._mode
         )
         if not row["ok"]:
@@ -658,7 +680,7 @@ class _PostgresTx(StoreTx):
         w = _Where.of(where)
         await self._write_puts()
         if not self._mode:
-            rows = await self._fetch(
+            rows = await self._read(
                 f"SELECT key, doc FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
                 f"AND {self._s}.matches(doc, $2, $3, $4) ORDER BY key LIMIT $5",
                 kind,
@@ -668,7 +690,7 @@ class _PostgresTx(StoreTx):
                 limit,
             )
             return [(row["key"], row["doc"]) for row in rows]
-        rows = await self._fetch(
+        rows = await self._read(
             f"SELECT found_key, found_doc, busy FROM {self._s}.find_docs($1, $2, $3, $4, $5, $6)",
             kind,
             w.scalars,
@@ -686,7 +708,7 @@ class _PostgresTx(StoreTx):
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         w = _Where.of(where)
         await self._write_puts()
-        value = await self._fetchval(
+        value = await self._read_val(
             f"SELECT count(*) FROM {self._s}.state WHERE kind = $1 AND doc @> $2 "
             f"AND {self._s}.matches(doc, $2, $3, $4)",
             kind,
@@ -778,7 +800,7 @@ class _PostgresTx(StoreTx):
         """Whether this transaction knows (and holds) the end of ``correlation_id``, and it."""
         buffered = self._puts.get((_ENDED, correlation_id))
         if buffered is not None:
-            return True, cast(str, orjson.loads(buffered)[0])
+            return True, cast(str, orjson.loads(buffered.removeprefix(_WRITTEN))[0])
         if correlation_id in self._ends:
             return True, self._ends[correlation_id]
         return False, None

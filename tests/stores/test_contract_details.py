@@ -138,3 +138,27 @@ async def test_a_document_is_stored_as_it_was_when_put(store: Store) -> None:
         assert await tx.get("doc", "a") is None
     async with store.transaction() as tx:
         assert await tx.get("doc", "a") is None
+
+
+async def test_an_end_recorded_after_a_lookup_stays_known_after_reads_and_savepoints(
+    store: Store,
+) -> None:
+    """(PostgreSQL writes an end it had looked up with the next read of documents: it must
+    still answer with it afterwards, and forget it only with a savepoint that rolls it back.)"""
+    async with store.transaction() as tx:
+        assert await tx.ended_transactions(["c1", "c2"]) == {}
+        async with tx.savepoint():
+            await tx.end_transaction("c1", "DeliveryFailed", NOW)
+            await tx.get("doc", "a")
+            await tx.put("doc", "a", {"v": 1})
+        assert await tx.find("doc") == [("a", {"v": 1})]  # writes what was buffered
+        assert await tx.transaction_ended("c1") == "DeliveryFailed"
+        with pytest.raises(RuntimeError):
+            async with tx.savepoint():
+                await tx.end_transaction("c2", "DeliveryCompleted", NOW)
+                assert await tx.count("doc") == 1
+                assert await tx.transaction_ended("c2") == "DeliveryCompleted"
+                raise RuntimeError("the handler failed")
+        assert await tx.ended_transactions(["c1", "c2"]) == {"c1": "DeliveryFailed"}
+    async with store.transaction() as tx:
+        assert await tx.ended_transactions(["c1", "c2"]) == {"c1": "DeliveryFailed"}
