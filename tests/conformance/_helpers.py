@@ -50,6 +50,19 @@ async def receive_n(
     return got
 
 
+async def receive_acking(sub: Subscription, wanted: set[str], within: float) -> set[str]:
+    """Receive and acknowledge until every id of ``wanted`` arrived or ``within`` seconds passed;
+    the ids received. Acknowledging at once keeps what arrived from coming back when its lease
+    runs out while the rest is awaited (at-least-once would count it twice)."""
+    got: set[str] = set()
+    deadline = time.monotonic() + within
+    while not wanted <= got and (remaining := deadline - time.monotonic()) > 0:
+        deliveries = await sub.receive(100, min(remaining, 0.5))
+        got.update(ids(deliveries))
+        await sub.ack(deliveries)
+    return got
+
+
 async def receive_for(
     sub: Subscription, seconds: float, *, max_messages: int = 100
 ) -> list[Delivery]:
