@@ -208,8 +208,9 @@ class Transport(ABC):
     gives_back_in_order: ClassVar[bool] = False
     """Whether what a member gives back when it closes reaches the group's next member before
     the messages behind it, in their order (ordering per key then survives a graceful restart).
-    After a crash no transport does this: the messages behind come first, the dead member's
-    only once its lease runs out."""
+    After a crash it depends on whether the bus notices the death at once (RabbitMQ: the
+    connection drops, the messages go back in their place) or only when the lease runs out (the
+    others: the messages behind come first)."""
     max_message_bytes: int = MAX_EVENT_BYTES
     """The largest body published, dead-lettered and replayed intact (see *Size* above). Broker
     transports lower it on :meth:`connect` to what their server accepts."""
