@@ -63,7 +63,6 @@ _LINGER_GRACE = 1.0
 _HEARTBEAT_FROM = 3.0
 """Requests of at least this many seconds ask for idle heartbeats."""
 _MIN_EXPIRES = 0.01
-_IDLE_POLL = 0.05
 _PREFETCH_LOST = 3.0
 """Seconds after which an unfinished prefetch request is presumed lost."""
 _CLOSE_WAIT = 5.0
@@ -87,7 +86,7 @@ class _Request:
 
 
 class _Consumer:
-    __slots__ = ("asked_at", "backlog", "name", "next_request", "not_before", "request")
+    __slots__ = ("backlog", "name", "next_request", "not_before", "request")
 
     def __init__(self, name: str, next_request: str) -> None:
         self.name = name
@@ -95,7 +94,6 @@ class _Consumer:
         self.request: _Request | None = None
         self.backlog = 0
         """``num_pending`` of the last delivery: messages the server still had for us."""
-        self.asked_at = 0.0
         self.not_before = 0.0
 
 
@@ -234,7 +232,6 @@ class NatsSubscription(Subscription):
             payload = b'{"batch":%d,"expires":%d}' % (batch, int(expires * 1e9))
             lost_at = now + expires + _LINGER_GRACE
         consumer.request = _Request(inbox, batch, heartbeat, lost_at)
-        consumer.asked_at = now
         self._by_inbox[inbox] = consumer
         try:
             await self._client.nc.publish(consumer.next_request, payload, reply=inbox)
@@ -253,16 +250,12 @@ class NatsSubscription(Subscription):
     async def _prefetch(self, batch: int) -> None:
         """After a hand-over, ask without waiting (``no_wait``) for what a consumer reported
         still waiting, so that the next batch streams in while the caller handles this one; the
-        request ends once that backlog is drained (no message published later is taken). Every
-        other consumer is asked so at least every :data:`_IDLE_POLL` seconds, so that a busy
-        topic never starves a quiet one."""
+        request ends once that backlog is drained (no message published later is taken)."""
         if len(self._buffer) >= batch or not self._client.connected.is_set():
             return
         now = asyncio.get_running_loop().time()
         for consumer in self._consumers.values():
-            if self._can_pull(consumer, now) and (
-                consumer.backlog > 0 or now - consumer.asked_at >= _IDLE_POLL
-            ):
+            if consumer.backlog > 0 and self._can_pull(consumer, now):
                 await self._pull(consumer, batch, None)
 
     async def _stream(self, batch: int, expires: float) -> None:
