@@ -1,28 +1,22 @@
 """A member of a group: pulls from the group's durable consumers, hands over, settles.
 
 Pulling, and why it is shaped this way
-    A member that receives keeps, per consumer, one *streaming* request open
-    ``{batch, expires}``: the server sends each message as it is published, up to ``batch`` of
-    them, until ``expires``, so a message reaches the member with no round trip of its own, and
-    ``receive`` hands over at once whatever has arrived (it never waits for a batch to fill:
-    batches grow by themselves when messages arrive faster than they are handled). A request
-    lives as long as the ``timeout`` of the ``receive`` that sent it, also after that
-    ``receive`` returned: what arrives meanwhile waits in the buffer for the next one (a worker
-    calls again as soon as it has handled a batch). When a request is spent or has expired,
-    the next ``receive`` sends another.
+    A member sends pull requests only for messages it is about to hand over, so a message is
+    never delivered to a member that did not ask for it (a delivery counts as an attempt in
+    JetStream, and a message sitting unasked in a member's buffer would wait there for its lease).
+    It still keeps the pipe full when there is a backlog:
 
-    The price: up to ``batch`` messages per consumer can wait in a member's buffer for at most
-    one ``timeout`` while its caller is busy, where another member of the group could have
-    taken them (their leases are extended meanwhile). ``batch`` is the caller's
-    ``max_messages``: a caller asking for few keeps its buffer small. A streaming request is
-    only sent by a ``receive`` that has nothing to hand over, so a member that stops receiving
-    stops asking. After a hand-over, where the consumer reported more waiting (the
-    ``num_pending`` of the last delivery) and no request is open, a *prefetch* ``{batch,
-    no_wait}`` asks for that backlog only, so the next batch streams in while the caller handles
-    this one.
-    ``close`` waits for its open requests to end (the server cannot be told to drop one, and
-    what it delivered to a member that is gone would wait for its lease), then gives back
-    everything it holds (on NATS a give-back counts as an attempt).
+    * ``receive`` with nothing buffered sends, per consumer, a *lingering* request
+      ``{batch, no_wait, expires}``: the server holds it until a message comes, then sends what
+      is there (up to ``batch``) and ends it at once;
+    * when ``receive`` hands over a batch and the consumer reported more waiting (the
+      ``num_pending`` of the last delivery), it sends a *prefetch* request ``{batch, no_wait}``:
+      the next batch streams in while the caller handles this one, and the request ends as soon
+      as the backlog is drained (no message published later is taken by it);
+    * ``receive`` hands over whatever has arrived at once, without waiting for a request that
+      is still delivering to fill the batch: what it delivers meanwhile waits in the buffer for
+      the next call. Batches grow by themselves when messages come faster than they are
+      handled, and an idle member answers in one round trip.
 
     At most one request per consumer is outstanding per member, so counting deliveries tells
     exactly when it is spent.
@@ -52,21 +46,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("choreograph.transports.nats")
 
-_HEARTBEAT = 1.0
-"""Seconds between the idle heartbeats the server sends on a request of more than
-:data:`_HEARTBEAT_FROM` seconds; three missed ones (with no message either) and the request is
-presumed lost (its consumer's leader died, or the request did), and sent again."""
-_BACKOFF = 0.05
-"""Seconds before asking a consumer again after the server refused a request."""
 _LINGER_GRACE = 1.0
 """Seconds past its ``expires`` after which an unanswered request is presumed lost."""
+_HEARTBEAT = 1.0
+"""Seconds between the idle heartbeats the server sends on a lingering request of more than
+:data:`_HEARTBEAT_FROM` seconds; three missed ones and the request is presumed lost (its
+consumer's leader died, or the request did), and sent again."""
 _HEARTBEAT_FROM = 3.0
-"""Requests of at least this many seconds ask for idle heartbeats."""
-_MIN_EXPIRES = 0.01
 _PREFETCH_LOST = 3.0
 """Seconds after which an unfinished prefetch request is presumed lost."""
-_CLOSE_WAIT = 5.0
-"""Longest wait of ``close`` for the member's open requests to end."""
+_BACKOFF = 0.05
+"""Seconds before asking a consumer again after the server refused a request."""
+_MIN_EXPIRES = 0.01
+_IDLE_POLL = 0.05
+"""While a member works through one consumer's backlog, it asks each other consumer at least this
+often (seconds) whether it has something, so no topic of the group is starved."""
 _KEEP_MIN = 0.2
 _PROGRESS = b"+WPI"
 _ACK = b""
@@ -75,18 +69,18 @@ _TERM = b"+TERM"
 
 
 class _Request:
-    __slots__ = ("delivered", "heartbeat", "inbox", "lost_at", "remaining")
+    __slots__ = ("delivered", "inbox", "lingering", "lost_at", "remaining")
 
-    def __init__(self, inbox: str, batch: int, heartbeat: bool, lost_at: float) -> None:
+    def __init__(self, inbox: str, batch: int, lingering: bool, lost_at: float) -> None:
         self.inbox = inbox
         self.remaining = batch
         self.delivered = 0
-        self.heartbeat = heartbeat
+        self.lingering = lingering
         self.lost_at = lost_at
 
 
 class _Consumer:
-    __slots__ = ("backlog", "name", "next_request", "not_before", "request")
+    __slots__ = ("asked_at", "backlog", "name", "next_request", "not_before", "request")
 
     def __init__(self, name: str, next_request: str) -> None:
         self.name = name
@@ -95,6 +89,7 @@ class _Consumer:
         self.backlog = 0
         """``num_pending`` of the last delivery: messages the server still had for us."""
         self.not_before = 0.0
+        self.asked_at = 0.0
 
 
 class NatsSubscription(Subscription):
@@ -164,17 +159,12 @@ class NatsSubscription(Subscription):
             consumer = self._consumers.get(tokens[3] if len(tokens) == 9 else tokens[5])
             if consumer is not None:
                 request = consumer.request
-                now = self._clock()
                 if request is not None:
                     request.delivered += 1
                     request.remaining -= 1
-                    if request.heartbeat:  # alive: it delivers
-                        request.lost_at = now + 3 * _HEARTBEAT
                     if request.remaining <= 0:
                         self._end(consumer)
-            else:
-                now = self._clock()
-            self._buffer.append((msg, tokens, now))
+            self._buffer.append((msg, tokens, self._clock()))
         else:
             # a status ending one of our requests: 404 no messages, 408 expired or drained,
             # 409/503 refused (then wait a little before asking that consumer again)
@@ -217,21 +207,21 @@ class NatsSubscription(Subscription):
         now = asyncio.get_running_loop().time()
         self._request_ids += 1
         inbox = f"{self._inbox}.{self._request_ids}"
-        heartbeat = expires is not None and expires >= _HEARTBEAT_FROM
-        if expires is None:  # a prefetch: what is waiting now, then it ends
+        if expires is None:
             payload = b'{"batch":%d,"no_wait":true}' % batch
             lost_at = now + _PREFETCH_LOST
-        elif heartbeat:
-            payload = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (
+        elif expires >= _HEARTBEAT_FROM:
+            payload = b'{"batch":%d,"no_wait":true,"expires":%d,"idle_heartbeat":%d}' % (
                 batch,
                 int(expires * 1e9),
                 int(_HEARTBEAT * 1e9),
             )
             lost_at = now + 3 * _HEARTBEAT
         else:
-            payload = b'{"batch":%d,"expires":%d}' % (batch, int(expires * 1e9))
+            payload = b'{"batch":%d,"no_wait":true,"expires":%d}' % (batch, int(expires * 1e9))
             lost_at = now + expires + _LINGER_GRACE
-        consumer.request = _Request(inbox, batch, heartbeat, lost_at)
+        consumer.request = _Request(inbox, batch, expires is not None, lost_at)
+        consumer.asked_at = now
         self._by_inbox[inbox] = consumer
         try:
             await self._client.nc.publish(consumer.next_request, payload, reply=inbox)
@@ -247,25 +237,25 @@ class NatsSubscription(Subscription):
             request = None
         return request is None and now >= consumer.not_before
 
-    async def _prefetch(self, batch: int) -> None:
-        """After a hand-over, ask without waiting (``no_wait``) for what a consumer reported
-        still waiting, so that the next batch streams in while the caller handles this one; the
-        request ends once that backlog is drained (no message published later is taken)."""
-        if len(self._buffer) >= batch or not self._client.connected.is_set():
-            return
-        now = asyncio.get_running_loop().time()
-        for consumer in self._consumers.values():
-            if consumer.backlog > 0 and self._can_pull(consumer, now):
-                await self._pull(consumer, batch, None)
-
-    async def _stream(self, batch: int, expires: float) -> None:
-        """Open a streaming request on every consumer that has none."""
-        if expires < _MIN_EXPIRES or not self._client.connected.is_set():
+    async def _linger(self, batch: int, remaining: float) -> None:
+        if remaining < _MIN_EXPIRES or not self._client.connected.is_set():
             return
         now = asyncio.get_running_loop().time()
         for consumer in self._consumers.values():
             if self._can_pull(consumer, now):
-                await self._pull(consumer, batch, expires)
+                await self._pull(consumer, batch, remaining)
+
+    async def _prefetch(self, batch: int) -> None:
+        """Ask, without lingering, for what is already waiting: at once where the last delivery
+        reported a backlog, and now and then elsewhere."""
+        if len(self._buffer) >= batch or not self._client.connected.is_set():
+            return
+        now = asyncio.get_running_loop().time()
+        for consumer in self._consumers.values():
+            if self._can_pull(consumer, now) and (
+                consumer.backlog > 0 or now - consumer.asked_at >= _IDLE_POLL
+            ):
+                await self._pull(consumer, batch, None)
 
     def _next_lost_at(self) -> float:
         return min(
@@ -298,7 +288,10 @@ class NatsSubscription(Subscription):
             if self._closed:
                 return []
             seen = self._arrivals
+            now = loop.time()
             if self._buffer:
+                # what has arrived goes at once (a request still delivering fills the buffer for
+                # the next call): batches grow by themselves under load, never wait when idle
                 out = self._hand_over(want)
                 if self._malformed:
                     await self._bury_malformed()
@@ -306,13 +299,13 @@ class NatsSubscription(Subscription):
                 if not out:
                     continue  # all of them were malformed: wait on for good ones
                 return out
-            now = loop.time()
             if now >= deadline:
+                await self._prefetch(want)
                 return []
-            await self._stream(want, deadline - now)
+            await self._linger(want, deadline - now)
             # wake up when an open request is presumed lost, to ask again (not at once while
             # a lost one cannot be replaced yet: disconnected, or backing off)
-            wake = max(self._next_lost_at(), now + _BACKOFF)
+            wake = max(self._next_lost_at(), loop.time() + _BACKOFF)
             await self._wait(min(deadline, wake), seen)
 
     def _hand_over(self, count: int) -> list[Delivery]:
@@ -320,6 +313,7 @@ class NatsSubscription(Subscription):
         buffer = self._buffer
         names = self._transport._names
         unsettled = self._unsettled
+        consumers = self._consumers
         for _ in range(min(count, len(buffer))):
             msg, tokens, arrived = buffer.popleft()
             v1 = len(tokens) == 9
@@ -329,7 +323,7 @@ class NatsSubscription(Subscription):
             else:
                 event_id = message_id(headers, f"nats:{tokens[5] if v1 else tokens[7]}")
             unsettled[msg.reply] = (msg, arrived)
-            consumer = self._consumers.get(tokens[3] if v1 else tokens[5])
+            consumer = consumers.get(tokens[3] if v1 else tokens[5])
             if consumer is not None:
                 consumer.backlog = int(tokens[8] if v1 else tokens[10])
             attempt = int(tokens[4] if v1 else tokens[6])
@@ -411,23 +405,6 @@ class NatsSubscription(Subscription):
         self._unsettled.pop(msg.reply, None)
         await self._client.settle_confirmed(msg.reply, _TERM, f"dead-lettering in {self.group}")
 
-    async def _until_requests_end(self) -> None:
-        """A request still open would go on delivering to a member that is gone (the server
-        cannot be told to drop it), and what it delivered would wait there for its lease: wait
-        until they end (within the timeout of the receive that sent them); what they bring is
-        given back with the rest."""
-        loop = asyncio.get_running_loop()
-        until = min(self._next_lost_at(), loop.time() + _CLOSE_WAIT)
-        while (
-            any(consumer.request is not None for consumer in self._consumers.values())
-            and self._client.connected.is_set()
-            and loop.time() < until
-        ):
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(until - loop.time()):
-                    await self._arrived.wait()
-
     async def close(self) -> None:
         if self._closed:
             return
@@ -435,7 +412,6 @@ class NatsSubscription(Subscription):
         self._arrived.set()
         self._client.on_reconnect.discard(self._on_reconnect)
         self._transport._subscriptions.discard(self)
-        await self._until_requests_end()
         sub, self._sub = self._sub, None
         if sub is not None:
             # stop the server delivering to us, and take in what was already on its way
