@@ -69,13 +69,12 @@ _TERM = b"+TERM"
 
 
 class _Request:
-    __slots__ = ("delivered", "inbox", "lingering", "lost_at", "remaining")
+    __slots__ = ("delivered", "inbox", "lost_at", "remaining")
 
-    def __init__(self, inbox: str, batch: int, lingering: bool, lost_at: float) -> None:
+    def __init__(self, inbox: str, batch: int, lost_at: float) -> None:
         self.inbox = inbox
         self.remaining = batch
         self.delivered = 0
-        self.lingering = lingering
         self.lost_at = lost_at
 
 
@@ -220,7 +219,7 @@ class NatsSubscription(Subscription):
         else:
             payload = b'{"batch":%d,"no_wait":true,"expires":%d}' % (batch, int(expires * 1e9))
             lost_at = now + expires + _LINGER_GRACE
-        consumer.request = _Request(inbox, batch, expires is not None, lost_at)
+        consumer.request = _Request(inbox, batch, lost_at)
         consumer.asked_at = now
         self._by_inbox[inbox] = consumer
         try:
