@@ -81,7 +81,7 @@ def _open_session() -> Callable[[StoreTx], TransactionSession]:
 async def flush_session(state: State) -> None:
     """Write the session's pending changes (inside the handling's savepoint)."""
     if state._session is not None:
-        await state._session.flush()
+        await state._session._flush_changes()
 
 
 async def release_session(state: State) -> None:

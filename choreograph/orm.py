@@ -78,6 +78,11 @@ class TransactionSession(AsyncSession):
     async def close(self) -> None:
         raise ConfigurationError(f"session.close() is not allowed: {_NOT_YOURS}")
 
+    async def _flush_changes(self) -> None:
+        """Flush, unless nothing is pending (a handler that only ran statements: no ORM flush)."""
+        if self.new or self.dirty or self.deleted:
+            await self.flush()
+
     async def _release(self) -> None:
         """Discard the session (no SQL: the dialect's rollback is a no-op)."""
         await super().close()

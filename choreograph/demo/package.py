@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Executable
 
 from choreograph import Context, Service
 from choreograph.demo.events import (
@@ -17,6 +19,32 @@ from choreograph.demo.tables import Package, PackageTables
 from choreograph.demo.transient import maybe_fail
 
 MAX_WEIGHT_KG = 25.0
+
+
+def _postgres_upsert() -> Executable:
+    statement = postgresql.insert(Package)
+    changes = {name: statement.excluded[name] for name in ("delivery_id", "status", "weight_kg")}
+    return statement.on_conflict_do_update(index_elements=[Package.package_id], set_=changes)
+
+
+def _sqlite_upsert() -> Executable:
+    statement = sqlite.insert(Package)
+    changes = {name: statement.excluded[name] for name in ("delivery_id", "status", "weight_kg")}
+    return statement.on_conflict_do_update(index_elements=[Package.package_id], set_=changes)
+
+
+# Core statements built once, run on the session's connection: each stays in SQLAlchemy's
+# compiled cache, and none goes through the ORM's unit of work (a merge would SELECT, then flush).
+#: The package's row, written whether or not it exists (a redelivered request writes it again).
+UPSERT = {"postgresql": _postgres_upsert(), "sqlite": _sqlite_upsert()}
+RELEASE = (
+    update(Package)
+    .where(Package.delivery_id == bindparam("delivery"), Package.status == "ready")
+    .values(status="released")
+)
+DELIVERED = (
+    update(Package).where(Package.package_id == bindparam("package")).values(status="delivered")
+)
 
 
 def build(knobs: Knobs) -> Service:
@@ -37,14 +65,14 @@ def build(knobs: Knobs) -> Service:
             reason = f"package weighs {info.weight_kg} kg; the limit is {MAX_WEIGHT_KG} kg"
         elif chance(knobs.rejection_rate, "reject", event.delivery_id):
             reason = "package failed inspection"
-        await ctx.session.merge(
-            Package(
-                package_id=info.package_id,
-                delivery_id=event.delivery_id,
-                status="rejected" if reason else "ready",
-                weight_kg=info.weight_kg,
-            )
-        )
+        connection = await ctx.session.connection()
+        row = {
+            "package_id": info.package_id,
+            "delivery_id": event.delivery_id,
+            "status": "rejected" if reason else "ready",
+            "weight_kg": info.weight_kg,
+        }
+        await connection.execute(UPSERT[connection.dialect.name], row)
         if reason:
             return PackageRejected(
                 delivery_id=event.delivery_id, package_id=info.package_id, reason=reason
@@ -57,16 +85,12 @@ def build(knobs: Knobs) -> Service:
     # create_package for it, so releasing what exists now is enough, in any order of arrival.
     @package.compensate(DeliveryFailed, undoes=create_package)
     async def release_package(event: DeliveryFailed, ctx: Context) -> None:
-        await ctx.session.execute(
-            update(Package)
-            .where(Package.delivery_id == event.delivery_id, Package.status == "ready")
-            .values(status="released")
-        )
+        connection = await ctx.session.connection()
+        await connection.execute(RELEASE, {"delivery": event.delivery_id})
 
     @package.on(DeliveryCompleted)
     async def mark_delivered(event: DeliveryCompleted, ctx: Context) -> None:
-        await ctx.session.execute(
-            update(Package).where(Package.package_id == event.package_id).values(status="delivered")
-        )
+        connection = await ctx.session.connection()
+        await connection.execute(DELIVERED, {"package": event.package_id})
 
     return package
