@@ -1,11 +1,12 @@
 """CPU per handling of the demo's table services: ``python -m benchmarks.tables_cost [--n N]``.
 
-In one process, on the ``memory://`` bus and a SQLite store: package and drone-scheduler (no
-transient errors, no rejections) each handle N ``DeliveryRequested`` and N ``DeliveryCompleted``,
-published in waves of 50 requests then their 50 completions (the fleet of 100 drones is never
-exhausted). Prints the process CPU time per handling (requests and completions together) of each
-service, the run's whole runtime included (bus, store, commit), then the same for a service
-whose handlers touch no table (``plain``), so the tables' share is the difference.
+In one process, on the ``memory://`` bus and a SQLite store (or ``--store URL``): package and
+drone-scheduler (no transient errors, no rejections) each handle N ``DeliveryRequested`` and N
+``DeliveryCompleted``, published in waves of 50 requests then their 50 completions (the fleet of
+100 drones is never exhausted). Prints the process CPU time per handling (requests and
+completions together) of each service, the run's whole runtime included (bus, store, commit),
+then the same for a service whose handlers touch no table (``plain``), so the tables' share is
+the difference.
 """
 
 from __future__ import annotations
@@ -120,13 +121,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="deliveries per service")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--store",
+        default="",
+        help="a store URL template with {service} (default: SQLite files in a temporary "
+        "directory); e.g. postgresql://127.0.0.1/test?schema=tables_cost_{service}",
+    )
     args = parser.parse_args()
     builds = {"package": package.build, "drone-scheduler": drone_scheduler.build, "plain": _plain}
     results: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(args.rounds):
         for name, build in builds.items():
             with tempfile.TemporaryDirectory() as directory:
-                store = f"sqlite:///{directory}/{{service}}.db"
+                store = args.store or f"sqlite:///{directory}/{{service}}.db"
                 results[name].append(asyncio.run(_run(build, args.n, store)))
     for name, values in results.items():
         print(f"{name:<16} {sorted(values)[len(values) // 2]:7.0f} µs CPU per handling "
