@@ -160,6 +160,7 @@ async def test_a_connection_the_server_closed_is_opened_again_by_itself(
     system = await drones()
     await system.completed([await system.request(1)])
     client = system.transport._client
+    first = client.nc
 
     # when the server closes the connection for a protocol violation (a payload over its
     # max_payload, written past every check, as a buggy client would)
@@ -168,9 +169,12 @@ async def test_a_connection_the_server_closed_is_opened_again_by_itself(
     await client.nc._send_command(b"x" * size + b"\r\n")  # type: ignore[attr-defined]
     await client.nc._flush_pending()  # type: ignore[attr-defined]
 
-    # then it opens a new connection by itself, and deliveries flow again through every group
+    # then it is connected again by itself, and deliveries flow again through every group:
+    # usually nats-py reads the server's -ERR and closes for good, and the transport opens a new
+    # connection; when the server's reset overtakes the -ERR (a busy machine), nats-py sees a
+    # lost connection and reconnects by itself
     deadline = time.monotonic() + 30
-    while client.reopened < 1:
+    while client.reopened < 1 and first.stats["reconnects"] < 1:
         assert time.monotonic() < deadline, "the connection was not opened again"
         await asyncio.sleep(0.05)
     await system.completed([await system.request(n) for n in range(2, 12)])
