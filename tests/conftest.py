@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,18 @@ async def make_transport(transport_url: str) -> AsyncIterator[TransportFactory]:
     """Connected transports on the test's bus; each call is a new connection (a new process'
     view for server and sqlite transports; the same bus object for memory://)."""
     opened: list[Transport] = []
+    groups: set[str] = set()  # declared through any of them (AMQP cannot list queues)
     shared: Transport | None = None
+
+    def recording(transport: Transport) -> Transport:
+        declare = transport.declare_group
+
+        async def declare_group(group: str, topics: Collection[str]) -> None:
+            groups.add(group)
+            await declare(group, topics)
+
+        transport.declare_group = declare_group  # type: ignore[method-assign]
+        return transport
 
     async def make() -> Transport:
         nonlocal shared
@@ -67,14 +78,21 @@ async def make_transport(transport_url: str) -> AsyncIterator[TransportFactory]:
                 await shared.connect()
                 opened.append(shared)
             return shared
-        transport = transport_from_url(transport_url)
+        transport = recording(transport_from_url(transport_url))
         await transport.connect()
         opened.append(transport)
         return transport
 
     yield make
+    # Leave nothing on the shared brokers: RabbitMQ's quorum queues hold file handles, and a
+    # long run that leaves them behind runs it out of handles (new connections then hang).
+    # Delete once every connection is closed, from a fresh one: a member still reconnecting
+    # (after a broker restart) would declare its queues again behind an earlier delete.
     for transport in reversed(opened):
-        # leave nothing on the shared brokers (RabbitMQ runs out of file handles otherwise)
-        with contextlib.suppress(Exception):
-            await transport.delete_namespace()
         await transport.close()
+    if opened and not transport_url.startswith("memory://"):
+        with contextlib.suppress(Exception):
+            async with transport_from_url(transport_url) as fresh:
+                for group in groups:
+                    await fresh.declare_group(group, ())
+                await fresh.delete_namespace()
