@@ -1,4 +1,5 @@
-"""Shared fixtures: every transport by URL, with unique names per test."""
+"""Shared fixtures: every transport by URL, with unique names per test; a fresh flow recorder
+database on each backend."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from choreograph.transport import Transport, transport_from_url
-from tests.support.brokers import BROKERS
+from tests.stores.conftest import PG_URL
+from tests.support.brokers import BROKERS, POSTGRES
 
 # name -> (pytest mark or None, URL template); {ns} is a namespace unique to the test, {tmp} its dir
 TRANSPORT_URLS: dict[str, str] = {
@@ -96,3 +99,20 @@ async def make_transport(transport_url: str) -> AsyncIterator[TransportFactory]:
                 for group in groups:
                     await fresh.declare_group(group, ())
                 await fresh.delete_namespace()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def recorder_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh flow recorder database URL: its own SQLite file, or its own PostgreSQL schema
+    (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/flows.db"
+        return
+    POSTGRES.require()
+    schema = "flows_" + uuid.uuid4().hex[:10]
+    yield f"{PG_URL}?schema={schema}"
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

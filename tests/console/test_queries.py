@@ -69,8 +69,8 @@ class Recording:
 
 
 @pytest.fixture
-async def recorded(db_url: str) -> AsyncIterator[Recorder]:
-    async with _scenario(db_url) as recorder:
+async def recorded(recorder_db_url: str) -> AsyncIterator[Recorder]:
+    async with _scenario(recorder_db_url) as recorder:
         yield recorder
 
 

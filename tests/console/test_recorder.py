@@ -65,9 +65,9 @@ async def bus() -> AsyncIterator[Transport]:
 
 
 @pytest.fixture
-async def recorder(bus: Transport, db_url: str) -> AsyncIterator[Recorder]:
+async def recorder(bus: Transport, recorder_db_url: str) -> AsyncIterator[Recorder]:
     """A recorder consuming the bus into a fresh database (SQLite, then PostgreSQL)."""
-    recorder = Recorder(build_app(), bus, db_url, poll_interval=0.05)
+    recorder = Recorder(build_app(), bus, recorder_db_url, poll_interval=0.05)
     await recorder.start()
     yield recorder
     await recorder.stop()

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from choreograph.envelope import Envelope, encode
@@ -18,7 +13,6 @@ from choreograph.observe.recorder import REPORTS_TOPIC, Recorder
 from choreograph.transport import Delivery, Message
 from tests.observe.conftest import Recorded, place
 from tests.observe.shop import build_app
-from tests.support.brokers import POSTGRES
 
 
 async def test_completed_transaction_with_a_retry(recorded: Recorded) -> None:
@@ -60,31 +54,11 @@ async def test_failed_compensated_and_stuck(recorded: Recorded) -> None:
     assert stats["services"]["stock"]["compensations"] == 1
 
 
-# the database, on both backends ------------------------------------------------------------------
-
-PG_URL = os.environ.get("CHOREOGRAPH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/flows.db"
-        return
-    POSTGRES.require()
-    schema = "flows_" + uuid.uuid4().hex[:10]
-    yield f"{PG_URL}?schema={schema}"
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 def delivery(envelope: Envelope) -> Delivery:
     return Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt=1)
 
 
-async def test_recording_is_idempotent_and_summarised(db_url: str) -> None:
+async def test_recording_is_idempotent_and_summarised(recorder_db_url: str) -> None:
     app = build_app()
     placed = Envelope(
         "e1", "OrderPlaced", "shop", "tx-1", {"order_id": "1", "sku": "ok", "amount": 1.0}
@@ -112,7 +86,7 @@ async def test_recording_is_idempotent_and_summarised(db_url: str) -> None:
         "ended": time.time(),
     }
     reports = Envelope("r", REPORTS_TOPIC, "test", "r", {"reports": [report]})
-    recorder = Recorder(app, "memory://", db_url)
+    recorder = Recorder(app, "memory://", recorder_db_url)
     await recorder.db.open()
     try:
         batch = [delivery(placed), delivery(shipped), delivery(reports)]
