@@ -192,6 +192,8 @@ def main() -> None:
             ("search: business key value (package id)", f"/transactions?q={package}"),
             ("search: data field package_id=…", f"/transactions?field=package_id%3D{package}"),
             ("search: event type (rare: PackageRejected)", "/transactions?type=PackageRejected"),
+            ("search: event type (in every one: DeliveryRequested)",
+             "/transactions?type=DeliveryRequested"),
             ("search: status failed", "/transactions?status=failed"),
             ("search: status stuck", "/transactions?status=stuck"),
             ("search: failed in a 1-hour range", "/transactions?status=failed&" + _range()),

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from choreograph.console import ConsoleSettings, create_console_app
+from choreograph.console import ConsoleSettings, create_console_app, queries
 from choreograph.console.queries import (
     PAGE_SIZE,
     BadFilter,
@@ -123,6 +123,24 @@ async def test_search_by_id_prefix_business_key_field_and_type(recorded: Recorde
     assert await _ids(recorded, field="delivery_id=p-001") == []
     assert await _ids(recorded, type="PackageRejected") == ["d-002-fail"]
     assert await _ids(recorded, q="nothing-like-it") == []
+
+
+async def test_a_common_event_type_finds_the_same_page(
+    recorded: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given every event type counted as common (the list is walked and each transaction checked)
+    monkeypatch.setattr(queries, "COMMON_TYPE", 1)
+    # then a search by type, alone or with other filters, finds what reading the type's
+    # transactions finds
+    assert await _ids(recorded, type="DeliveryRequested") == [
+        "x-004-late", "d-003-open", "d-002-fail", "d-001-done"
+    ]  # fmt: skip
+    assert await _ids(recorded, type="PackageRejected") == ["d-002-fail"]
+    assert await _ids(recorded, type="DeliveryCompleted", status="late") == ["x-004-late"]
+    assert await _ids(recorded, type="DeliveryRequested", sort="started", dir="asc", q="d-00") == [
+        "d-001-done", "d-002-fail", "d-003-open"
+    ]  # fmt: skip
+    assert await _ids(recorded, type="NoSuchType") == []
 
 
 async def test_status_filters_and_time_range(recorded: Recorder) -> None:
