@@ -124,6 +124,8 @@ def sparkline(series: list[int], width: int = 160, height: int = 32) -> str:
     """A small line chart of counts, as inline SVG."""
     if not series:
         return ""
+    if len(series) == 1:  # one minute of activity: a level line
+        series = series * 2
     top = max(series) or 1
     step = width / max(len(series) - 1, 1)
     points = " ".join(

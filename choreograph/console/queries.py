@@ -271,7 +271,7 @@ async def service_activity(
         return services.setdefault(
             name,
             {"done": 0, "retry": 0, "dead_letter": 0, "ignored": 0, "duplicate": 0, "late": 0,
-             "compensations": 0, "per_second": 0.0, "series": [0] * buckets},
+             "compensations": 0, "per_second": 0.0, "series": [0] * count},
         )  # fmt: skip
 
     first = int(since // 60) if math.isfinite(since) else 0
@@ -282,6 +282,14 @@ async def service_activity(
     )
     if not span or span[0]["lo"] is None:
         return services
+    # The series spans the activity inside the window (a run that ended an hour ago still shows
+    # its shape), up to now while the system is busy; a span shorter than ``buckets`` minutes
+    # has a bucket per minute (no empty buckets after the last minute).
+    start, end = int(span[0]["lo"]), int(span[0]["hi"]) + 1
+    if now / 60 - end < 1.0:
+        end = int(now // 60) + 1
+    width = max(1, math.ceil((end - start) / buckets))  # whole minutes: integer division in SQL
+    count = math.ceil((end - start) / width)
     last_minute = int(now // 60) - 1
     for row in await db.fetch(
         "SELECT a, b, SUM(n) AS n, SUM(CASE WHEN minute = ? THEN n ELSE 0 END) AS recent "
@@ -296,18 +304,12 @@ async def service_activity(
             item["compensations"] += n
         if outcome == "done":
             item["per_second"] = round(item["per_second"] + int(row["recent"]) / 60.0, 2)
-    # The series spans the activity inside the window (a run that ended an hour ago still shows
-    # its shape), up to now while the system is busy.
-    start, end = int(span[0]["lo"]), int(span[0]["hi"]) + 1
-    if now / 60 - end < 1.0:
-        end = int(now // 60) + 1
-    width = max(1, math.ceil((end - start) / buckets))  # whole minutes: integer division in SQL
     for row in await db.fetch(
         "SELECT a, (minute - ?) / ? AS bucket, SUM(n) AS n FROM cg_rollup "
         "WHERE kind = 'handling' AND minute >= ? GROUP BY a, bucket",
         (start, width, first),
     ):
-        index = min(max(int(row["bucket"]), 0), buckets - 1)
+        index = min(max(int(row["bucket"]), 0), count - 1)
         entry(row["a"])["series"][index] += int(row["n"])
     return services
 

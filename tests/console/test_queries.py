@@ -181,7 +181,11 @@ async def test_counts_activity_and_edges(recorded: Recorder) -> None:
     activity = await service_activity(recorded.db, T0 - 60, now=T0 + 500)
     assert activity["package"]["done"] == 2 and activity["package"]["retry"] == 1
     assert activity["package"]["compensations"] == 1
-    assert sum(activity["package"]["series"]) == 3
+    # the sparkline's series: a bucket per minute of activity (all in the first minute here)
+    assert activity["package"]["series"] == [3]
+    # up to now while the last activity is less than a minute old: the minute since, quiet
+    recent = await service_activity(recorded.db, T0 - 60, now=T0 + 100)
+    assert recent["package"]["series"] == [3, 0]
     edges = await edge_counts(recorded.db, T0 - 60)
     assert edges[("DeliveryRequested", "package")] == 1  # the retry is not a taken edge
     assert edges[("delivery", "DeliveryCompleted")] == 2
