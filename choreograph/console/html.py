@@ -120,8 +120,8 @@ def table(
     return f'<table class="{classes}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def sparkline(series: list[int], width: int = 160, height: int = 32) -> str:
-    """A small line chart of counts, as inline SVG."""
+def sparkline(series: list[int], title: str = "", width: int = 160, height: int = 32) -> str:
+    """A small line chart of counts, as inline SVG; ``title`` shows on hover."""
     if not series:
         return ""
     if len(series) == 1:  # one minute of activity: a level line
@@ -134,6 +134,6 @@ def sparkline(series: list[int], width: int = 160, height: int = 32) -> str:
     area = f"0,{height} {points} {width},{height}"
     return (
         f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'aria-label="activity"><polygon points="{area}" class="area"/>'
+        f'aria-label="activity"><title>{esc(title)}</title><polygon points="{area}" class="area"/>'
         f'<polyline points="{points}" class="line"/></svg>'
     )

@@ -262,7 +262,8 @@ async def service_activity(
     db: FlowDb, since: float, *, now: float | None = None, buckets: int = 40
 ) -> dict[str, Row]:
     """Per service since ``since``: handlings by outcome, handled per second over the last
-    minute, and a series of handlings per bucket (for a sparkline). Read from the per-minute
+    minute, and a series of handlings per bucket (for a sparkline: ``series_step`` seconds each
+    from ``series_from``). Read from the per-minute
     counts (``cg_rollup``), so a window of days costs no more than one of minutes."""
     now = time.time() if now is None else now
     services: dict[str, Row] = {}
@@ -271,7 +272,8 @@ async def service_activity(
         return services.setdefault(
             name,
             {"done": 0, "retry": 0, "dead_letter": 0, "ignored": 0, "duplicate": 0, "late": 0,
-             "compensations": 0, "per_second": 0.0, "series": [0] * count},
+             "compensations": 0, "per_second": 0.0, "series": [0] * count,
+             "series_from": start * 60.0, "series_step": width * 60.0},
         )  # fmt: skip
 
     first = int(since // 60) if math.isfinite(since) else 0

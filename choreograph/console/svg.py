@@ -75,6 +75,7 @@ def render_graph(
     width = max((b.x + b.width for b in boxes.values()), default=0) + _PAD
     arcs_above, arcs_below = 0, 0
     parts: list[str] = []
+    labels: list[tuple[float, float, float]] = []  # counts written so far: centre x, y, width
     for edge in graph.edges:
         source, target = boxes[edge.source], boxes[edge.target]
         forward = target.column > source.column
@@ -84,7 +85,7 @@ def render_graph(
             else:
                 arcs_above += 1
         parts.append(_edge(edge, source, target, forward, arcs_above, arcs_below, height,
-                           overlay, counts))  # fmt: skip
+                           overlay, counts, labels))  # fmt: skip
     top = _PAD + _ARC * arcs_above + (16 if arcs_above else 0)
     bottom = _ARC * arcs_below + (16 if arcs_below else 0)
     for box in boxes.values():
@@ -229,6 +230,7 @@ def _edge(
     height: float,
     overlay: PathOverlay | None,
     counts: dict[tuple[str, str], int] | None,
+    labels: list[tuple[float, float, float]],
 ) -> str:
     color, width, dash, opacity = _COLORS[edge.kind], 1.4, _DASH.get(edge.kind, ""), 1.0
     if edge.kind == "join":
@@ -255,26 +257,22 @@ def _edge(
     x2, y2 = target.x, target.y + _HEIGHT / 2
     if forward:
         bend = max(30.0, (x2 - x1) / 2)
-        path = (f"M{x1:.1f},{y1:.1f} C{x1 + bend:.1f},{y1:.1f} {x2 - bend:.1f},{y2:.1f} "
-                f"{x2:.1f},{y2:.1f}")  # fmt: skip
-        mid = ((x1 + x2) / 2, (y1 + y2) / 2)
+        curve = ((x1, y1), (x1 + bend, y1), (x2 - bend, y2), (x2, y2))
+        at = 0.5
     elif edge.kind == "compensates":
         sx, tx = source.x + source.width / 2, target.x + target.width / 2
         low = height + _ARC * below
-        path = (f"M{sx:.1f},{source.y + _HEIGHT:.1f} C{sx:.1f},{low:.1f} {tx:.1f},{low:.1f} "
-                f"{tx:.1f},{target.y + _HEIGHT:.1f}")  # fmt: skip
-        mid = _bezier(0.3 + 0.1 * (below % 5), (sx, source.y + _HEIGHT), (sx, low), (tx, low),
-                      (tx, target.y + _HEIGHT))  # fmt: skip
+        curve = ((sx, source.y + _HEIGHT), (sx, low), (tx, low), (tx, target.y + _HEIGHT))
+        at = 0.3 + 0.1 * (below % 5)
     else:
         sx, tx = source.x + source.width / 2, target.x + target.width / 2
         high = -_ARC * above
-        path = (f"M{sx:.1f},{source.y:.1f} C{sx:.1f},{high:.1f} {tx:.1f},{high:.1f} "
-                f"{tx:.1f},{target.y:.1f}")  # fmt: skip
+        curve = ((sx, source.y), (sx, high), (tx, high), (tx, target.y))
         # Arcs between the same columns share their apex: each arc's count sits at its own
         # place along it, so that the numbers do not pile up.
-        mid = _bezier(
-            0.3 + 0.1 * (above % 5), (sx, source.y), (sx, high), (tx, high), (tx, target.y)
-        )
+        at = 0.3 + 0.1 * (above % 5)
+    (px, py), (ax, ay), (bx, by), (qx, qy) = curve
+    path = f"M{px:.1f},{py:.1f} C{ax:.1f},{ay:.1f} {bx:.1f},{by:.1f} {qx:.1f},{qy:.1f}"
     title = escape(f"{source.node.label} → {target.node.label}: {edge.kind} {edge.label}".strip())
     dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
     out = (
@@ -286,12 +284,32 @@ def _edge(
     if count:
         label = f"{count:,}"
         w = 7 * len(label) + 10
+        mid = _free_spot(curve, at, w, labels)
         out += (
             f'<rect x="{mid[0] - w / 2:.1f}" y="{mid[1] - 9:.1f}" width="{w}" height="18" rx="9" '
             f'class="count"/><text x="{mid[0]:.1f}" y="{mid[1] + 4:.1f}" '
             f'text-anchor="middle" class="count">{label}</text>'
         )
     return out + "</g>"
+
+
+def _free_spot(
+    curve: tuple[tuple[float, float], ...],
+    at: float,
+    w: float,
+    labels: list[tuple[float, float, float]],
+) -> tuple[float, float]:
+    """Where along ``curve`` to write a count ``w`` wide: at ``at``, or the nearest place (in
+    tenths of the curve) that no count written before covers; the place is added to ``labels``."""
+    tries = [at + step * sign for step in (0.0, 0.1, 0.2, 0.3) for sign in (1, -1)]
+    spots = [_bezier(t, *curve) for t in tries if 0.15 <= t <= 0.85]
+    free = [
+        (x, y) for x, y in spots
+        if all(abs(x - lx) >= (w + lw) / 2 + 2 or abs(y - ly) >= 20 for lx, ly, lw in labels)
+    ]  # fmt: skip
+    x, y = (free or spots or [_bezier(at, *curve)])[0]
+    labels.append((x, y, w))
+    return x, y
 
 
 def _bezier(t: float, *points: tuple[float, float]) -> tuple[float, float]:

@@ -183,6 +183,7 @@ async def test_counts_activity_and_edges(recorded: Recorder) -> None:
     assert activity["package"]["compensations"] == 1
     # the sparkline's series: a bucket per minute of activity (all in the first minute here)
     assert activity["package"]["series"] == [3]
+    assert (activity["package"]["series_from"], activity["package"]["series_step"]) == (T0, 60)
     # up to now while the last activity is less than a minute old: the minute since, quiet
     recent = await service_activity(recorded.db, T0 - 60, now=T0 + 100)
     assert recent["package"]["series"] == [3, 0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 from choreograph.console.html import NONE, esc, notice, seconds, sparkline, table, url, when
 from choreograph.console.queries import (
@@ -95,7 +97,7 @@ async def overview_live(state: ConsoleState, window: str) -> str:
                 f'<a href="{url("/dead-letters", {"group": name})}">{_warn(dead_now, "bad")}</a>',
                 NONE if lag is None else f"{lag:,}",
                 f"{item.get('compensations', 0):,}",
-                sparkline(item.get("series", [])),
+                sparkline(item.get("series", []), _series_title(item)),
             ]
         )
     services = table(
@@ -116,6 +118,20 @@ async def overview_live(state: ConsoleState, window: str) -> str:
         f"{when(bounds[0])} to {when(bounds[1])}</p>"
         f"<h2>Services</h2>{bus_note}{services}{reject_block}"
     )
+
+
+def _series_title(item: dict[str, Any]) -> str:
+    if not item.get("series"):
+        return ""
+    step, start = item["series_step"], item["series_from"]
+    end = start + step * len(item["series"])
+    minutes = f"{step / 60:g} minutes" if step > 60 else "minute"
+    peak = max(item["series"])
+    return f"handlings per {minutes}, {_hhmm(start)} to {_hhmm(end)} UTC (peak {peak:,})"
+
+
+def _hhmm(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _list_link(status: str) -> str:
