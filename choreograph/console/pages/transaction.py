@@ -94,10 +94,21 @@ def _summary(view: Row, late_ids: set[str]) -> str:
     return (
         f'<div class="summary">{badge(view["status"])}{ending}{late}'
         f"<span>started {when(view['started'])}</span><span>{took}</span>"
-        f"<span>{counts['events']} events</span><span>{counts['retries']} retries</span>"
-        f"<span>{counts['dead_letters']} dead letters</span>"
-        f"<span>{counts['compensations']} compensations</span></div>"
+        + "".join(
+            f"<span>{_count(counts[key], one, many)}</span>"
+            for key, one, many in (
+                ("events", "event", "events"),
+                ("retries", "retry", "retries"),
+                ("dead_letters", "dead letter", "dead letters"),
+                ("compensations", "compensation", "compensations"),
+            )
+        )
+        + "</div>"
     )
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
 
 
 def _late_events(view: Row) -> set[str]:
