@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 
-from choreograph.demo.inspect_state import Snapshot, snapshot
-from choreograph.store import store_from_url
+from choreograph.demo.inspect_state import Snapshot
 from choreograph.transport import transport_from_url
 from tests.drone.conftest import request_body
+from tests.drone.processes import check_every_delivery_ended_cleanly, settled
 from tests.support.nats_cluster import NatsCluster
 from tests.support.procs import JOURNAL_ENV, Proc, Procs, read_journal
 
@@ -151,24 +151,9 @@ class DroneOnCluster:
 
     # state -------------------------------------------------------------------------------------
 
-    async def settled(self, count: int, timeout: float) -> Snapshot:
-        """Wait until ``count`` deliveries ended and nothing is held; the last snapshot."""
-        deadline = time.monotonic() + timeout
-        while True:
-            snap = await snapshot(self.stores)
-            done = snap.terminal >= count and not snap.drones_reserved
-            if (done and not snap.packages_unreleased) or time.monotonic() > deadline:
-                return snap
-            await asyncio.sleep(0.5)
-
-    async def docs(self, service: str, kind: str) -> dict[str, dict[str, Any]]:
-        store = store_from_url(self.stores, service)
-        await store.open()
-        try:
-            async with store.transaction() as tx:
-                return dict(await tx.find(kind, limit=1_000_000))
-        finally:
-            await store.close()
+    async def settled(self, timeout: float) -> Snapshot:
+        """Wait until every accepted delivery ended and nothing is held; the last snapshot."""
+        return await settled(self.stores, len(self.submitted), timeout)
 
     async def dead_letters(self) -> list[Any]:
         async with transport_from_url(self.url) as transport:
@@ -185,19 +170,8 @@ class DroneOnCluster:
     async def check_every_delivery_ended_cleanly(self, snap: Snapshot) -> None:
         """Every accepted delivery ended, the same way for every service that saw it, and
         nothing it held is left held."""
-        count = len(self.submitted)
         assert not self.refused, f"{len(self.refused)} requests refused: {self.refused[:5]}"
-        assert snap.terminal == count, f"{count - snap.terminal} deliveries did not end: {snap}"
-        assert snap.in_flight == 0, snap
-        assert snap.drones_reserved == 0, f"drones left reserved: {snap}"
-        assert snap.packages_unreleased == 0, f"packages left held: {snap}"
-        seen = await self.docs("ingestion", "delivery")
-        decided = await self.docs("delivery", "delivery")
-        told = await self.docs("notification", "sent")
-        for did in self.submitted:
-            assert seen[did]["status"] in ("completed", "failed"), (did, seen[did])
-            assert decided[did]["status"] == seen[did]["status"], (did, decided.get(did))
-            assert told[did]["outcome"] == seen[did]["status"], (did, told.get(did))
+        await check_every_delivery_ended_cleanly(self.stores, self.submitted, snap)
 
 
 def recovery_seconds(

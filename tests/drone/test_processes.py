@@ -15,10 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from choreograph.demo.inspect_state import Snapshot, snapshot
-from choreograph.store import store_from_url
+from choreograph.demo.inspect_state import snapshot
 from choreograph.transport import transport_from_url
-from tests.drone.conftest import request_body
+from tests.drone.processes import check_every_delivery_ended_cleanly, settled, submit
 from tests.support.procs import Proc, Procs, choreograph_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -71,39 +70,6 @@ class System:
             Procs.ready(proc, self.port if name == "ingestion" else None)
         return started
 
-    async def submit(self, count: int, *, concurrency: int = 8) -> list[str]:
-        bodies = [request_body(n) for n in range(count)]
-        gate = asyncio.Semaphore(concurrency)
-
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=20) as client:
-
-            async def one(body: dict[str, Any]) -> None:
-                async with gate:
-                    response = await client.post("/api/deliveryrequests", json=body)
-                assert response.status_code == 202, response.text
-
-            await asyncio.gather(*(one(b) for b in bodies))
-        return [b["delivery_id"] for b in bodies]
-
-    async def settled(self, count: int, timeout: float) -> Snapshot:
-        """Wait until ``count`` deliveries ended and nothing is held; return the last snapshot."""
-        deadline = time.monotonic() + timeout
-        while True:
-            snap = await snapshot(self.stores)
-            done = snap.terminal >= count and not snap.drones_reserved
-            if (done and not snap.packages_unreleased) or time.monotonic() > deadline:
-                return snap
-            await asyncio.sleep(0.25)
-
-    async def docs(self, service: str, kind: str) -> dict[str, dict[str, Any]]:
-        store = store_from_url(self.stores, service)
-        await store.open()
-        try:
-            async with store.transaction() as tx:
-                return dict(await tx.find(kind, limit=1_000_000))
-        finally:
-            await store.close()
-
     def queue(self, group: str) -> dict[str, int]:
         """How many of ``group``'s messages are held by a member, waiting for a retry, or ready."""
         now = time.time()
@@ -128,22 +94,6 @@ def system(tmp_path: Path) -> Iterator[System]:
         yield System(tmp_path, procs, free_port())
 
 
-async def check_every_delivery_ended_cleanly(
-    system: System, ids: list[str], snap: Snapshot
-) -> None:
-    assert snap.terminal == len(ids), snap
-    assert snap.in_flight == 0, snap
-    assert snap.drones_reserved == 0, snap
-    assert snap.packages_unreleased == 0, snap
-    seen = await system.docs("ingestion", "delivery")
-    decided = await system.docs("delivery", "delivery")
-    told = await system.docs("notification", "sent")
-    for did in ids:
-        assert seen[did]["status"] in ("completed", "failed"), (did, seen[did])
-        assert decided[did]["status"] == seen[did]["status"], did
-        assert told[did]["outcome"] == seen[did]["status"], did
-
-
 def stop_all(procs: dict[str, Proc]) -> None:
     for name, proc in procs.items():
         code = proc.stop()
@@ -158,10 +108,10 @@ async def test_every_service_in_its_own_process_ends_every_delivery(system: Syst
     # given five processes on one bus file, with the default failure knobs
     procs = system.start_all()
     # when
-    ids = await system.submit(50)
-    snap = await system.settled(50, timeout=40)
+    ids = await submit(system.base_url, 50)
+    snap = await settled(system.stores, 50, timeout=40)
     # then
-    await check_every_delivery_ended_cleanly(system, ids, snap)
+    await check_every_delivery_ended_cleanly(system.stores, ids, snap)
     assert snap.statuses["completed"] > 0
     assert set(snap.failure_reasons) <= {"package rejected"}, snap.failure_reasons
     assert not await system.dead_letters()
@@ -183,7 +133,7 @@ async def test_a_worker_killed_mid_handler_loses_nothing(system: System, victim:
     procs[victim] = system.start(victim, env=slow, options=("--batch-size", "3"))
     for name, proc in procs.items():
         Procs.ready(proc, system.port if name == "ingestion" else None)
-    ids = await system.submit(20)
+    ids = await submit(system.base_url, 20)
     # when it is killed while it holds messages
     deadline = time.monotonic() + 10
     while system.queue(victim)["held"] == 0:
@@ -192,12 +142,12 @@ async def test_a_worker_killed_mid_handler_loses_nothing(system: System, victim:
     assert procs[victim].kill() == -9
     held = system.queue(victim)["held"]
     assert held > 0, "the kill came while messages were held"
-    assert (await system.settled(20, timeout=1)).terminal < 20, "work was left to do"
+    assert (await settled(system.stores, 20, timeout=1)).terminal < 20, "work was left to do"
     # and another process of that service starts
     procs[victim] = Procs.ready(system.start(victim))
     # then every delivery still ends, nothing held, nothing applied twice
-    snap = await system.settled(20, timeout=40)
-    await check_every_delivery_ended_cleanly(system, ids, snap)
+    snap = await settled(system.stores, 20, timeout=40)
+    await check_every_delivery_ended_cleanly(system.stores, ids, snap)
     assert not await system.dead_letters()
     procs.pop(victim).stop()
     stop_all(procs)
@@ -219,7 +169,7 @@ async def test_retries_pending_across_a_restart_of_everything_still_fire(
         DRONE_TEST_RETRY_DELAY="2",
     )
     procs = system.start_all()
-    ids = await system.submit(20)
+    ids = await submit(system.base_url, 20)
     deadline = time.monotonic() + 10
     while min(system.queue(g)["delayed"] for g in ("package", "drone-scheduler")) < 20:
         assert time.monotonic() < deadline, "the retries were never scheduled"
@@ -236,8 +186,8 @@ async def test_retries_pending_across_a_restart_of_everything_still_fire(
     # and starts again
     procs = system.start_all()
     # then the retries fire (twice each) and every delivery completes
-    snap = await system.settled(20, timeout=40)
-    await check_every_delivery_ended_cleanly(system, ids, snap)
+    snap = await settled(system.stores, 20, timeout=40)
+    await check_every_delivery_ended_cleanly(system.stores, ids, snap)
     assert snap.statuses["completed"] == 20, snap
     assert not await system.dead_letters()
     stop_all(procs)
