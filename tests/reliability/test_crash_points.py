@@ -6,11 +6,14 @@ each row with its event (published or waiting in the outbox) or neither."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +71,19 @@ def start_ledger(
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("backend", BACKENDS)
-async def test_a_crash_at_any_point_applies_every_effect_exactly_once(
-    point: str, backend: str, tmp_path: Path, namespace: str
-) -> None:
+@dataclass
+class Ledger:
+    """A bus and stores where ``sent`` (EVENTS additions) wait for the ledger service, and
+    ``observer`` receives what the ledger publishes."""
+
+    transport_url: str
+    store_url: str
+    observer: Subscription
+    sent: list[Envelope]
+
+
+@contextlib.asynccontextmanager
+async def additions_waiting(backend: str, tmp_path: Path, namespace: str) -> AsyncIterator[Ledger]:
     if backend != "sqlite":
         NATS.require()
         POSTGRES.require()
@@ -83,40 +93,56 @@ async def test_a_crash_at_any_point_applies_every_effect_exactly_once(
     try:
         await bus.declare_group("ledger", ["Add"])
         observer = await bus.subscribe("observer", ["Added"])
-        sent = []
-        for n in range(EVENTS):
-            envelope = Envelope(
-                id=str(uuid.uuid4()), type="Add", source="test", correlationid=f"tx-{n}",
-                data={"account": f"acc-{n % ACCOUNTS}", "amount": n},
-            )  # fmt: skip
-            sent.append(envelope)
+        sent = [
+            Envelope(id=str(uuid.uuid4()), type="Add", source="test", correlationid=f"tx-{n}",
+                     data={"account": f"acc-{n % ACCOUNTS}", "amount": n})
+            for n in range(EVENTS)
+        ]  # fmt: skip
         await bus.publish([Message(e.id, e.type, encode(e)) for e in sent])
-
-        # given a ledger that dies at the chosen point of its third batch
-        crashing = start_ledger(transport_url, store_url, point)
-        assert await asyncio.to_thread(crashing.wait, 60) == -9, crashing.stderr.read().decode()  # type: ignore[union-attr]
-
-        # when it is started again and left to finish
-        survivor = start_ledger(transport_url, store_url, None)
-        published: set[str] = set()
-        try:
-            for _ in range(300):
-                for delivery in await observer.receive(500, 0.2):
-                    published.add(delivery.message.id)
-                    await observer.ack([delivery])
-                if await applied_count(store_url) >= EVENTS and len(published) >= EVENTS:
-                    break
-        finally:
-            survivor.terminate()
-            await asyncio.to_thread(survivor.wait, 30)
-
-        # then every Add was applied exactly once, and every Added was published
-        applied, total = await ledger_state(store_url)
-        assert sorted(applied) == sorted(e.id for e in sent)
-        assert total == sum(range(EVENTS))
-        assert len(published) == EVENTS
+        yield Ledger(transport_url, store_url, observer, sent)
     finally:
         await bus.close()
+
+
+async def crash(ledger: Ledger, point: str, writes: str) -> None:
+    """Run the ledger until it kills itself (SIGKILL) at ``point`` of its third batch."""
+    crashing = start_ledger(ledger.transport_url, ledger.store_url, point, writes)
+    assert await asyncio.to_thread(crashing.wait, 60) == -9, crashing.stderr.read().decode()  # type: ignore[union-attr]
+
+
+async def restart_until_done(
+    ledger: Ledger, writes: str, published: dict[str, int], applied: Callable[[str], Awaitable[int]]
+) -> None:
+    """Run the ledger again, collecting what it publishes into ``published``, until every
+    addition is ``applied`` (counted in its store) and published; then stop it."""
+    survivor = start_ledger(ledger.transport_url, ledger.store_url, None, writes)
+    try:
+        for _ in range(300):  # a guard against hanging only: the checks after it say what is off
+            await drain(ledger.observer, published, rounds=1)
+            if await applied(ledger.store_url) >= EVENTS and len(published) >= EVENTS:
+                break
+    finally:
+        survivor.terminate()
+        await asyncio.to_thread(survivor.wait, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_crash_at_any_point_applies_every_effect_exactly_once(
+    point: str, backend: str, tmp_path: Path, namespace: str
+) -> None:
+    async with additions_waiting(backend, tmp_path, namespace) as ledger:
+        # given a ledger that dies at the chosen point of its third batch
+        await crash(ledger, point, "state")
+        # when it is started again and left to finish
+        published: dict[str, int] = {}
+        await restart_until_done(ledger, "state", published, applied_count)
+        # then every Add was applied exactly once, and every Added was published
+        applied, total = await ledger_state(ledger.store_url)
+        assert sorted(applied) == sorted(e.id for e in ledger.sent)
+        assert total == sum(range(EVENTS))
+        assert len(published) == EVENTS
 
 
 async def ledger_state(store_url: str) -> tuple[list[str], int]:
@@ -142,51 +168,25 @@ async def applied_count(store_url: str) -> int:
 async def test_a_crash_at_any_point_leaves_each_row_with_its_event_or_neither(
     point: str, backend: str, writes: str, tmp_path: Path, namespace: str
 ) -> None:
-    if backend != "sqlite":
-        NATS.require()
-        POSTGRES.require()
-    transport_url, store_url = backends(tmp_path, namespace)[backend]
-    bus = transport_from_url(transport_url)
-    await bus.connect()
-    try:
-        await bus.declare_group("ledger", ["Add"])
-        observer = await bus.subscribe("observer", ["Added"])
-        sent = [
-            Envelope(id=str(uuid.uuid4()), type="Add", source="test", correlationid=f"tx-{n}",
-                     data={"account": f"acc-{n % ACCOUNTS}", "amount": n})
-            for n in range(EVENTS)
-        ]  # fmt: skip
-        await bus.publish([Message(e.id, e.type, encode(e)) for e in sent])
-
+    async with additions_waiting(backend, tmp_path, namespace) as ledger:
         # given a ledger writing a row of its table per addition, killed at the chosen point
-        crashing = start_ledger(transport_url, store_url, point, writes)
-        assert await asyncio.to_thread(crashing.wait, 60) == -9, crashing.stderr.read().decode()  # type: ignore[union-attr]
+        await crash(ledger, point, writes)
 
         # then each row has its event, published or waiting in the outbox, and each event its row
         published: dict[str, int] = {}
-        await drain(observer, published)
-        rows = await entries(store_url)
-        waiting = await outbox_amounts(store_url)
+        await drain(ledger.observer, published)
+        rows = await entries(ledger.store_url)
+        waiting = await outbox_amounts(ledger.store_url)
         amounts = [amount for _, amount in rows]
         assert len(set(amounts)) == len(amounts), "an addition applied twice"
         assert set(amounts) == set(published.values()) | waiting
         assert 0 < len(rows) < EVENTS  # (the kill came in the middle of the work)
 
         # and after a restart every addition has exactly one row and its event
-        survivor = start_ledger(transport_url, store_url, None, writes)
-        try:
-            for _ in range(300):
-                await drain(observer, published, rounds=1)
-                if len(await entries(store_url)) >= EVENTS and len(published) >= EVENTS:
-                    break
-        finally:
-            survivor.terminate()
-            await asyncio.to_thread(survivor.wait, 30)
-        rows = await entries(store_url)
-        assert sorted(event_id for event_id, _ in rows) == sorted(e.id for e in sent)
+        await restart_until_done(ledger, writes, published, entry_count)
+        rows = await entries(ledger.store_url)
+        assert sorted(event_id for event_id, _ in rows) == sorted(e.id for e in ledger.sent)
         assert sorted(published.values()) == list(range(EVENTS))
-    finally:
-        await bus.close()
 
 
 async def drain(observer: Subscription, published: dict[str, int], rounds: int = 3) -> None:
@@ -218,6 +218,10 @@ async def entries(store_url: str) -> list[tuple[str, int]]:
     return [
         (row[0], row[1]) for row in await query(store_url, "SELECT event_id, amount FROM entries")
     ]
+
+
+async def entry_count(store_url: str) -> int:
+    return len(await entries(store_url))
 
 
 async def outbox_amounts(store_url: str) -> set[int]:
