@@ -7,10 +7,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from choreograph.app import App
+from choreograph.envelope import encode, new_envelope
 from choreograph.events import Event
-from choreograph.runtime.runner import Runtime
-from tests.deploy.apps import app
+from choreograph.transport import Message, transport_from_url
 from tests.support.procs import read_journal
 
 APP = "tests.deploy.apps:app"
@@ -28,24 +27,18 @@ def probe(port: int, path: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def publish(
-    transport_url: str,
-    events: list[Event],
-    tmp_path: Path,
-    of: App = app,
-    source: str = "source",
-) -> None:
-    """Publish ``events`` as the service ``source`` of app ``of`` would, from the test's
-    process (declaring the app's groups first, as :meth:`Runtime.publish` does)."""
+def publish(transport_url: str, events: list[Event], source: str = "source") -> None:
+    """Publish ``events`` with the transport alone, as a producer that declares nothing would (a
+    participant in another language, a script): they are kept only for the groups that already
+    exist, so what a test sees handled afterwards was kept by the declaration it made."""
 
     async def send() -> None:
-        store = f"sqlite:///{tmp_path}/{{service}}.db"
-        runtime = Runtime(of, transport=transport_url, store=store)
-        try:
-            for event in events:
-                await runtime.publish(event, source=source)
-        finally:
-            await runtime.transport.close()
+        envelopes = [
+            new_envelope(e.event_type, e.to_data(), source=source, dataschema=e.dataschema())
+            for e in events
+        ]
+        async with transport_from_url(transport_url) as transport:
+            await transport.publish([Message(e.id, e.type, encode(e)) for e in envelopes])
 
     asyncio.run(send())
 

@@ -65,7 +65,7 @@ def test_declare_twice_then_a_replica_handles_what_was_published_meanwhile(
             assert asyncio.run(lags(transport_url)) == {"counter": 0, "archive": 0}
             # and events published while no service runs
             events = [Parcel(number=i) for i in range(10)] + [Letter(number=i) for i in range(5)]
-            publish(transport_url, events, tmp_path)
+            publish(transport_url, events)
             assert asyncio.run(lags(transport_url)) == {"counter": 15, "archive": 10}
             # when the app is declared again
             declare(procs, transport_url)

@@ -61,7 +61,7 @@ def test_sigterm_turns_not_ready_finishes_what_it_holds_and_exits(tmp_path: Path
     journal = tmp_path / "journal.log"
     with Procs(tmp_path / "logs") as procs:
         proc = Procs.ready(run_counter(procs, tmp_path, port, hold=4.0), port)
-        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=1)], tmp_path)
+        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=1)])
         wait_until(lambda: started(journal, "counter"), 60, "the handling to start")
         # when it receives SIGTERM
         proc.popen.terminate()
@@ -70,7 +70,7 @@ def test_sigterm_turns_not_ready_finishes_what_it_holds_and_exits(tmp_path: Path
         assert probe(port, "/readyz") == (503, "draining\n") or not proc.alive()
         # and it takes no new message: one published now waits for the next replica
         first = started(journal, "counter")
-        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=2)], tmp_path)
+        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=2)])
         # and the message in hand is finished before a clean exit
         assert proc.wait(60) == 0, proc.output()
         assert handled(journal, "counter") == started(journal, "counter") == first
@@ -89,7 +89,7 @@ def test_a_handler_outlasting_the_grace_period_is_left_for_its_lease(tmp_path: P
             run_counter(procs, tmp_path, port, "--grace-period", "1", "--lease", "2", hold=600),
             port,
         )
-        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=1)], tmp_path)
+        publish(f"sqlite:///{tmp_path}/bus.db", [Parcel(number=1)])
         wait_until(lambda: started(journal, "counter"), 60, "the handling to start")
         # when it receives SIGTERM
         proc.popen.terminate()

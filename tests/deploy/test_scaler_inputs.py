@@ -58,7 +58,7 @@ def scaled_object(service: str) -> dict[str, Any]:
 def declare_and_publish(procs: Procs, url: str, tmp_path: Path) -> None:
     declare = procs.start("declare", ["declare", "--app", DEMO, "--transport", url])
     assert declare.wait(120) == 0, declare.output()
-    publish(url, backlog_events(), tmp_path, of=create_app(), source="delivery")
+    publish(url, backlog_events(), source="delivery")
 
 
 def start_replica(procs: Procs, url: str, tmp_path: Path) -> Any:
