@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from choreograph.testing import Harness
 from choreograph.transport import DEFAULT_TRANSPORT_URL
 from examples.hello import Ping, Pong, app
-from tests.support.procs import wait_until
+from tests.support.procs import clean_env, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +103,88 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def readme_recipe() -> str:
+    """The README's shell block that runs the drone delivery one process per service."""
+    readme = (ROOT / "README.md").read_text()
+    pattern = r"```sh\n(source \.venv/bin/activate\nexport CHOREOGRAPH_APP=.*?)```"
+    block = re.search(pattern, readme, re.S)
+    assert block is not None, "the README no longer shows the drone delivery in processes"
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_runs_the_drone_delivery_in_processes(tmp_path: Path) -> None:
+    # Given the README's recipe, pasted whole into bash in a fresh directory where `.venv` is the
+    # repository's, on a free port rather than 8000 (another program may hold that one)
+    port = free_port()
+    script = readme_recipe().replace("8000", str(port))
+    (tmp_path / ".venv").symlink_to(Path(sys.executable).parents[1])
+    output = tmp_path / "out.txt"
+    with output.open("wb") as out:
+        shell = subprocess.Popen(
+            ["bash", "-c", script], cwd=tmp_path, env=clean_env(), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        # When it has run to its end (the services stay, in the background)
+        assert shell.wait(180) == 0, output.read_text()
+        # Then the request was accepted while the services were still starting, and the
+        # delivery it made ends
+        text = output.read_text()
+        assert "HTTP/1.1 202 Accepted" in text, text
+        location = re.search(r"^location: (\S+)", text, re.M | re.I)
+        assert location is not None, text
+        wait_until(
+            lambda: _status(port, location.group(1)) in ("completed", "failed"),
+            90,
+            "the delivery to end",
+        )
+    finally:
+        _stop_group(shell.pid)
+    assert output.read_text().count("stopped cleanly") == 6
+
+
+def _status(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        return str(json.loads(answer.read())["status"])
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM every process the recipe started (its process group) and wait until all exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+
+    def gone() -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    try:
+        wait_until(gone, 60, "the recipe's processes to stop")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def test_the_readme_testing_example_passes_as_it_is(tmp_path: Path) -> None:
+    # Given the README's example test file, copied as it is into a directory of its own
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(# (test_\w+\.py) .*?)```", readme, re.S)
+    assert block is not None, "the README no longer shows a test of the drone delivery"
+    (tmp_path / block.group(2)).write_text(block.group(1))
+    # When pytest runs it (the harness fixture comes from the installed plugin)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto",
+         "--rootdir", str(tmp_path), block.group(2)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    # Then both of its tests pass
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 passed" in run.stdout, run.stdout
 
 
 def test_the_readme_example_passes_lint() -> None:
