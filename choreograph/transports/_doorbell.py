@@ -6,7 +6,7 @@ it in the directory ``<bus file>.wake``. A process that publishes sends one empt
 waiting, to every socket listed there after its commit; the listener then checks the bus at once
 instead of at its next poll. Polling stays as it was, so a lost or refused ring costs latency,
 never a message. A marker whose socket nobody listens on any more (its process died) is removed by
-the first ring that finds it so.
+the first ring that finds it so; the last listener to close removes the directory.
 
 Abstract sockets are Linux's; elsewhere the doorbell stays silent and the bus polls alone. Any
 local process may ring (a wake-up carries nothing: the woken member only looks at the bus).
@@ -90,8 +90,7 @@ class Doorbell:
         try:
             listener.bind(_PREFIX + name.encode())
             listener.setblocking(False)
-            self._dir.mkdir(mode=0o700, exist_ok=True)
-            (self._dir / name).touch()
+            self._mark(name)
         except OSError as exc:
             listener.close()
             log.debug("no doorbell on %s (the bus polls alone): %s", self._dir, exc)
@@ -106,6 +105,18 @@ class Doorbell:
         asyncio.get_running_loop().add_reader(listener.fileno(), drain)
         self._listener, self._name = listener, name
 
+    def _mark(self, name: str) -> None:
+        """Leave this listener's marker, making the directory if need be (again if a listener
+        closing meanwhile removed it, empty)."""
+        for attempt in range(3):
+            self._dir.mkdir(mode=0o700, exist_ok=True)
+            try:
+                (self._dir / name).touch()
+                return
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -114,6 +125,8 @@ class Doorbell:
             listener.close()
             with contextlib.suppress(OSError):
                 (self._dir / self._name).unlink()
+            with contextlib.suppress(OSError):  # the last listener leaves no directory behind
+                self._dir.rmdir()
         if self._sender is not None:
             self._sender.close()
             self._sender = None
