@@ -52,9 +52,14 @@ BASE_URLS = {
 BROKER = {"nats": NATS, "amqp": RABBITMQ, "redis": REDIS}
 
 
-async def delete_namespace(url: str, groups: Collection[str] = SERVICES) -> None:
+GROUPS = (*SERVICES, RECORDER_GROUP)
+"""Every group the demo declares: its services' and, recording by default, the recorder's."""
+
+
+async def delete_namespace(url: str, groups: Collection[str] = GROUPS) -> None:
     """Leave nothing of ``url``'s namespace on the shared broker. A fresh connection declared no
-    group, so AMQP is told the groups (it cannot list queues); the others find everything."""
+    group, so AMQP is told the groups (it cannot list queues: the recorder's too, which the demo
+    makes by default); the others find everything."""
     transport = transport_from_url(url)
     try:
         await transport.connect()
@@ -111,6 +116,8 @@ async def test_the_demo_ends_every_delivery_on_a_broker(tmp_path: Path, transpor
         assert result.consistent, snap
     finally:
         await delete_namespace(url)
+    # and nothing of its namespace is left on the shared broker
+    assert await leftovers(transport, parse_qs(urlsplit(url).query)["namespace"][0]) == []
 
 
 # 2. on NATS, one process per service, two drone-scheduler replicas, one killed --------------------
@@ -328,4 +335,4 @@ async def test_the_demo_deletes_its_namespace_at_the_end_unless_kept(
         assert await leftovers(transport, namespaces[1]) != []
     finally:
         for result in results:
-            await delete_namespace(result.transport_url, [*SERVICES, RECORDER_GROUP])
+            await delete_namespace(result.transport_url)
