@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from tests.support.nats_cluster import NATS_SERVER, require_nats_server
 from tests.support.procs import JOURNAL_ENV, Procs, free_port, port_open, wait_until
 
 DEMO = "choreograph.demo:create_app"
+DEPLOY_DOC = MANIFESTS.parents[1] / "docs" / "deploy.md"
 SERVICE = "notification"  # minReplicaCount 0 in its ScaledObject
 COMPLETED, FAILED = 12, 7
 
@@ -46,6 +48,27 @@ def backlog_events() -> list[Event]:
     ] + [
         DeliveryFailed(delivery_id=f"f{i}", reason="no drone", stage="drone") for i in range(FAILED)
     ]
+
+
+def documented_trigger(kind: str) -> dict[str, str]:
+    """The metadata of the ``kind`` trigger docs/deploy.md shows (the RabbitMQ and Redis
+    variants are in the docs only)."""
+    for block in re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), re.S):
+        doc = yaml.safe_load(block)
+        for trigger in doc.get("triggers") or doc.get("spec", {}).get("triggers") or []:
+            if trigger["type"] == kind:
+                return dict(trigger["metadata"])
+    raise LookupError(f"docs/deploy.md shows no {kind} trigger")
+
+
+def manifests_namespace() -> str:
+    """The namespace of the transport URL the manifests give every service."""
+    config = next(
+        doc
+        for doc in yaml.safe_load_all((MANIFESTS / "config.yaml").read_text())
+        if doc and doc["metadata"]["name"] == "drone-config"
+    )
+    return namespace_of(config["data"]["CHOREOGRAPH_TRANSPORT"])
 
 
 def scaled_object(service: str) -> dict[str, Any]:
@@ -165,7 +188,11 @@ async def delete_namespace(url: str) -> None:
 def test_rabbitmq_scaler_input(namespace: str, tmp_path: Path) -> None:
     BROKERS["amqp"].require()
     url = f"amqp://guest:guest@127.0.0.1:5672/?namespace={namespace}"
-    queue = f"{namespace}.g.{SERVICE}"  # the queue the rabbitmq ScaledObject names
+    # the queue the documented rabbitmq trigger names is the transport's, in this test's namespace
+    documented = documented_trigger("rabbitmq")
+    in_manifests = transport_from_url(f"amqp://127.0.0.1/?namespace={manifests_namespace()}")
+    assert documented["queueName"] == in_manifests.queue(SERVICE)  # type: ignore[attr-defined]
+    queue = transport_from_url(url).queue(SERVICE)  # type: ignore[attr-defined]
     try:
         with Procs(tmp_path / "logs") as procs:
             # given events published for notification, which runs no replica
@@ -204,8 +231,13 @@ async def redis_stream_inputs(url: str, stream: str, group: str) -> tuple[int, i
 def test_redis_streams_scaler_input(namespace: str, tmp_path: Path) -> None:
     BROKERS["redis"].require()
     url = f"redis://127.0.0.1:6379/0?namespace={namespace}"
-    stream = f"{{{namespace}}}:g:{SERVICE}"  # the stream the redis-streams ScaledObject names
-    assert namespace_of(url) == namespace
+    # the stream and group the documented redis-streams trigger names are the transport's, in
+    # this test's namespace
+    documented = documented_trigger("redis-streams")
+    in_manifests = transport_from_url(f"redis://127.0.0.1/0?namespace={manifests_namespace()}")
+    assert documented["consumerGroup"] == SERVICE
+    assert documented["stream"] == in_manifests._stream(SERVICE)  # type: ignore[attr-defined]
+    stream = transport_from_url(url)._stream(SERVICE)  # type: ignore[attr-defined]
     try:
         with Procs(tmp_path / "logs") as procs:
             # given events published for notification, which runs no replica
