@@ -302,7 +302,7 @@ def print_summary(result: DemoResult, console: Console) -> None:
         command = _invoked_command()
         console.print(
             f"recorded into {result.recorder_db}: see every delivery with "
-            f"[bold]{command} console[/] (or {command} trace DELIVERY_ID)"
+            f"[bold]{command} console[/] (or {command} trace DELIVERY_ID --db {result.recorder_db})"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pytest
 
 from choreograph.demo.inspect_state import snapshot
 from choreograph.transport import transport_from_url
-from tests.drone.processes import check_every_delivery_ended_cleanly, settled, submit
+from tests.drone.processes import check_every_delivery_ended_cleanly, docs, settled, submit
 from tests.support.procs import Proc, Procs, choreograph_command, free_port
 
 pytestmark = pytest.mark.slow
@@ -226,6 +227,18 @@ async def test_the_demo_command_ends_every_delivery(
     assert "every delivery ended; every drone is free; nothing is left held" in output
     # the hint to open the console names the command as it was typed, ready to paste
     assert f"{choreograph_command()[0]} console" in output
+    # and so does the one to trace a delivery, which finds it where the demo recorded it
+    hint = re.search(r"\(or (\S+) trace DELIVERY_ID --db (\S+)\)", " ".join(output.split()))
+    assert hint is not None, output
+    [delivery_id, *_] = await docs(
+        f"sqlite:///{tmp_path}/demo/{{service}}.db", "ingestion", "delivery"
+    )
+    traced = await asyncio.to_thread(
+        subprocess.run, [hint.group(1), "trace", delivery_id, "--db", hint.group(2)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    assert "DeliveryRequested" in traced.stdout, traced.stdout
     rows = summary(output)
     assert rows["submitted"] == "200", rows
     assert int(rows["completed"]) + int(rows["failed and compensated"]) == 200, rows
