@@ -277,10 +277,11 @@ async def service_activity(
         )  # fmt: skip
 
     first = int(since // 60) if math.isfinite(since) else 0
+    # MIN and MAX each in its own subquery: each is then one index probe, not a scan
     span = await db.fetch(
-        "SELECT MIN(minute) AS lo, MAX(minute) AS hi FROM cg_rollup "
-        "WHERE kind = 'handling' AND minute >= ?",
-        (first,),
+        "SELECT (SELECT MIN(minute) FROM cg_rollup WHERE kind = 'handling' AND minute >= ?) AS lo,"
+        " (SELECT MAX(minute) FROM cg_rollup WHERE kind = 'handling' AND minute >= ?) AS hi",
+        (first, first),
     )
     if not span or span[0]["lo"] is None:
         return services
@@ -293,10 +294,13 @@ async def service_activity(
     width = max(1, math.ceil((end - start) / buckets))  # whole minutes: integer division in SQL
     count = math.ceil((end - start) / width)
     last_minute = int(now // 60) - 1
+    recent: dict[str, int] = {}
+    # one pass over the window's counts: totals and the series together
     for row in await db.fetch(
-        "SELECT a, b, SUM(n) AS n, SUM(CASE WHEN minute = ? THEN n ELSE 0 END) AS recent "
-        "FROM cg_rollup WHERE kind = 'handling' AND minute >= ? GROUP BY a, b",
-        (last_minute, first),
+        "SELECT a, b, (minute - ?) / ? AS bucket, SUM(n) AS n, "
+        "SUM(CASE WHEN minute = ? THEN n ELSE 0 END) AS recent "
+        "FROM cg_rollup WHERE kind = 'handling' AND minute >= ? GROUP BY a, b, bucket",
+        (start, width, last_minute, first),
     ):
         item = entry(row["a"])
         outcome, _, kind = str(row["b"]).partition("/")
@@ -305,14 +309,10 @@ async def service_activity(
         if kind == "compensation" and outcome == "done":
             item["compensations"] += n
         if outcome == "done":
-            item["per_second"] = round(item["per_second"] + int(row["recent"]) / 60.0, 2)
-    for row in await db.fetch(
-        "SELECT a, (minute - ?) / ? AS bucket, SUM(n) AS n FROM cg_rollup "
-        "WHERE kind = 'handling' AND minute >= ? GROUP BY a, bucket",
-        (start, width, first),
-    ):
-        index = min(max(int(row["bucket"]), 0), count - 1)
-        entry(row["a"])["series"][index] += int(row["n"])
+            recent[row["a"]] = recent.get(row["a"], 0) + int(row["recent"])
+        item["series"][min(max(int(row["bucket"]), 0), count - 1)] += n
+    for name, n in recent.items():
+        services[name]["per_second"] = round(n / 60.0, 2)
     return services
 
 
@@ -331,7 +331,8 @@ async def replicas(db: FlowDb, *, now: float | None = None) -> dict[str, list[Ro
 async def data_window(db: FlowDb) -> tuple[float, float] | None:
     """When the first and the latest recorded transactions started."""
     rows = await db.fetch(
-        "SELECT MIN(first_seen) AS lo, MAX(first_seen) AS hi FROM cg_transactions"
+        "SELECT (SELECT MIN(first_seen) FROM cg_transactions) AS lo, "
+        "(SELECT MAX(first_seen) FROM cg_transactions) AS hi"
     )
     if not rows or rows[0]["lo"] is None:
         return None

@@ -187,6 +187,9 @@ async def test_counts_activity_and_edges(recorded: Recorder) -> None:
     # up to now while the last activity is less than a minute old: the minute since, quiet
     recent = await service_activity(recorded.db, T0 - 60, now=T0 + 100)
     assert recent["package"]["series"] == [3, 0]
+    # handled per second over the last whole minute: two done (the retry does not count)
+    assert recent["package"]["per_second"] == round(2 / 60, 2)
+    assert activity["package"]["per_second"] == 0.0  # nothing in the minute before T0 + 500
     edges = await edge_counts(recorded.db, T0 - 60)
     assert edges[("DeliveryRequested", "package")] == 1  # the retry is not a taken edge
     assert edges[("delivery", "DeliveryCompleted")] == 2
