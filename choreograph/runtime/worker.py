@@ -1,13 +1,22 @@
 """One service running in one process: receive → handle in one transaction per batch → publish →
 settle; plus the housekeeping loop that fires due timers, relays leftover outbox rows and prunes
-the inbox."""
+the inbox.
+
+The housekeeping loop asks the store only when there is something to find: when a timer this
+process knows of falls due, when an event it delayed (``emit_later``) or failed to publish is due
+for the relay, and otherwise every ``housekeeping_interval`` (1 s by default) for what it cannot
+know of: the timers and outbox rows of other replicas, and of a process that died. A commit that
+sets an earlier timer or delays an event wakes it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from choreograph.app import App
@@ -18,7 +27,7 @@ from choreograph.middleware import Checkpoint, Outcome
 from choreograph.runtime.handling import Handling
 from choreograph.runtime.hooks import Hooks
 from choreograph.runtime.ordering import sequencer_for
-from choreograph.runtime.outbox import relay
+from choreograph.runtime.outbox import FAST_PATH_CLAIM, relay
 from choreograph.service import Service
 from choreograph.store import DocumentBusy, Store
 from choreograph.transport import (
@@ -38,6 +47,9 @@ POISON_ATTEMPTS = 3
 #: Transactions handing work back (what it needed was busy) before the rest is left to come back
 #: after its lease: each one waits for everything found busy so far, so few are ever needed.
 HAND_BACKS = 20
+#: Shortest time between two housekeeping passes: a timer fires at most this late, and a loop
+#: told of many due times asks the store at most this often.
+PASS_SPACING = 0.05
 Result = tuple[Delivery, Context | None, Outcome]
 
 
@@ -53,8 +65,10 @@ class WorkerSettings:
     """Seconds a received message stays reserved to this process before it is redelivered."""
     poll_interval: float = 0.5
     """Longest wait of one receive call (bounds how long shutdown waits for an idle lane)."""
-    housekeeping_interval: float = 0.05
-    """How often due timers and leftover outbox rows are checked."""
+    housekeeping_interval: float = 1.0
+    """How often the store is asked for due timers and outbox rows this process was not told of:
+    those of other replicas, and of a process that died. The timers this process sets and the
+    events it delays or fails to publish are taken up when they fall due, whatever this is."""
     relay_lease: float = 30.0
     inbox_horizon: float = 7 * 24 * 3600.0
     """Processed event ids are remembered this long; a duplicate arriving later runs again."""
@@ -100,6 +114,9 @@ class ServiceWorker:
             clock=clock,
         )
         self._receiving = asyncio.Lock()
+        self._next_pass = 0.0  # clock time of the next housekeeping pass
+        self._nudged = asyncio.Event()  # set when _next_pass moves earlier
+        self._relay_at: list[float] = []  # (heap) when outbox rows this process knows of are due
 
     @property
     def name(self) -> str:
@@ -215,6 +232,7 @@ class ServiceWorker:
             except Exception as exc:
                 results = await self._isolate(batch, exc)
             self._checkpoint("committed")
+            self._expect_later(ctx for _, ctx, _ in results)
             await self._publish([m for _, _, o in results for m in o.ready])
             self._checkpoint("published")
             if self._sequencer is not None:
@@ -317,8 +335,12 @@ class ServiceWorker:
             await self.transport.publish(messages)
         except Exception as exc:
             log.warning("%s: publish failed, the outbox relay will retry: %s", self.name, exc)
+            # their rows are claimed by this process until then
+            self._relay_by(self.clock.now() + FAST_PATH_CLAIM)
             return
         self._sent.extend(m.id for m in messages)
+        # forgotten by the next transaction, or by a pass well before their claim runs out
+        self._pass_by(self.clock.now() + FAST_PATH_CLAIM / 2)
 
     async def _settle(self, subscription: Subscription, results: list[Result]) -> None:
         """Ack, retry or dead-letter each message. A settlement that fails for one message does
@@ -370,10 +392,18 @@ class ServiceWorker:
     async def _housekeeping(self) -> None:
         last_prune = 0.0
         while not self._stopping.is_set():
+            started = self.clock.now()
+            self._next_pass = started + self.settings.housekeeping_interval
             try:
                 await self._forget_sent()
-                await self._fire_due_timers()
+                due = await self._fire_due_timers()
+                if due is not None:
+                    self._pass_by(due)
                 await self._relay_due()
+                while self._relay_at and self._relay_at[0] <= started:
+                    heapq.heappop(self._relay_at)  # relayed now, if it was not already
+                if self._relay_at:
+                    self._pass_by(self._relay_at[0])
                 now = self.clock.now()
                 if now - last_prune > 3600:
                     last_prune = now
@@ -382,14 +412,56 @@ class ServiceWorker:
                 raise
             except Exception as exc:
                 log.warning("%s: housekeeping failed, will retry: %s", self.name, exc)
-            await self.clock.sleep(self.settings.housekeeping_interval)
+            await self._until_next_pass(started + PASS_SPACING)
+
+    def _pass_by(self, when: float) -> None:
+        """Have the housekeeping loop pass at ``when`` (clock time) at the latest."""
+        if when < self._next_pass:
+            self._next_pass = when
+            self._nudged.set()
+
+    def _relay_by(self, when: float) -> None:
+        """Have the relay run at ``when`` (clock time) at the latest."""
+        heapq.heappush(self._relay_at, when)
+        self._pass_by(when)
+
+    def _expect_later(self, contexts: Iterable[Context | None]) -> None:
+        """Committed handlings: a pass when the first timer they set or event they delayed is
+        due (the relay publishes delayed events). A timer need not be remembered here: each
+        pass asks the store when the next one is due."""
+        now = self.clock.now()
+        for ctx in contexts:
+            if ctx is None:
+                continue
+            for change in ctx.timers:
+                if change.due_at is not None:
+                    self._pass_by(change.due_at)
+            for _, delay in ctx.later:
+                if delay > 0:
+                    self._relay_by(now + delay)  # (staged before now: due by then)
+
+    async def _until_next_pass(self, earliest: float) -> None:
+        """Sleep until the next pass (not before ``earliest``), waking earlier when told to."""
+        while True:
+            wait = max(self._next_pass, earliest) - self.clock.now()
+            if wait <= 0:
+                return
+            self._nudged.clear()
+            sleep = asyncio.ensure_future(self.clock.sleep(wait))
+            nudged = asyncio.ensure_future(self._nudged.wait())
+            try:
+                await asyncio.wait({sleep, nudged}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleep.cancel()
+                nudged.cancel()
 
     async def _forget_sent(self) -> None:
         if self._sent:
             ids, self._sent = self._sent, []
             await self.store.mark_sent(ids)
 
-    async def _fire_due_timers(self) -> None:
+    async def _fire_due_timers(self) -> float | None:
+        """Fire the timers due now; return when the next one is due (None: there is none)."""
         now = self.clock.now()
         due = await self.store.next_timer_due()
         lock_first: list[tuple[str, str]] = []
@@ -404,15 +476,17 @@ class ServiceWorker:
                 # busy first (or at the next round, if that keeps happening).
                 lock_first.append(busy.lock)
                 if len(lock_first) > HAND_BACKS:
-                    return
+                    return due
                 continue
             lock_first = []
             if not fired:
                 break
+            self._expect_later(ctx for ctx, _ in fired)
             await self._publish([m for _, o in fired for m in o.ready])
             for ctx, outcome in fired:
                 self._observe(ctx, outcome)
             due = await self.store.next_timer_due()
+        return due
 
     async def _relay_due(self) -> None:
         """Publish outbox rows that are due and unclaimed: delayed emissions, and rows whose

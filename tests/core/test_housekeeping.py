@@ -1,0 +1,118 @@
+"""The housekeeping loop: what this process sets or delays wakes it when due, whatever the poll
+interval; what it cannot know of (another process's timers) is found by the poll."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from choreograph import (
+    App,
+    Context,
+    DeadlineExpired,
+    Event,
+    Runtime,
+    Service,
+    VirtualClock,
+    WorkerSettings,
+)
+from choreograph.envelope import decode
+from choreograph.store import Timer, store_from_url
+from choreograph.transport import Delivery, Subscription
+from choreograph.transports.memory import MemoryTransport
+
+# The store is polled once an hour: anything that happens sooner was woken by this process.
+HOURLY = WorkerSettings(poll_interval=3600, housekeeping_interval=3600)
+
+
+class Started(Event):
+    key: str
+
+
+class Confirmed(Event):
+    key: str
+
+
+class Reminded(Event):
+    key: str
+
+
+class Failed(Event):
+    key: str
+
+
+def watcher_app() -> App:
+    watcher = Service("watcher")
+
+    @watcher.deadline(starts_on=Started, expect=[Confirmed], within=30, emits=[Failed])
+    async def confirmation_late(expired: DeadlineExpired, ctx: Context) -> Failed:
+        return Failed(key=expired.key)
+
+    @watcher.on(Started, emits=[Reminded])
+    async def remind_later(event: Started, ctx: Context) -> None:
+        ctx.emit_later(Reminded(key=event.key), 5)
+
+    return App("housekeeping", [watcher], terminal=[Failed])
+
+
+async def _received(subscription: Subscription) -> list[Delivery]:
+    """What ``subscription`` holds now, polled in real time (the runtime's tasks need a few
+    turns of the loop after the clock moved); [] after a generous guard."""
+    for _ in range(300):
+        got = await subscription.receive(10, 0)
+        if got:
+            return got
+        await asyncio.sleep(0.01)
+    return []
+
+
+async def test_a_timer_and_a_delayed_event_of_this_process_are_taken_up_when_due(
+    tmp_path: Path,
+) -> None:
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    store = f"sqlite:///{tmp_path}/{{service}}.db"
+    await bus.connect()
+    seen = await bus.subscribe("observer", ["Failed", "Reminded"])
+    async with Runtime(
+        watcher_app(), transport=bus, store=store, clock=clock, settings=HOURLY
+    ) as runtime:
+        await runtime.publish(Started(key="a"), source="test", correlation_id="tx")
+        for _ in range(300):  # handled: the timer is set
+            if await runtime.worker("watcher").store.list_timers():
+                break
+            await asyncio.sleep(0.01)
+        assert await seen.receive(10, 0) == []
+
+        await clock.advance(6)
+        (reminded,) = await _received(seen)
+        assert decode(reminded.message.body).type == "Reminded"
+        await seen.ack([reminded])
+
+        await clock.advance(25)
+        (failed,) = await _received(seen)
+        assert decode(failed.message.body).type == "Failed"
+        assert await runtime.worker("watcher").store.list_timers() == []
+
+
+async def test_a_timer_another_process_set_fires_by_the_next_poll(tmp_path: Path) -> None:
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    store = f"sqlite:///{tmp_path}/{{service}}.db"
+    settings = WorkerSettings(poll_interval=3600, housekeeping_interval=10)
+    await bus.connect()
+    failures = await bus.subscribe("observer", ["Failed"])
+    async with Runtime(watcher_app(), transport=bus, store=store, clock=clock, settings=settings):
+        # another process (a replica) sets a timer in the same store, due in 1 s
+        other = store_from_url(store.format(service="watcher"), "watcher")
+        await other.open()
+        try:
+            async with other.transaction() as tx:
+                cause = {"correlationid": "tx", "causationid": "e1", "type": "Started"}
+                due = clock.now() + 1
+                await tx.set_timer(Timer("deadline:confirmation_late", "tx", due, cause))
+        finally:
+            await other.close()
+        await clock.advance(11)
+        (failed,) = await _received(failures)
+        assert decode(failed.message.body).correlationid == "tx"
