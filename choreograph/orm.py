@@ -12,9 +12,11 @@ and ``close`` with a clear error (raise an exception to roll the message back).
 
 PostgreSQL: the asyncpg dialect, on the store's asyncpg connection, without transaction control
 of its own (statements run in the store's transaction; the store's lazily opened savepoints are
-opened before each statement). Statements are prepared anew in each transaction (asyncpg drops
-prepared statements when a connection goes back to the store's pool): one more round trip per
-statement than a plain asyncpg query. Tables without a schema resolve through the connection's
+opened before each statement). Each statement is prepared once per connection, through asyncpg's
+own statement cache, which lasts as long as the connection (SQLAlchemy's cache of prepared
+statements would not: asyncpg invalidates the statements it handed out whenever the connection goes
+back to the store's pool, after every transaction). A statement run again thus costs one round
+trip, like a plain asyncpg query. Tables without a schema resolve through the connection's
 ``search_path``: the service's schema first.
 
 SQLite: the store runs sqlite3 calls on the event loop thread (they take microseconds), in one
@@ -35,11 +37,15 @@ import orjson
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.connectors.asyncio import AsyncAdapt_dbapi_connection
 from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.dialects.postgresql.asyncpg import (
+    AsyncAdapt_asyncpg_connection,
+    PGDialect_asyncpg,
+)
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.util.concurrency import await_
 
 from choreograph.errors import ConfigurationError
 
@@ -125,6 +131,21 @@ class StorePostgresDialect(_NoTransactionControl, PGDialect_asyncpg):
 
     async def setup_asyncpg_jsonb_codec(self, conn: Any) -> None:
         pass  # the store's own (see choreograph.stores.postgres)
+
+
+class _StoreAsyncpgConnection(AsyncAdapt_asyncpg_connection):
+    """SQLAlchemy's adapter of a store connection, preparing through the connection's own
+    statement cache (``StoreConnection.prepare_cached``): a statement is parsed once for the
+    connection's life, not once per transaction."""
+
+    __slots__ = ()
+
+    async def _prepare(self, operation: str, invalidate_timestamp: float) -> tuple[Any, Any]:
+        # (after DDL, SQLAlchemy's invalidation reloads the schema state, which empties the cache)
+        await self._check_type_cache_invalidation(invalidate_timestamp)  # type: ignore[no-untyped-call]
+        connection: Any = self._connection  # a StoreConnection
+        prepared = await connection.prepare_cached(operation)
+        return prepared, prepared.get_attributes()
 
 
 class StoreSqliteDialect(_NoTransactionControl, SQLiteDialect_pysqlite):
@@ -253,10 +274,12 @@ def _postgres_engine(connection: Any) -> AsyncEngine:
         return connection
 
     def adapt() -> Any:
-        # No cache of prepared statements: asyncpg invalidates them when the connection goes
-        # back to the store's pool, i.e. at the end of every transaction. Each statement is
-        # prepared through the connection, which opens the store's pending savepoints first.
-        return dbapi.connect(async_creator_fn=borrow, prepared_statement_cache_size=0)
+        # No cache of SQLAlchemy's own (asyncpg invalidates the statements it handed out when the
+        # connection goes back to the store's pool, after every transaction): the connection's
+        # cache instead, through which each statement also opens the store's pending savepoints.
+        return await_(
+            _StoreAsyncpgConnection.create(dbapi, borrow(), prepared_statement_cache_size=0)
+        )
 
     return create_async_engine(
         "postgresql+choreograph_store://",

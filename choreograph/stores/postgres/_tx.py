@@ -48,6 +48,14 @@ class StoreConnection(asyncpg.Connection):  # type: ignore[misc]
         if self._before is not None:
             await self._before()
 
+    async def prepare_cached(self, query: str) -> Any:
+        """A prepared statement of ``query`` from the connection's statement cache (as
+        ``fetch`` uses it): parsed once for the connection's life. The statement object itself
+        is valid until the connection goes back to the pool, like ``prepare``'s."""
+        if self._before is not None:
+            await self._before()
+        return await self._prepare(query, use_cache=True)
+
 
 def _opening_savepoints(name: str) -> Any:
     method = getattr(asyncpg.Connection, name)
