@@ -76,6 +76,7 @@ def render_graph(
     arcs_above, arcs_below = 0, 0
     parts: list[str] = []
     labels: list[tuple[float, float, float]] = []  # counts written so far: centre x, y, width
+    written: list[str] = []  # the counts, drawn over every edge so that no line crosses one
     for edge in graph.edges:
         source, target = boxes[edge.source], boxes[edge.target]
         forward = target.column > source.column
@@ -84,8 +85,11 @@ def render_graph(
                 arcs_below += 1
             else:
                 arcs_above += 1
-        parts.append(_edge(edge, source, target, forward, arcs_above, arcs_below, height,
-                           overlay, counts, labels))  # fmt: skip
+        drawn, written_count = _edge(edge, source, target, forward, arcs_above, arcs_below, height,
+                             overlay, counts, labels)  # fmt: skip
+        parts.append(drawn)
+        written.append(written_count)
+    parts += written
     top = _PAD + _ARC * arcs_above + (16 if arcs_above else 0)
     bottom = _ARC * arcs_below + (16 if arcs_below else 0)
     for box in boxes.values():
@@ -231,7 +235,8 @@ def _edge(
     overlay: PathOverlay | None,
     counts: dict[tuple[str, str], int] | None,
     labels: list[tuple[float, float, float]],
-) -> str:
+) -> tuple[str, str]:
+    """The edge, and its count (in a group of its own, the same edge named, or '')."""
     color, width, dash, opacity = _COLORS[edge.kind], 1.4, _DASH.get(edge.kind, ""), 1.0
     if edge.kind == "join":
         width = 2.4
@@ -275,22 +280,23 @@ def _edge(
     path = f"M{px:.1f},{py:.1f} C{ax:.1f},{ay:.1f} {bx:.1f},{by:.1f} {qx:.1f},{qy:.1f}"
     title = escape(f"{source.node.label} → {target.node.label}: {edge.kind} {edge.label}".strip())
     dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+    named = f'data-from="{escape(key[0])}" data-to="{escape(key[1])}"'
     out = (
-        f'<g class="{" ".join(classes)}" opacity="{opacity}" '
-        f'data-from="{escape(key[0])}" data-to="{escape(key[1])}"><title>{title}</title>'
+        f'<g class="{" ".join(classes)}" opacity="{opacity}" {named}><title>{title}</title>'
         f'<path d="{path}" fill="none" stroke="{color}" stroke-width="{width:.1f}"{dash_attr} '
-        f'marker-end="url(#arrow-{_marker(color)})"/>'
+        f'marker-end="url(#arrow-{_marker(color)})"/></g>'
     )
-    if count:
-        label = f"{count:,}"
-        w = 7 * len(label) + 10
-        mid = _free_spot(curve, at, w, labels)
-        out += (
-            f'<rect x="{mid[0] - w / 2:.1f}" y="{mid[1] - 9:.1f}" width="{w}" height="18" rx="9" '
-            f'class="count"/><text x="{mid[0]:.1f}" y="{mid[1] + 4:.1f}" '
-            f'text-anchor="middle" class="count">{label}</text>'
-        )
-    return out + "</g>"
+    if not count:
+        return out, ""
+    label = f"{count:,}"
+    w = 7 * len(label) + 10
+    mid = _free_spot(curve, at, w, labels)
+    return out, (
+        f'<g class="edge-count" {named}><title>{title}</title>'
+        f'<rect x="{mid[0] - w / 2:.1f}" y="{mid[1] - 9:.1f}" width="{w}" height="18" rx="9" '
+        f'class="count"/><text x="{mid[0]:.1f}" y="{mid[1] + 4:.1f}" '
+        f'text-anchor="middle" class="count">{label}</text></g>'
+    )
 
 
 def _free_spot(
