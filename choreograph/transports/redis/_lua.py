@@ -10,6 +10,8 @@ Redis's Lua work and the client's parsing small. Dead letters are stored readabl
 
 from __future__ import annotations
 
+from choreograph.transports.redis import _partition_lua
+
 _MOVE_LIMIT = 500
 """Due retries moved per housekeeping pass (the next pass follows at once when there are more)."""
 
@@ -56,44 +58,73 @@ local function take(stream, group, eid)
   if #e == 0 then return nil end
   return entry(e[1][2])
 end
+local function stream_of(prefix, group, part)
+  if part and part ~= '' then return prefix .. 'g:' .. group .. ':' .. part end
+  return prefix .. 'g:' .. group
+end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 """
 
-# KEYS: groups set, stream | ARGV: prefix, group, topics...
+# KEYS: groups set, stream, partitions hash | ARGV: prefix, group, partitions (0: none), topics...
+# Returns the group's partitions as stored (0: not partitioned); a mismatch declares nothing.
 _DECLARE = """
-local r = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[2], '0', 'MKSTREAM')
-if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
-  return r
+local function create(stream)
+  local r = redis.pcall('XGROUP', 'CREATE', stream, ARGV[2], '0', 'MKSTREAM')
+  if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
+    return r
+  end
+end
+local n = tonumber(ARGV[3])
+if n > 0 then redis.call('HSETNX', KEYS[3], ARGV[2], n) end
+local stored = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '0')
+if stored ~= n then return stored end
+local err = create(KEYS[2])
+if err then return err end
+for p = 0, n - 1 do
+  err = create(KEYS[2] .. ':' .. p)
+  if err then return err end
 end
 redis.call('SADD', KEYS[1], ARGV[2])
-for i = 3, #ARGV do redis.call('SADD', ARGV[1] .. 't:' .. ARGV[i], ARGV[2]) end
-return 1
+for i = 4, #ARGV do redis.call('SADD', ARGV[1] .. 't:' .. ARGV[i], ARGV[2]) end
+return n
 """
 
-# ARGV: prefix, the records of the messages, one after the other
+# ARGV: prefix, the records of the messages, one after the other, and the hash of each one's
+# partition key (one big-endian uint32 per record): a partitioned group gets the message in the
+# stream of partition hash % partitions.
 _PUBLISH = """
-local prefix, data = ARGV[1], ARGV[2]
-local pos, size, cache, added = 1, #data, {}, 0
+local prefix, data, hashes = ARGV[1], ARGV[2], ARGV[3]
+local pos, size, cache, parts, added, k = 1, #data, {}, {}, 0, 0
+local function stream(group, h)
+  local n = parts[group]
+  if n == nil then
+    n = tonumber(redis.call('HGET', prefix .. 'parts', group) or '0')
+    parts[group] = n
+  end
+  if n > 0 then return prefix .. 'g:' .. group .. ':' .. (h % n) end
+  return prefix .. 'g:' .. group
+end
 while pos <= size do
   local li, lt, lb, lg, s = struct.unpack('>IIII', data, pos)
   local last = s + li + lt + lb + lg - 1
   local rec = string.sub(data, pos, last)
+  k = k + 1
+  local h = struct.unpack('>I', hashes, 4 * k - 3)
   if lg > 0 then
-    redis.call('XADD', prefix .. 'g:' .. string.sub(data, last - lg + 1, last), '*', 'm', rec)
+    redis.call('XADD', stream(string.sub(data, last - lg + 1, last), h), '*', 'm', rec)
     added = added + 1
   else
     local topic = string.sub(data, s + li, s + li + lt - 1)
-    local streams = cache[topic]
-    if not streams then
-      streams = redis.call('SMEMBERS', prefix .. 't:' .. topic)
-      for k = 1, #streams do streams[k] = prefix .. 'g:' .. streams[k] end
-      cache[topic] = streams
+    local groups = cache[topic]
+    if not groups then
+      groups = redis.call('SMEMBERS', prefix .. 't:' .. topic)
+      cache[topic] = groups
     end
-    for k = 1, #streams do redis.call('XADD', streams[k], '*', 'm', rec) end
-    added = added + #streams
+    for j = 1, #groups do redis.call('XADD', stream(groups[j], h), '*', 'm', rec) end
+    added = added + #groups
   end
   pos = last + 1
 end
@@ -144,7 +175,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', n
                        'LIMIT', 0, __MOVE_LIMIT__)
 for i = 1, #due do
   local r = cmsgpack.unpack(due[i])
-  add(ARGV[1] .. 'g:' .. r[1], r[3], r[2])
+  add(stream_of(ARGV[1], r[1], r[5]), r[3], r[2])
   if redis.call('HINCRBY', KEYS[3], r[1], -1) <= 0 then redis.call('HDEL', KEYS[3], r[1]) end
   redis.call('ZREM', KEYS[2], due[i])
 end
@@ -194,7 +225,8 @@ redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 return n
 """
 
-# KEYS: stream, delayed, delayed counts | ARGV: group, consumer, entry id, next attempt, delay µs
+# KEYS: stream, delayed, delayed counts | ARGV: group, consumer, entry id, next attempt, delay µs,
+# partition ('' when the group is not partitioned)
 _RETRY = """
 local group, me, eid = ARGV[1], ARGV[2], ARGV[3]
 if not owned(KEYS[1], group, eid, me) then return 0 end
@@ -205,23 +237,30 @@ if delay <= 0 then
   add(KEYS[1], rec, ARGV[4])
 else
   local due = string.format('%.0f', now_us() + delay)
-  redis.call('ZADD', KEYS[2], due, cmsgpack.pack({group, ARGV[4], rec, eid}))
+  local r = {group, ARGV[4], rec, eid}
+  if ARGV[6] and ARGV[6] ~= '' then r[5] = ARGV[6] end
+  redis.call('ZADD', KEYS[2], due, cmsgpack.pack(r))
   redis.call('HINCRBY', KEYS[3], group, 1)
 end
 return 1
 """
 
 # KEYS: stream, dead letters | ARGV: group, consumer, entry id, attempts, reason, error type,
-# error, failed at, traceback
+# error, failed at, traceback, partition ('' when the group is not partitioned)
 _DEAD_LETTER = """
 local group, me, eid = ARGV[1], ARGV[2], ARGV[3]
 if not owned(KEYS[1], group, eid, me) then return 0 end
 local rec = take(KEYS[1], group, eid)
 if not rec then return 0 end
 local id, topic, body = unrecord(rec)
-redis.call('XADD', KEYS[2], '*', 'id', id, 'topic', topic, 'body', body, 'group', group,
-           'reason', ARGV[5], 'error_type', ARGV[6], 'error', ARGV[7], 'attempts', ARGV[4],
-           'failed_at', ARGV[8], 'traceback', ARGV[9])
+local f = {'id', id, 'topic', topic, 'body', body, 'group', group, 'reason', ARGV[5],
+           'error_type', ARGV[6], 'error', ARGV[7], 'attempts', ARGV[4], 'failed_at', ARGV[8],
+           'traceback', ARGV[9]}
+if ARGV[10] and ARGV[10] ~= '' then
+  f[#f + 1] = 'partition'
+  f[#f + 1] = ARGV[10]
+end
+redis.call('XADD', KEYS[2], '*', unpack(f))
 return 1
 """
 
@@ -243,24 +282,30 @@ return 1
 """
 
 # KEYS: dead letters, stream | ARGV: dead letter entry id, group, has body, body
+# A dead letter of a partition goes back to that partition's stream.
 _REPLAY = """
 local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #e == 0 then return 0 end
 local m = fields(e[1][2])
 local body = m['body'] or ''
 if ARGV[3] == '1' then body = ARGV[4] end
-add(KEYS[2], record(m['id'] or '', m['topic'] or '', body, ARGV[2]), 1)
+local stream = KEYS[2]
+if m['partition'] then stream = stream .. ':' .. m['partition'] end
+add(stream, record(m['id'] or '', m['topic'] or '', body, ARGV[2]), 1)
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: stream, delayed counts | ARGV: group
+# KEYS: delayed counts, the group's streams (its partitions' when partitioned) | ARGV: group
 _LAG = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if pending.err then return -1 end
-local delayed = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-return redis.call('XLEN', KEYS[1]) - pending[1] + delayed
+local waiting = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return -1 end
+  local pending = redis.pcall('XPENDING', KEYS[i], ARGV[1])
+  if pending.err then return -1 end
+  waiting = waiting + redis.call('XLEN', KEYS[i]) - pending[1]
+end
+return waiting + tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 """
 
 
@@ -278,6 +323,10 @@ SCRIPTS: dict[str, str] = {
         ("release", _RELEASE),
         ("replay", _REPLAY),
         ("lag", _LAG),
+        ("balance", _partition_lua.BALANCE),
+        ("takeover", _partition_lua.TAKEOVER),
+        ("read_partitions", _partition_lua.READ),
+        ("leave", _partition_lua.LEAVE),
     )
 }
 """Every script by the name the transport runs it under, with the functions it uses in front."""

@@ -8,6 +8,8 @@ from choreograph.transport import Delivery, Message
 
 _FRAME = struct.Struct(">II")
 RECORD = struct.Struct(">IIII")
+HASH = struct.Struct(">I")
+"""The hash of a message's partition key, sent beside its record when it is published."""
 
 
 def decode_frames(buf: bytes) -> list[Delivery]:

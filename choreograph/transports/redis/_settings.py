@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from choreograph.errors import ConfigurationError
-from choreograph.transport import TransportSettings, redact
+from choreograph.transport import TransportSettings, check_group, redact
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,18 @@ class RedisSettings(TransportSettings):
     """With replicas: a publish, retry or dead-letter returns only when this many replicas have
     it (Redis WAIT); fewer within ``wait_timeout`` raises TransportError."""
     wait_timeout: float = 1.0
+    partitioned: str = ""
+    """Groups (comma-separated) consumed by key partition: each message goes to one of the
+    group's ``partitions`` streams by its key (the event's ``partitionkey``, else its
+    correlation id), each partition is read by one member at a time, and the partitions are
+    spread over the live members, moving when members come and go (``docs/ordering.md``)."""
+    partitions: int = 16
+    """Partitions of each ``partitioned`` group: at most this many members work at once. Set
+    when the group is first declared; declaring it with another number is refused."""
+
+    @property
+    def partitioned_groups(self) -> frozenset[str]:
+        return frozenset(g.strip() for g in self.partitioned.split(",") if g.strip())
 
     def __post_init__(self) -> None:
         parts = self.server_url("redis", "rediss")
@@ -61,6 +73,10 @@ class RedisSettings(TransportSettings):
         for name, value in positive.items():
             if not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"option {name!r} must be a positive number, not {value}")
+        for group in self.partitioned_groups:
+            check_group(group)
+        if not 1 <= self.partitions <= 1024:
+            raise ConfigurationError(f"option 'partitions' must be 1-1024, not {self.partitions}")
         if self.wait_replicas < 0:
             raise ConfigurationError("option 'wait_replicas' must not be negative")
         if self.password_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.password_env):

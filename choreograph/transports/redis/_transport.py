@@ -8,6 +8,7 @@ import math
 import os
 import re
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from choreograph._cancel import honouring_cancel
+from choreograph.envelope import partition_key
 from choreograph.errors import (
     ChoreographError,
     ConfigurationError,
@@ -37,7 +39,8 @@ from choreograph.transport import (
 )
 from choreograph.transports.redis._errors import REFUSED, RETRIED, translate_error
 from choreograph.transports.redis._lua import SCRIPTS
-from choreograph.transports.redis._records import RECORD, stream_id_key
+from choreograph.transports.redis._partitions import PartitionedSubscription
+from choreograph.transports.redis._records import HASH, RECORD, stream_id_key
 from choreograph.transports.redis._settings import RedisSettings
 from choreograph.transports.redis._subscription import RedisSubscription
 
@@ -64,6 +67,7 @@ class RedisTransport(Transport):
         self._groups_key = f"{self._prefix}groups"
         self._delayed_key = f"{self._prefix}delayed"
         self._delayed_counts_key = f"{self._prefix}delayed:n"
+        self._parts_key = f"{self._prefix}parts"
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._declared: dict[str, set[str]] = {}
@@ -82,6 +86,14 @@ class RedisTransport(Transport):
 
     def _dlq(self, group: str) -> str:
         return f"{self._prefix}dlq:{group}"
+
+    def _partitions(self, group: str) -> int:
+        """The partitions of ``group`` as configured (0: not partitioned)."""
+        s = self.settings
+        return s.partitions if group in s.partitioned_groups else 0
+
+    def orders_across_members(self, group: str) -> bool:
+        return group in self.settings.partitioned_groups
 
     # connection
 
@@ -236,8 +248,8 @@ class RedisTransport(Transport):
     async def _redeclare(self) -> None:
         for group, topics in list(self._declared.items()):
             await self._scripts["declare"](
-                keys=[self._groups_key, self._stream(group)],
-                args=[self._prefix, group, *sorted(topics)],
+                keys=[self._groups_key, self._stream(group), self._parts_key],
+                args=[self._prefix, group, self._partitions(group), *sorted(topics)],
             )
         self._must_redeclare = False
 
@@ -259,21 +271,29 @@ class RedisTransport(Transport):
     async def declare_group(self, group: str, topics: Collection[str]) -> None:
         check_group(group)
         self._redis()
-        known = self._declared.setdefault(group, set())
-        known.update(topics)
-        await self._script(
+        partitions = self._partitions(group)
+        stored = await self._script(
             "declare",
-            [self._groups_key, self._stream(group)],
-            [self._prefix, group, *sorted(topics)],
+            [self._groups_key, self._stream(group), self._parts_key],
+            [self._prefix, group, partitions, *sorted(topics)],
             "declare_group",
         )
+        if int(stored) != partitions:
+            raise ConfigurationError(
+                f"group {group!r} has {int(stored)} partitions on Redis (0: not partitioned), "
+                f"declared here with {partitions}: give every member the same 'partitioned' and "
+                "'partitions' options (a group's partitions are set when it is first declared)"
+            )
+        self._declared.setdefault(group, set()).update(topics)
 
     async def publish(self, messages: Sequence[Message]) -> None:
         self._redis()
         fits, over = split_oversized(messages, self.max_message_bytes)
         pack = RECORD.pack
-        chunks: list[bytes] = []
+        pack_hash = HASH.pack
+        chunks: list[tuple[bytes, bytes]] = []
         parts: list[bytes] = []
+        hashes: list[bytes] = []
         size = 0
         for m in fits:
             body = m.body
@@ -281,14 +301,16 @@ class RedisTransport(Transport):
             t = m.topic.encode()
             g = check_group(m.group).encode() if m.group else b""
             parts += (pack(len(i), len(t), len(body), len(g)), i, t, body, g)
+            # the partition a partitioned group receives it in (docs/ordering.md)
+            hashes.append(pack_hash(zlib.crc32((partition_key(body) or m.id).encode())))
             size += len(i) + len(t) + len(body) + len(g) + 16
             if size >= self._chunk_bytes:
-                chunks.append(b"".join(parts))
-                parts, size = [], 0
+                chunks.append((b"".join(parts), b"".join(hashes)))
+                parts, hashes, size = [], [], 0
         if parts:
-            chunks.append(b"".join(parts))
-        for chunk in chunks:
-            await self._script("publish", [], [self._prefix, chunk], "publish")
+            chunks.append((b"".join(parts), b"".join(hashes)))
+        for chunk, chunk_hashes in chunks:
+            await self._script("publish", [], [self._prefix, chunk, chunk_hashes], "publish")
         for m in over:
             ref, why = oversized(m, self.max_message_bytes)
             args = [self._prefix, ref.group or "", ref.id, ref.topic, ref.body, why.reason,
@@ -303,8 +325,16 @@ class RedisTransport(Transport):
         if not lease > 0 or math.isinf(lease):
             raise ConfigurationError(f"lease must be a positive number of seconds, not {lease}")
         await self.declare_group(group, topics)
-        sub = RedisSubscription(self, group, frozenset(topics), lease)
+        partitions = self._partitions(group)
+        if partitions:
+            sub: RedisSubscription = PartitionedSubscription(
+                self, group, frozenset(topics), lease, partitions
+            )
+        else:
+            sub = RedisSubscription(self, group, frozenset(topics), lease)
         self._subscriptions.add(sub)
+        if isinstance(sub, PartitionedSubscription):
+            await sub.start()
         return sub
 
     async def dead_letters(self, group: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -375,9 +405,11 @@ class RedisTransport(Transport):
         return bool(removed)
 
     async def lag(self, group: str) -> int | None:
-        value = await self._script(
-            "lag", [self._stream(group), self._delayed_counts_key], [group], "lag"
-        )
+        client = self._redis()
+        stored: Any = await self._call(lambda: client.hget(self._parts_key, group), "lag")
+        partitions = int(stored or 0)
+        streams = [f"{self._stream(group)}:{p}" for p in range(partitions)] or [self._stream(group)]
+        value = await self._script("lag", [self._delayed_counts_key, *streams], [group], "lag")
         return None if value < 0 else int(value)
 
 
