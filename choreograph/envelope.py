@@ -166,6 +166,7 @@ def new_envelope(
     source: str,
     correlation_id: str = "",
     dataschema: str | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> Envelope:
     """An event published from outside any handling: it starts the transaction
     ``correlation_id``, or a new one named after its own id."""
@@ -177,6 +178,7 @@ def new_envelope(
         correlationid=correlation_id or event_id,
         data=data,
         dataschema=dataschema,
+        extensions=extensions or {},
     )
 
 

@@ -25,6 +25,11 @@ and a newer version *tolerantly*: as its own version, ignoring fields it does no
 does not read so is a schema violation naming both versions (dead-lettered; replay it after the
 upgrade). See ``docs/wire-format.md``, Versions.
 
+An event type may name the field that partitions it across the replicas of a key-partitioned
+group (``class AccountDebited(Event, partition_key="account_id")``): its events then carry that
+field's value as the envelope's ``partitionkey``; without it, the correlation id partitions them
+(``docs/ordering.md``, across replicas).
+
 Payloads are validated when received; unknown fields are ignored so that producers may add fields
 without breaking older consumers. Numbers must be finite: NaN and Infinity have no JSON form (they
 would travel as ``null`` and fail every consumer), so an event holding one, at any depth, is
@@ -59,13 +64,19 @@ class Event(BaseModel):
     own, 1 when it does not."""
     event_upcasters: ClassVar[dict[int, Upcaster]] = {}
     """The upcaster from each older version to the next one (see :func:`upcaster`)."""
+    event_partition_key: ClassVar[str | None] = None
+    """The field whose value is the envelope's ``partitionkey`` (``class X(Event,
+    partition_key="account_id")``); None: the correlation id partitions the type's events."""
 
-    def __init_subclass__(cls, *, version: int = 1, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, *, version: int = 1, partition_key: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigurationError(f"{cls.__name__}: version must be an integer from 1")
         cls.event_version = version
         cls.event_upcasters = {}
+        cls.event_partition_key = partition_key
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -73,6 +84,19 @@ class Event(BaseModel):
         if "event_type" not in cls.__dict__:
             cls.event_type = cls.__name__
         check_event_type(cls.event_type)
+        key = cls.event_partition_key
+        if key is not None and key not in cls.model_fields:
+            known = ", ".join(cls.model_fields) or "none"
+            raise ConfigurationError(
+                f"{cls.__name__}: partition_key {key!r} is not a field of the event (fields: "
+                f"{known})"
+            )
+
+    def envelope_extensions(self) -> dict[str, Any]:
+        """The envelope extensions this event carries: its ``partitionkey`` when its type
+        declares one."""
+        key = self.event_partition_key
+        return {} if key is None else {"partitionkey": str(getattr(self, key))}
 
     @classmethod
     def dataschema(cls) -> str:

@@ -212,6 +212,7 @@ class Harness:
             source="harness",
             correlation_id=correlation_id,
             dataschema=event.dataschema(),
+            extensions=event.envelope_extensions(),
         )
         delivery = Delivery(Message(envelope.id, envelope.type, encode(envelope)), attempt)
         return await self._alone(spec, envelope, state, lambda tx: handling.handle(tx, delivery))

@@ -482,6 +482,7 @@ class Handling:
                 traceparent=ctx.envelope.traceparent,
                 tracestate=ctx.envelope.tracestate,
                 dataschema=event.dataschema(),
+                extensions=event.envelope_extensions(),
             )
         else:
             envelope = new_envelope(
@@ -490,6 +491,7 @@ class Handling:
                 source=self.service.name,
                 correlation_id=correlation_id,
                 dataschema=event.dataschema(),
+                extensions=event.envelope_extensions(),
             )
         return self.hooks.stamp(ctx, envelope)
 

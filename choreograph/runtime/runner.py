@@ -225,6 +225,7 @@ class Runtime:
             source=source,
             correlation_id=correlation_id,
             dataschema=event.dataschema(),
+            extensions=event.envelope_extensions(),
         )
         envelope = self.hooks.stamp(None, envelope)
         await self.transport.publish([Message(envelope.id, envelope.type, encode(envelope))])
