@@ -10,6 +10,8 @@ stays on one shard and the Lua scripts may touch all of its keys):
 ``{ns}:delayed``           sorted set of pending retries, score = due time (server µs)
 ``{ns}:delayed:n``         hash group -> number of its pending retries (for :meth:`lag`)
 ``{ns}:dlq:<group>``       the group's dead letters, a stream
+``{ns}:g:<group>:<p>``     partition ``p`` of a key-partitioned group (``partitioned=``; the
+                           leases and members it needs: ``_partition_lua``)
 =========================  ===================================================================
 
 Publishing fans out inside one Lua script: it reads each topic's set of groups and appends the
