@@ -195,30 +195,24 @@ def encode(envelope: Envelope, *, limit: int = MAX_EVENT_BYTES) -> bytes:
     return body
 
 
-#: How an event choreograph encodes begins: its attributes then come in :meth:`Envelope.to_dict`'s
-#: order, extensions last before ``data``.
-_OWN_LAYOUT = b'{"specversion":"1.0","id":'
-_PARTITION_KEY = b'"partitionkey":"'
+_PARTITION_KEY = b'"partitionkey"'
 _CORRELATION_ID = b'"correlationid":"'
 
 
 def partition_key(body: bytes) -> str | None:
     """The key a key-partitioned group orders this encoded event by: its ``partitionkey``
     extension (CloudEvents Partitioning) when it has one, else its ``correlationid``; None for a
-    body that is not a CloudEvent with either. Cheap for events choreograph encoded (found in the
-    attributes, which precede ``data``); any other JSON event is parsed."""
-    if body.startswith(_OWN_LAYOUT):
-        end = body.find(b',"data":')
-        head = body if end < 0 else body[:end]
-        for name in (_PARTITION_KEY, _CORRELATION_ID):
-            at = head.find(name)
-            if at >= 0:
-                start = at + len(name)
-                stop = head.find(b'"', start)
-                value = head[start:stop]
-                if stop > 0 and value and b"\\" not in value:
-                    return value.decode("utf-8", "replace")
-                break  # escaped: parse it
+    body that is not a JSON object with either. Cheap for the usual event, which has no
+    ``partitionkey``: its correlation id is read where it stands when no ``{`` precedes it (so it
+    is an attribute of the event, not a field of a nested object); any other body is parsed."""
+    if _PARTITION_KEY not in body and body[:1] == b"{":
+        at = body.find(_CORRELATION_ID)
+        if at > 0 and body.find(b"{", 1, at) < 0:
+            start = at + len(_CORRELATION_ID)
+            stop = body.find(b'"', start)
+            value = body[start:stop]
+            if stop > start and b"\\" not in value:
+                return value.decode("utf-8", "replace")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -180,3 +180,27 @@ async def test_retries_and_replayed_dead_letters_stay_in_their_partition(make: F
     assert (third.message.id, third.attempt, third.handle[0]) == (sent.id, 1, partition)
     await sub.ack([third])
     assert await bus.lag(group) == 0
+
+
+async def test_a_publisher_without_the_options_publishes_into_the_partitions(
+    make: Factory,
+) -> None:
+    # given a partitioned group, its member, and a publisher that was told nothing about it
+    group = name("g")
+    member = await make(partitioned=group, partitions=4)
+    sub = await member.subscribe(group, ["T"])
+    assert isinstance(sub, PartitionedSubscription)
+    publisher = await make()
+
+    # when it publishes events of two transactions, in two calls
+    first = [keyed("T", "tx-a"), keyed("T", "tx-b")]
+    later = [keyed("T", "tx-a"), keyed("T", "tx-b")]
+    await publisher.publish(first)
+    await publisher.publish(later)
+
+    # then the member receives them all, each transaction's from one partition
+    got = await receive(sub, 4)
+    partition = {d.message.id: d.handle[0] for d in got}
+    assert partition[first[0].id] == partition[later[0].id]
+    assert partition[first[1].id] == partition[later[1].id]
+    assert await publisher.lag(group) == 0

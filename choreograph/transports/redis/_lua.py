@@ -93,42 +93,51 @@ return n
 """
 
 # ARGV: prefix, the records of the messages, one after the other, and the hash of each one's
-# partition key (one big-endian uint32 per record): a partitioned group gets the message in the
-# stream of partition hash % partitions.
+# partition key (one big-endian uint32 per record; '' when the publisher sent none): a partitioned
+# group gets the message in the stream of partition hash % partitions. Without the hashes, a
+# message for a partitioned group makes the script return -1 having added nothing (the publisher
+# then sends them).
 _PUBLISH = """
 local prefix, data, hashes = ARGV[1], ARGV[2], ARGV[3]
-local pos, size, cache, parts, added, k = 1, #data, {}, {}, 0, 0
+local pos, size, cache, parts, k, adds = 1, #data, {}, {}, 0, {}
 local function stream(group, h)
   local n = parts[group]
   if n == nil then
     n = tonumber(redis.call('HGET', prefix .. 'parts', group) or '0')
     parts[group] = n
   end
-  if n > 0 then return prefix .. 'g:' .. group .. ':' .. (h % n) end
-  return prefix .. 'g:' .. group
+  if n == 0 then return prefix .. 'g:' .. group end
+  if not h then return nil end
+  return prefix .. 'g:' .. group .. ':' .. (h % n)
 end
 while pos <= size do
   local li, lt, lb, lg, s = struct.unpack('>IIII', data, pos)
   local last = s + li + lt + lb + lg - 1
   local rec = string.sub(data, pos, last)
   k = k + 1
-  local h = struct.unpack('>I', hashes, 4 * k - 3)
+  local h = nil
+  if hashes ~= '' then h = struct.unpack('>I', hashes, 4 * k - 3) end
+  local groups
   if lg > 0 then
-    redis.call('XADD', stream(string.sub(data, last - lg + 1, last), h), '*', 'm', rec)
-    added = added + 1
+    groups = {string.sub(data, last - lg + 1, last)}
   else
     local topic = string.sub(data, s + li, s + li + lt - 1)
-    local groups = cache[topic]
+    groups = cache[topic]
     if not groups then
       groups = redis.call('SMEMBERS', prefix .. 't:' .. topic)
       cache[topic] = groups
     end
-    for j = 1, #groups do redis.call('XADD', stream(groups[j], h), '*', 'm', rec) end
-    added = added + #groups
+  end
+  for j = 1, #groups do
+    local target = stream(groups[j], h)
+    if not target then return -1 end
+    adds[#adds + 1] = target
+    adds[#adds + 1] = rec
   end
   pos = last + 1
 end
-return added
+for j = 1, #adds, 2 do redis.call('XADD', adds[j], '*', 'm', adds[j + 1]) end
+return #adds / 2
 """
 
 # ARGV: prefix, target group ('' for every group of the topic), id, topic, body, reason,

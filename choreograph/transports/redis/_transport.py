@@ -68,6 +68,9 @@ class RedisTransport(Transport):
         self._delayed_key = f"{self._prefix}delayed"
         self._delayed_counts_key = f"{self._prefix}delayed:n"
         self._parts_key = f"{self._prefix}parts"
+        # Whether publish sends the hashes of the messages' partition keys: from the start when
+        # this transport partitions a group, else once Redis asked for them (see _lua._PUBLISH).
+        self._hash_keys = bool(settings.partitioned_groups)
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._declared: dict[str, set[str]] = {}
@@ -290,27 +293,27 @@ class RedisTransport(Transport):
         self._redis()
         fits, over = split_oversized(messages, self.max_message_bytes)
         pack = RECORD.pack
-        pack_hash = HASH.pack
-        chunks: list[tuple[bytes, bytes]] = []
+        chunks: list[tuple[bytes, Sequence[Message]]] = []
         parts: list[bytes] = []
-        hashes: list[bytes] = []
-        size = 0
-        for m in fits:
+        first = size = 0
+        for n, m in enumerate(fits):
             body = m.body
             i = m.id.encode()
             t = m.topic.encode()
             g = check_group(m.group).encode() if m.group else b""
             parts += (pack(len(i), len(t), len(body), len(g)), i, t, body, g)
-            # the partition a partitioned group receives it in (docs/ordering.md)
-            hashes.append(pack_hash(zlib.crc32((partition_key(body) or m.id).encode())))
             size += len(i) + len(t) + len(body) + len(g) + 16
             if size >= self._chunk_bytes:
-                chunks.append((b"".join(parts), b"".join(hashes)))
-                parts, hashes, size = [], [], 0
+                chunks.append((b"".join(parts), fits[first : n + 1]))
+                parts, first, size = [], n + 1, 0
         if parts:
-            chunks.append((b"".join(parts), b"".join(hashes)))
-        for chunk, chunk_hashes in chunks:
-            await self._script("publish", [], [self._prefix, chunk, chunk_hashes], "publish")
+            chunks.append((b"".join(parts), fits[first:]))
+        for chunk, sent in chunks:
+            hashes = _hashes(sent) if self._hash_keys else b""
+            added = await self._script("publish", [], [self._prefix, chunk, hashes], "publish")
+            if added == -1:  # a partitioned group is among the receivers: send the hashes
+                self._hash_keys = True
+                await self._script("publish", [], [self._prefix, chunk, _hashes(sent)], "publish")
         for m in over:
             ref, why = oversized(m, self.max_message_bytes)
             args = [self._prefix, ref.group or "", ref.id, ref.topic, ref.body, why.reason,
@@ -411,6 +414,13 @@ class RedisTransport(Transport):
         streams = [f"{self._stream(group)}:{p}" for p in range(partitions)] or [self._stream(group)]
         value = await self._script("lag", [self._delayed_counts_key, *streams], [group], "lag")
         return None if value < 0 else int(value)
+
+
+def _hashes(messages: Sequence[Message]) -> bytes:
+    """The hash of each message's partition key (its message id when it has none), packed."""
+    pack = HASH.pack
+    crc = zlib.crc32
+    return b"".join(pack(crc((partition_key(m.body) or m.id).encode())) for m in messages)
 
 
 def _dead_letter(group: str, eid: bytes, f: dict[bytes, bytes]) -> DeadLetter:
