@@ -3,9 +3,13 @@ the objects ``choreograph declare`` makes, without their message counts, to comp
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import subprocess
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.commands import require_command
 
 
 def namespace_of(url: str) -> str:
@@ -77,13 +81,15 @@ async def _redis_objects(url: str) -> Any:
 
 
 async def _amqp_objects(url: str, groups: list[str]) -> Any:
-    """AMQP cannot list queues: whether each group's queue exists (a passive declare)."""
+    """Whether each group's queue exists (a passive declare), and every queue (with its type and
+    arguments), exchange and binding of the namespace as ``rabbitmqctl`` lists them (AMQP itself
+    cannot list them)."""
     import aiormq
     from aiormq import exceptions
 
     namespace = namespace_of(url)
     connection = await aiormq.connect(url.split("?")[0])
-    found: dict[str, bool] = {}
+    found: dict[str, Any] = {}
     try:
         for group in groups:
             channel = await connection.channel()
@@ -93,9 +99,19 @@ async def _amqp_objects(url: str, groups: list[str]) -> Any:
                 await channel.close()
             except exceptions.ChannelNotFoundEntity:
                 found[group] = False
-        return found
     finally:
         await connection.close()
+    ctl = require_command("rabbitmqctl")
+    for what, columns in [
+        ("list_queues", ["name", "type", "durable", "arguments"]),
+        ("list_exchanges", ["name", "type", "durable", "arguments"]),
+        ("list_bindings", ["source_name", "destination_name", "routing_key", "arguments"]),
+    ]:
+        listed = await asyncio.to_thread(
+            subprocess.run, [ctl, "-q", what, *columns], capture_output=True, text=True, check=True
+        )
+        found[what] = sorted(line for line in listed.stdout.splitlines() if f"{namespace}." in line)
+    return found
 
 
 async def amqp_queue_depth(url: str, queue: str) -> int:
