@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheel as a user gets it: build it, install it into fresh virtualenvs outside the repository
-# with one extra at a time, and use it the way the README says. Called by .ci/run; takes about
-# two minutes (most of it installing dependencies).
+# with one extra at a time, and use it the way the README says. Called by .ci/run; takes a few
+# minutes (most of it installing dependencies).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python3}
@@ -110,4 +110,17 @@ grep -q "choreograph\[demo\]" "$work/demo.err" || { cat "$work/demo.err" >&2; fa
 step "[demo]: choreograph demo -n 20"
 bin=$(venv_with demo)
 (cd "$work" && "$bin/choreograph" demo -n 20 >demo20.out 2>&1) || { cat "$work/demo20.out" >&2; fail "the demo failed"; }
+
+step "[demo] with pytest: the README's testing example, on the installed plugin's harness fixture"
+"$bin/python" -m pip install --quiet --disable-pip-version-check pytest pytest-asyncio \
+  >"$work/install-pytest.log" 2>&1 || { cat "$work/install-pytest.log" >&2; fail "install pytest"; }
+mkdir "$work/usertests"
+"$python" - "$repo/README.md" "$work/usertests" <<'EOF'
+import pathlib, re, sys
+block = re.search(r"```python\n(# (test_\w+\.py) .*?)```", pathlib.Path(sys.argv[1]).read_text(), re.S)
+assert block is not None, "the README shows no test file"
+(pathlib.Path(sys.argv[2]) / block.group(2)).write_text(block.group(1))
+EOF
+(cd "$work/usertests" && "$bin/python" -m pytest -q -p no:cacheprovider -o asyncio_mode=auto \
+  >"$work/usertests.out" 2>&1) || { cat "$work/usertests.out" >&2; fail "the README's testing example failed"; }
 step "ok"
