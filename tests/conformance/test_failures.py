@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from choreograph.errors import TransportError
-from choreograph.transport import Delivery, transport_from_url
+from choreograph.transport import Delivery
 from tests.conformance._helpers import (
     ids,
     message,
@@ -87,13 +87,12 @@ async def _read_until_holding(process: asyncio.subprocess.Process) -> list[str]:
 
 @pytest.mark.broker_restart
 async def test_messages_and_pending_retry_survive_reopening_the_transport(
-    transport_name: str, transport_url: str
+    transport_name: str, make_transport: TransportFactory
 ) -> None:
     skip_memory(transport_name, "memory:// keeps nothing once closed, by design")
     group, topic, delay = unique("g"), unique("topic"), 2.0
     # given a retry scheduled 2 s later, and a message published but not yet received
-    first = transport_from_url(transport_url)
-    await first.connect()
+    first = await make_transport()
     try:
         sub = await first.subscribe(group, [topic], lease=30)
         retried = message(topic)
@@ -106,8 +105,7 @@ async def test_messages_and_pending_retry_survive_reopening_the_transport(
     finally:
         # when every connection is closed and new ones are opened
         await first.close()
-    second = transport_from_url(transport_url)
-    await second.connect()
+    second = await make_transport()
     try:
         sub = await second.subscribe(group, [topic], lease=30)
 

@@ -70,24 +70,24 @@ async def wait_for(check: Callable[[], object], timeout: float = HANG_GUARD) -> 
 
 def runtime_for(
     service: Service,
-    bus: Transport,
-    url: str,
+    connection: Transport,
     tmp_path: Path,
     lease: float = 30.0,
     store: str | None = None,
 ) -> Runtime:
-    """A runtime of ``service`` in four lanes of small batches on the test's bus: its own
-    connection (it closes it when it stops), or the one in-process bus for ``memory://``."""
+    """A runtime of ``service`` in four lanes of small batches on ``connection``, a connection of
+    its own from ``make_transport`` (the one in-process bus for ``memory://``), which it closes
+    when it stops; the fixture deletes the groups declared through it when the test ends."""
     return Runtime(
         App("ordering", [service]),
-        transport=bus if url.startswith("memory://") else url,
+        transport=connection,
         store=store or f"sqlite:///{tmp_path}/{{service}}.db",
         settings=WorkerSettings(concurrency=4, batch_size=5, poll_interval=0.2, lease=lease),
     )
 
 
 async def test_events_of_one_key_are_handled_in_publish_order(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+    make_transport: TransportFactory, tmp_path: Path
 ) -> None:
     # given a service ordered by order_id, handling in four lanes of small batches, whose
     # handler fails one event in four on its first attempt (retried at once or after a short
@@ -106,7 +106,7 @@ async def test_events_of_one_key_are_handled_in_publish_order(
 
     bus = await make_transport()
     keys = [f"k{i}" for i in range(8)]
-    async with runtime_for(service, bus, transport_url, tmp_path):
+    async with runtime_for(service, await make_transport(), tmp_path):
         # when 8 keys x 12 steps are published, interleaved, in several publishes
         sent = interleaved(keys, 12)
         for start in range(0, len(sent), 16):
@@ -119,7 +119,7 @@ async def test_events_of_one_key_are_handled_in_publish_order(
 
 
 async def test_a_key_waiting_for_a_retry_holds_back_only_its_own_events(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+    make_transport: TransportFactory, tmp_path: Path
 ) -> None:
     # given an ordered service whose first step of key "stuck" asks to be retried after 0.2 s
     # until the test lets it through
@@ -138,7 +138,7 @@ async def test_a_key_waiting_for_a_retry_holds_back_only_its_own_events(
 
     bus = await make_transport()
     others = [f"k{i}" for i in range(5)]
-    async with runtime_for(service, bus, transport_url, tmp_path):
+    async with runtime_for(service, await make_transport(), tmp_path):
         # when "stuck" 0 has been retried, and steps of "stuck" and five other keys arrive
         await bus.publish([step("stuck", 0)])
         await wait_for(lambda: len(attempts) >= 2)
@@ -164,7 +164,7 @@ async def postgres_store(namespace: str) -> AsyncIterator[str]:
 
 
 async def test_a_slow_handler_holds_back_only_its_own_key(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path, postgres_store: str
+    make_transport: TransportFactory, tmp_path: Path, postgres_store: str
 ) -> None:
     # given an ordered service on the PostgreSQL store (its lanes' transactions run side by
     # side), whose first step of key "slow" stays in its handler until the test lets it go
@@ -181,7 +181,7 @@ async def test_a_slow_handler_holds_back_only_its_own_key(
 
     bus = await make_transport()
     others = [f"k{i}" for i in range(5)]
-    async with runtime_for(service, bus, transport_url, tmp_path, store=postgres_store):
+    async with runtime_for(service, await make_transport(), tmp_path, store=postgres_store):
         try:
             await bus.publish([step("slow", 0)])
             async with asyncio.timeout(HANG_GUARD):
@@ -201,7 +201,7 @@ async def test_a_slow_handler_holds_back_only_its_own_key(
 
 
 async def test_a_retried_event_is_handled_before_the_later_ones_of_its_key(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+    make_transport: TransportFactory, tmp_path: Path
 ) -> None:
     # given an ordered service whose handler asks for step 0 of key "a" again after 1 s, once
     handled: list[tuple[str, int]] = []
@@ -217,7 +217,7 @@ async def test_a_retried_event_is_handled_before_the_later_ones_of_its_key(
         handled.append((event.order_id, event.n))
 
     bus = await make_transport()
-    async with runtime_for(service, bus, transport_url, tmp_path):
+    async with runtime_for(service, await make_transport(), tmp_path):
         # when steps of "a" and "b" are published together, "a" 0 first
         await bus.publish(interleaved(["a", "b"], 6))
         await wait_for(lambda: len(handled) == 12)
@@ -228,7 +228,7 @@ async def test_a_retried_event_is_handled_before_the_later_ones_of_its_key(
 
 
 async def test_an_event_redelivered_after_its_lease_keeps_its_place(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+    make_transport: TransportFactory, tmp_path: Path
 ) -> None:
     # given an ordered service with a 1.5 s lease whose first step of "a" is still in its
     # handler when the lease runs out and the transport delivers it again
@@ -245,7 +245,7 @@ async def test_an_event_redelivered_after_its_lease_keeps_its_place(
         handled.append((event.order_id, event.n))
 
     bus = await make_transport()
-    runtime = runtime_for(service, bus, transport_url, tmp_path, lease=1.5)
+    runtime = runtime_for(service, await make_transport(), tmp_path, lease=1.5)
     async with runtime:
         await bus.publish([step("a", 0), step("a", 1)])
         worker = runtime.worker("orders")
@@ -261,7 +261,7 @@ async def test_an_event_redelivered_after_its_lease_keeps_its_place(
 
 
 async def test_events_of_two_types_with_one_key_keep_their_order_where_the_transport_does(
-    make_transport: TransportFactory, transport_url: str, tmp_path: Path
+    make_transport: TransportFactory, tmp_path: Path
 ) -> None:
     # given a service with two handlers ordered by the same field, in one key space
     handled: list[tuple[str, int]] = []
@@ -277,7 +277,7 @@ async def test_events_of_two_types_with_one_key_keep_their_order_where_the_trans
 
     bus = await make_transport()
     keys = [f"k{i}" for i in range(6)]
-    async with runtime_for(service, bus, transport_url, tmp_path):
+    async with runtime_for(service, await make_transport(), tmp_path):
         # when each key's events are published taking turns between the two types
         sent = [step(key, n, "Step" if n % 2 == 0 else "Undo") for n in range(10) for key in keys]
         for start in range(0, len(sent), 9):
