@@ -10,7 +10,7 @@ import itertools
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 import aiormq
 import aiormq.exceptions as amqp_errors
@@ -315,16 +315,24 @@ async def amqp() -> AsyncIterator[tuple[str, Opener]]:
     RABBITMQ.require()
     ns = "rq" + uuid.uuid4().hex[:10]
     opened: list[RabbitMQTransport] = []
+    # every group declared, kept here: a transport forgets its own when it reconnects
+    groups: set[str] = set()
 
     async def open_(port: int = 5672, **options: object) -> RabbitMQTransport:
         query = "&".join(f"{k}={v}" for k, v in {"namespace": ns, **options}.items())
         bus = RabbitMQTransport.from_url(f"amqp://guest:guest@127.0.0.1:{port}/?{query}")
+        declare = bus.declare_group
+
+        async def declare_group(group: str, topics: Collection[str]) -> None:
+            groups.add(group)
+            await declare(group, topics)
+
+        bus.declare_group = declare_group  # type: ignore[method-assign]
         await bus.connect()
         opened.append(bus)
         return bus
 
     yield ns, open_
-    groups = {g for bus in opened for g in bus._declared}
     for bus in opened:
         await bus.close()
     cleaner = RabbitMQTransport.from_url(f"{BASE}?namespace={ns}")
