@@ -121,19 +121,22 @@ def table(
 
 
 def sparkline(series: list[int], title: str = "", width: int = 160, height: int = 32) -> str:
-    """A small line chart of counts, as inline SVG; ``title`` shows on hover."""
+    """Counts per bucket as small bars, inline SVG; ``title`` shows on hover. A short series
+    keeps narrow bars from the left (one busy minute is one bar, not the whole chart)."""
     if not series:
         return ""
-    if len(series) == 1:  # one minute of activity: a level line
-        series = series * 2
     top = max(series) or 1
-    step = width / max(len(series) - 1, 1)
-    points = " ".join(
-        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(series)
-    )
-    area = f"0,{height} {points} {width},{height}"
+    slot = width / max(len(series), 20)
+    bars = []
+    for i, v in enumerate(series):
+        if v:
+            h = max(1.0, v / top * (height - 2))
+            bars.append(
+                f'<rect x="{i * slot:.1f}" y="{height - h:.1f}" width="{max(slot - 1, 1):.1f}" '
+                f'height="{h:.1f}"/>'
+            )
     return (
         f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'aria-label="activity"><title>{esc(title)}</title><polygon points="{area}" class="area"/>'
-        f'<polyline points="{points}" class="line"/></svg>'
+        f'aria-label="activity"><title>{esc(title)}</title>'
+        f'<line x1="0" y1="{height - 0.5}" x2="{width}" y2="{height - 0.5}"/>{"".join(bars)}</svg>'
     )

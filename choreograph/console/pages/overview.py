@@ -143,8 +143,10 @@ def _warn(count: int, kind: str = "warn") -> str:
 
 
 def overview_body(state: ConsoleState, window: str) -> str:
-    source = esc(state.sources.bus_label)
+    bus = esc(state.sources.bus_label)
+    if state.sources.transport_url:
+        bus = f"bus {bus}"
     return (
         f'<div class="toolbar">{window_links(window, "/")}'
-        f'<span class="muted">bus {source} · recorder {esc(state.settings.db_url)}</span></div>'
+        f'<span class="muted">{bus} · recorder {esc(state.settings.db_url)}</span></div>'
     )
