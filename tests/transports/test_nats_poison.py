@@ -180,6 +180,31 @@ async def test_a_connection_the_server_closed_is_opened_again_by_itself(
     await system.completed([await system.request(n) for n in range(2, 12)])
 
 
+async def test_a_connection_closed_without_telling_is_opened_again_on_its_next_use(
+    drones: Callable[[], Awaitable[Drones]],
+) -> None:
+    # given the drone delivery running on NATS
+    system = await drones()
+    await system.completed([await system.request(1)])
+    client = system.transport._client
+    first = client.nc
+
+    # when nats-py closes the connection for good without calling its closed callback (its close
+    # raises when it flushes leftovers onto a socket the server reset: seen under load after a
+    # protocol violation)
+    await first._close(first.CLOSED, do_cbs=False)  # type: ignore[attr-defined]
+    assert first.is_closed and client.reopened == 0
+
+    # then the next use of the connection (a pull request, an ack) opens a new one, and
+    # deliveries flow again through every group
+    deadline = time.monotonic() + 30
+    while client.reopened < 1:
+        assert time.monotonic() < deadline, "the connection was not opened again"
+        await asyncio.sleep(0.05)
+    assert client.nc is not first
+    await system.completed([await system.request(n) for n in range(2, 12)])
+
+
 async def test_a_message_on_a_bad_topic_escape_is_dead_lettered_with_its_reason(
     drones: Callable[[], Awaitable[Drones]],
 ) -> None:

@@ -128,9 +128,14 @@ class Client:
 
     @property
     def nc(self) -> NATS:
-        if self._nc is None or self._nc.is_closed:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            if nc is not None and self._open:
+                # nats-py can close without calling closed_cb (see _reopen_closed)
+                self._reopen_closed(nc)
+                raise TransportError("the NATS connection was closed; opening a new one")
             raise TransportError("the NATS transport is not connected (call connect() first)")
-        return self._nc
+        return nc
 
     @property
     def max_payload(self) -> int:
@@ -277,19 +282,28 @@ class Client:
             callback()
 
     async def _on_closed(self, nc: NATS) -> None:
+        self._reopen_closed(nc)
+
+    def _reopen_closed(self, nc: NATS) -> None:
+        """Start getting a new connection in place of ``nc``, which nats-py closed for good.
+
+        nats-py closes for good when the server ends the connection with an error (a protocol
+        violation such as a payload over max_payload, a slow consumer, an authorization
+        expiry...). It tells ``closed_cb``, except when its close raises first: flushing what it
+        still had to send onto the reset socket (nats-py 2.16 ``Client._close``). So this runs
+        from ``closed_cb`` and from any use of :attr:`nc` that finds the connection closed.
+        """
         if nc is not self._nc or not self._open:
             return  # closed by close(), or an old connection already replaced
-        # nats-py closes for good when the server ends the connection with an error (a
-        # protocol violation such as a payload over max_payload, a slow consumer, an
-        # authorization expiry...): a transport that was not closed gets a new connection
+        if self._reopening is not None and not self._reopening.done():
+            return
         self.connected.clear()
         self._interrupt_batches()
         log.warning(
             "NATS closed the connection (%s); opening a new one",
             self._last_error or "no reason given",
         )
-        if self._reopening is None or self._reopening.done():
-            self._reopening = asyncio.create_task(self._reopen(), name="nats-reopen")
+        self._reopening = asyncio.create_task(self._reopen(), name="nats-reopen")
 
     async def _reopen(self) -> None:
         """Connect again, for ever (every ``reconnect_wait``, growing to 5 s), until
