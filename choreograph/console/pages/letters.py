@@ -25,7 +25,8 @@ def letters_live(letters: list[Letter]) -> str:
         ]
         for x in letters
     ]
-    return f'<p class="muted">{len(letters):,} dead letter(s)</p>' + table(
+    noun = "dead letter" if len(letters) == 1 else "dead letters"
+    return f'<p class="muted">{len(letters):,} {noun}</p>' + table(
         ["event", "group", "transaction", "reason", "error", "attempts", "dead-lettered"],
         rows,
         empty="no dead letters: every message was handled",
