@@ -136,15 +136,33 @@ async def submit_all(base_url: str, count: int, concurrency: int, progress: Prog
         nonlocal accepted
         while not queue.empty():
             number = queue.get_nowait()
-            response = await client.post("/api/deliveryrequests", json=sample_request(number))
+            response = await post_request(client, sample_request(number))
             if response.status_code != 202:
                 raise RuntimeError(f"submission refused: {response.status_code} {response.text}")
             accepted += 1
             progress.advance(task)
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+    # idle connections are dropped by the client before the server's keep-alive timeout ends
+    # them (uvicorn: 5 s), so a request never goes out on a connection the server is closing
+    limits = httpx.Limits(keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     return accepted
+
+
+async def post_request(
+    client: httpx.AsyncClient, body: dict[str, object], attempts: int = 3
+) -> httpx.Response:
+    """POST one delivery request, sent again when the connection fails under it: ingestion
+    accepts a delivery id once, so a request that did arrive is not accepted twice."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await client.post("/api/deliveryrequests", json=body)
+        except httpx.TransportError:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def wait_for_outcome(

@@ -77,6 +77,7 @@ class RecorderMiddleware(Middleware):
         """Reports dropped because the buffer was full (the bus was unreachable too long)."""
         self._buffer: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()  # the flush loop and a stop's last flush, one at a time
         self._task: asyncio.Task[None] | None = None
         self._transport: Transport | None = None
         self._app: App | None = None
@@ -195,6 +196,10 @@ class RecorderMiddleware(Middleware):
 
     async def flush(self) -> None:
         """Publish every buffered report now, and a heartbeat when one is due."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if self._transport is None:
             return
         if time.monotonic() - self._beat_at >= self.heartbeat_interval:

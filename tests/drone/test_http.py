@@ -17,6 +17,7 @@ from choreograph import InvalidMessage, Runtime
 from choreograph.demo import create_app
 from choreograph.demo.ingestion import MAX_BODY_BYTES, create_http_app
 from choreograph.demo.knobs import Knobs
+from choreograph.demo.runner import post_request, sample_request
 from choreograph.demo.tables import DeliveryRequestRow
 from choreograph.envelope import Envelope, decode
 from choreograph.transport import Message
@@ -440,3 +441,38 @@ async def test_a_lone_surrogate_is_refused_cleanly(api: Api) -> None:
     # then
     assert response.status_code in (400, 422)
     assert not api.published
+
+
+async def test_the_demo_sends_a_request_again_when_its_connection_fails_under_it() -> None:
+    # given an ingestion endpoint whose connection breaks under the first request (a keep-alive
+    # connection the server closes as the request goes out), then accepts
+    calls: list[bytes] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        calls.append(request.content)
+        if len(calls) == 1:
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return httpx.Response(202, json={"status": "accepted"})
+
+    body = sample_request(7)
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(endpoint), base_url="http://ingestion"
+    ) as client:
+        # when the demo posts a delivery request
+        response = await post_request(client, body)
+
+    # then it was sent again, the same request (ingestion accepts its delivery id once)
+    assert response.status_code == 202
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert orjson.loads(calls[1])["delivery_id"] == body["delivery_id"]
+
+
+async def test_the_demo_gives_up_on_a_request_whose_connection_keeps_failing() -> None:
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(endpoint), base_url="http://ingestion"
+    ) as client:
+        with pytest.raises(httpx.ConnectError):
+            await post_request(client, sample_request(8), attempts=2)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 
+import orjson
 import pytest
 
+from choreograph import Runtime, transport_from_url
 from choreograph.envelope import Envelope, encode
 from choreograph.observe.flows import flow_stats, load_transaction, stuck_transactions
 from choreograph.observe.model import FlowModel
-from choreograph.observe.recorder import REPORTS_TOPIC, Recorder
+from choreograph.observe.recorder import REPORTS_TOPIC, Recorder, RecorderMiddleware
 from choreograph.transport import Delivery, Message
 from tests.observe.conftest import Recorded, place
 from tests.observe.shop import build_app
+from tests.support.quiet import wait_until_quiet
 
 
 async def test_completed_transaction_with_a_retry(recorded: Recorded) -> None:
@@ -114,3 +119,42 @@ def test_database_urls() -> None:
     for bad in ("mysql://x", "sqlite://host/x.db", "postgresql://db/x?schema=a;drop"):
         with pytest.raises(ConfigurationError):
             flowdb_from_url(bad)
+
+
+async def test_flushes_at_the_same_time_send_each_report_once() -> None:
+    # given a runtime whose recorder middleware holds reports it has not flushed yet, and a
+    # group that receives the reports
+    transport = transport_from_url("memory://")
+    await transport.connect()
+    probe = await transport.subscribe("probe", [REPORTS_TOPIC])
+    reports = RecorderMiddleware(flush_interval=3600, heartbeat_interval=3600)
+    runtime = Runtime(build_app(), transport=transport, store="memory://", middleware=[reports])
+    async with runtime:
+        for n in range(5):
+            await place(runtime, f"o-{n}")
+        await wait_until_quiet(runtime, transport)
+        buffered = [report["id"] for report in reports._buffer]
+        assert buffered
+
+        # when the flush loop and a stop's last flush run at once (the demo's stop did), on a
+        # bus whose publish waits, as a broker's network round trip does
+        publish = transport.publish
+
+        async def waiting_publish(messages: Sequence[Message]) -> None:
+            await asyncio.sleep(0.01)
+            await publish(messages)
+
+        transport.publish = waiting_publish  # type: ignore[method-assign]
+        await asyncio.gather(reports.flush(), reports.flush(), reports.flush())
+
+        # then every buffered report went out once
+        sent: list[str] = []
+        while deliveries := await probe.receive(100, 0.1):
+            for delivery in deliveries:
+                sent += [
+                    r["id"] for r in orjson.loads(delivery.message.body)["data"].get("reports", [])
+                ]
+            await probe.ack(deliveries)
+        assert sorted(sent) == sorted(buffered)
+    await probe.close()
+    await transport.close()
