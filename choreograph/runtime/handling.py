@@ -196,10 +196,13 @@ class Handling:
         handed_back: list[tuple[Delivery, tuple[str, str]]] = []
         ended: dict[str, str] = {}
         if self._learns_end:
+            # Those that may be late, and those that end their transaction: the store then
+            # holds (and knows) their end, and records it with the commit (no statement of its
+            # own, no savepoint for it).
             wanted = {
                 item[0].correlationid
                 for item in decoded
-                if isinstance(item, tuple) and not item[1].after_end
+                if isinstance(item, tuple) and (not item[1].after_end or item[1].terminal)
             }
             while wanted:
                 try:
