@@ -317,6 +317,31 @@ async def test_cancel_timers_by_key_and_by_names(store: Store) -> None:
     assert await store.list_timers() == [timer("deadline:b", "k1", NOW)]
 
 
+async def test_a_failed_savepoint_takes_back_its_timers_the_others_stay(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.set_timer(timer("deadline:a", "k1", NOW + 1))
+        await tx.set_timer(timer("deadline:b", "k1", NOW + 2))
+    async with store.transaction() as tx:
+        async with tx.savepoint():  # succeeds: cancels a, sets c (counted by a later cancel)
+            assert await tx.cancel_timers("k1", ["deadline:a"]) == 1
+            await tx.set_timer(timer("deadline:c", "k1", NOW + 3))
+        with pytest.raises(Boom):
+            async with tx.savepoint():  # fails: its cancel of b and c and its d are undone
+                assert await tx.cancel_timers("k1") == 2
+                await tx.set_timer(timer("deadline:d", "k1", NOW + 4))
+                raise Boom
+        async with tx.savepoint():
+            await tx.set_timer(timer("deadline:b", "k1", NOW + 5, attempt=2))
+            assert await tx.cancel_timers("k1", ["deadline:a", "deadline:d"]) == 0
+        await tx.set_timer(timer("deadline:e", "k2", NOW + 6))
+
+    assert await store.list_timers() == [
+        timer("deadline:c", "k1", NOW + 3),
+        timer("deadline:b", "k1", NOW + 5, attempt=2),
+        timer("deadline:e", "k2", NOW + 6),
+    ]
+
+
 async def test_take_due_timers_removes_and_returns_due_ones_earliest_first(store: Store) -> None:
     async with store.transaction() as tx:
         await tx.set_timer(timer("t", "late", NOW + 10))

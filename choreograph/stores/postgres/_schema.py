@@ -70,7 +70,8 @@ def _lock_key(*parts: str) -> int:
 # The schema, created under an advisory lock so that replicas starting together do not race on
 # the catalog. Text columns sort bytewise (COLLATE "C"), as in SQLite, whatever the database's
 # collation: find() returns documents "by key order" everywhere.
-_SCHEMA_VERSION = "choreograph store, schema 3"  # 2: ended transactions; 3: per-key locks
+_SCHEMA_VERSION = "choreograph store, schema 4"  # 2: ended transactions; 3: per-key locks;
+# 4: timers written at the commit
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.state (
@@ -237,28 +238,15 @@ BEGIN
     RETURN true;
 END $f$;
 
-CREATE OR REPLACE FUNCTION {s}.set_timer(
-    n TEXT, kk TEXT, due DOUBLE PRECISION, d JSONB, mode INT
-) RETURNS BOOLEAN LANGUAGE plpgsql AS $f$
-BEGIN
-    IF NOT {s}.lock_key(chr(1) || 'timers', kk, mode) THEN
-        RETURN false;
-    END IF;
-    INSERT INTO {s}.timers (name, key, due_at, data) VALUES (n, kk, due, d)
-        ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data;
-    RETURN true;
-END $f$;
-
-CREATE OR REPLACE FUNCTION {s}.cancel_timers(kk TEXT, names TEXT[], mode INT) RETURNS INT
+-- The names of a key's timers, once they are locked (set and cancelled by the transaction in
+-- memory, written at its commit).
+CREATE OR REPLACE FUNCTION {s}.timer_names(kk TEXT, mode INT, OUT ok BOOLEAN, OUT names TEXT[])
 LANGUAGE plpgsql AS $f$
-DECLARE n INT;
 BEGIN
-    IF NOT {s}.lock_key(chr(1) || 'timers', kk, mode) THEN
-        RETURN -1;
+    ok := {s}.lock_key(chr(1) || 'timers', kk, mode);
+    IF ok THEN
+        names := ARRAY(SELECT t.name::TEXT FROM {s}.timers AS t WHERE t.key = kk);
     END IF;
-    DELETE FROM {s}.timers AS t WHERE t.key = kk AND (names IS NULL OR t.name = ANY(names));
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
 END $f$;
 
 -- Due timers, earliest first, skipping those another transaction holds (the row, or the key's
@@ -293,6 +281,20 @@ def _puts_sql(s: str, kinds: str, keys: str, docs: str) -> str:
         "WHERE k = chr(1) || 'ended' ON CONFLICT DO NOTHING), "
         f"put_docs AS (INSERT INTO {s}.state (kind, key, doc) SELECT k, kk, d::jsonb FROM {rows} "
         "WHERE k <> chr(1) || 'ended' ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc)"
+    )
+
+
+def _timers_sql(s: str, names: str, keys: str, data: str) -> str:
+    """Two common table expressions writing the timers a transaction set and cancelled
+    (``names``, ``keys`` and ``data`` are the placeholders of three arrays; ``data`` is the JSON
+    text of ``[due_at, data]``, or null for a timer to delete)."""
+    rows = f"unnest({names}::text[], {keys}::text[], {data}::text[]) AS u(n, kk, d)"
+    return (
+        f"timers_gone AS (DELETE FROM {s}.timers AS t USING {rows} "
+        "WHERE u.d IS NULL AND t.name = u.n AND t.key = u.kk), "
+        f"timers_set AS (INSERT INTO {s}.timers (name, key, due_at, data) "
+        f"SELECT n, kk, (d::jsonb ->> 0)::float8, d::jsonb -> 1 FROM {rows} WHERE d IS NOT NULL "
+        "ON CONFLICT (name, key) DO UPDATE SET due_at = EXCLUDED.due_at, data = EXCLUDED.data)"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -14,9 +14,12 @@ import asyncpg  # type: ignore[import-untyped]
 import orjson
 
 from choreograph.store import DocumentBusy, OutboxRow, StoreTx, Timer
-from choreograph.stores.postgres._schema import _ENDED, _TIMERS, _puts_sql, _Where
+from choreograph.stores.postgres._schema import _ENDED, _TIMERS, _puts_sql, _timers_sql, _Where
 
 _WRITTEN = b"w"  # marks a buffered end already written (JSON never starts with it)
+# The state of a timer this transaction knows of (else its JSON ``[due_at, data]``, to write)
+_PRESENT = b""  # in the database as it is
+_GONE = b"-"  # to delete
 
 
 def _timer(row: asyncpg.Record) -> Timer:
@@ -97,7 +100,8 @@ class _Frame:
 class _PostgresTx(StoreTx):
     """Inbox and outbox rows are kept in memory and written at the commit, in one statement
     (a batch of messages costs one statement, not two per message), with the puts of documents
-    the transaction already holds and the ends of transactions it looked up. Savepoints are
+    the transaction already holds, the ends of transactions it looked up, and the timers it sets
+    and cancels (of keys it locked, reading their timers' names). Savepoints are
     opened lazily, before the first statement inside them, and released along with the next
     SAVEPOINT: a handling that only emits events and records its event id costs no round trip
     of its own.
@@ -123,7 +127,11 @@ class _PostgresTx(StoreTx):
         self._held: set[tuple[str, str]] = set()
         self._puts: dict[tuple[str, str], bytes] = {}
         self._ends: dict[str, str | None] = {}  # ends looked up (and locked) by this transaction
-        self._journal: list[tuple[tuple[str, str], bytes | None]] = []
+        # The timers of the keys this transaction locked: key -> name -> state (see _PRESENT).
+        self._timers: dict[str, dict[str, bytes]] = {}
+        # (dict, key, value before) of each change of _puts and _timers since the outermost
+        # savepoint began (None: absent)
+        self._journal: list[tuple[dict[Any, Any], Any, Any]] = []
         self._frames: list[_Frame] = []  # open savepoints, outermost first
         self._unreleased: str | None = None  # a savepoint left successfully, not yet released
         self._savepoints = 0
@@ -185,6 +193,7 @@ class _PostgresTx(StoreTx):
         s = self._s
         rows = [row for row, _ in self._outbox]
         puts = self._take_puts()
+        timers = self._take_timers()
         await asyncpg.Connection.execute(
             self._raw,
             f"WITH forgotten AS (DELETE FROM {s}.inbox WHERE event_id = ANY($1::text[])), "
@@ -193,7 +202,7 @@ class _PostgresTx(StoreTx):
             # a claimed row already says when, to the second, unless the clock is another one
             "ON CONFLICT (event_id) DO UPDATE SET at = EXCLUDED.at "
             "WHERE abs(inbox.at - EXCLUDED.at) > 1), "
-            f"{_puts_sql(s, '$9', '$10', '$11')} "
+            f"{_puts_sql(s, '$9', '$10', '$11')}, {_timers_sql(s, '$12', '$13', '$14')} "
             f"INSERT INTO {s}.outbox (id, topic, body, due_at, leased_until) "
             "SELECT * FROM unnest($4::text[], $5::text[], $6::bytea[], $7::float8[], "
             "$8::float8[])",
@@ -206,6 +215,7 @@ class _PostgresTx(StoreTx):
             [r.due_at for r in rows],
             [claimed_until for _, claimed_until in self._outbox],
             *puts,
+            *timers,
         )
         self._inbox, self._outbox, self._claimed = [], [], set()
 
@@ -218,21 +228,25 @@ class _PostgresTx(StoreTx):
             if self._frames:
                 self._frames[-1].held.append(doc)
 
+    def _set(self, where: dict[Any, Any], key: Any, value: Any) -> None:
+        """``where[key] = value`` (None: drop it), journaled for savepoints."""
+        if self._frames:
+            self._journal.append((where, key, where.get(key)))
+        if value is None:
+            where.pop(key, None)
+        else:
+            where[key] = value
+
     def _buffer(self, doc: tuple[str, str], data: bytes | None) -> None:
         """Set (``data``) or drop (None) the buffered put of ``doc``, journaled for savepoints."""
-        if self._frames:
-            self._journal.append((doc, self._puts.get(doc)))
-        if data is None:
-            self._puts.pop(doc, None)
-        else:
-            self._puts[doc] = data
+        self._set(self._puts, doc, data)
 
     def _take_puts(self) -> tuple[list[str], list[str], list[str]]:
         """The buffered puts not written yet, as the three arrays of ``_puts_sql``. Documents
         leave the buffer; an end stays, marked written, so that it is still known."""
         taken = {doc: data for doc, data in self._puts.items() if not data.startswith(_WRITTEN)}
         if self._frames:
-            self._journal += taken.items()
+            self._journal += [(self._puts, doc, data) for doc, data in taken.items()]
         for doc, data in taken.items():
             if doc[0] == _ENDED:
                 self._puts[doc] = _WRITTEN + data
@@ -240,22 +254,36 @@ class _PostgresTx(StoreTx):
                 del self._puts[doc]
         return [k for k, _ in taken], [kk for _, kk in taken], [d.decode() for d in taken.values()]
 
-    def _unwritten(self) -> bool:
-        return any(not data.startswith(_WRITTEN) for data in self._puts.values())
+    def _unwritten(self, *, timers: bool = True) -> bool:
+        return any(not data.startswith(_WRITTEN) for data in self._puts.values()) or (
+            timers and any(self._pending_timers())
+        )
 
-    async def _write_puts(self) -> None:
-        """Write the buffered puts now (before a statement that reads documents)."""
-        if self._unwritten():
-            await self._sync()
+    async def _write_puts(self, *, timers: bool = False) -> None:
+        """Write the buffered puts now (before a statement that reads documents), and the
+        timers too with ``timers``."""
+        if not self._unwritten(timers=timers):
+            return
+        await self._sync()
+        s = self._s
+        if timers:
             await asyncpg.Connection.execute(
-                self._raw, f"WITH {_puts_sql(self._s, '$1', '$2', '$3')} SELECT 1",
+                self._raw,
+                f"WITH {_puts_sql(s, '$1', '$2', '$3')}, {_timers_sql(s, '$4', '$5', '$6')} "
+                "SELECT 1",
                 *self._take_puts(),
-            )  # fmt: skip
+                *self._take_timers(),
+            )
+        else:
+            await asyncpg.Connection.execute(
+                self._raw, f"WITH {_puts_sql(s, '$1', '$2', '$3')} SELECT 1", *self._take_puts()
+            )
 
     async def _before_user_statement(self) -> None:
-        """A handler's own statement on ``ctx.connection`` sees its savepoint and its puts."""
+        """A handler's own statement on ``ctx.connection`` sees its savepoint, its puts and its
+        timers."""
         await self._sync()
-        await self._write_puts()
+        await self._write_puts(timers=True)
 
     @property
     def connection(self) -> Any:
@@ -282,10 +310,18 @@ class _PostgresTx(StoreTx):
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         data = orjson.dumps(doc)
-        if (not self._mode or (kind, key) in self._held) and b"\\u0000" not in data:
-            # Held (or one writer at a time): nothing to lock, so the write waits for the next
-            # statement that reads documents, or the commit. (A NUL, which PostgreSQL refuses
-            # in JSON, is written at once: the handling fails in its own savepoint.)
+        if b"\\u0000" not in data:
+            # Locked (taken now if need be, outside the handling's savepoint, like a read), the
+            # write waits for the next statement that reads documents, or the commit. (A NUL,
+            # which PostgreSQL refuses in JSON, is written at once: the handling fails in its
+            # own savepoint.)
+            if self._mode and (kind, key) not in self._held:
+                locked = await self._read_val(
+                    f"SELECT {self._s}.lock_key($1, $2, $3)", kind, key, self._mode
+                )
+                if not locked:
+                    raise DocumentBusy((kind, key))
+                self._hold((kind, key))
             self._buffer((kind, key), data)
             return
         self._buffer((kind, key), None)
@@ -382,11 +418,11 @@ class _PostgresTx(StoreTx):
             self._inbox, self._outbox = frame.inbox, frame.outbox
             self._claimed.difference_update(frame.claimed)
             self._held.difference_update(frame.held)
-            for doc, data in reversed(self._journal[frame.journal :]):
-                if data is None:
-                    self._puts.pop(doc, None)
+            for where, key, value in reversed(self._journal[frame.journal :]):
+                if value is None:
+                    where.pop(key, None)
                 else:
-                    self._puts[doc] = data
+                    where[key] = value
             del self._journal[frame.journal :]
             if not self._frames:
                 self._journal = []
@@ -516,31 +552,60 @@ class _PostgresTx(StoreTx):
 
     # timers ----------------------------------------------------------------------------------
 
+    async def _timers_of(self, key: str) -> dict[str, bytes]:
+        """The timers of ``key``, locked (one statement the first time, outside the handling's
+        savepoint: the lock lasts, at worst, until the commit)."""
+        names = self._timers.get(key)
+        if names is None:
+            row = await self._read_row(
+                f"SELECT ok, names FROM {self._s}.timer_names($1, $2)", key, self._mode
+            )
+            if not row["ok"]:
+                raise DocumentBusy((_TIMERS, key))
+            names = dict.fromkeys(row["names"], _PRESENT)
+            self._set(self._timers, key, names)
+        return names
+
+    def _pending_timers(self) -> Iterator[tuple[str, str, bytes]]:
+        for key, names in self._timers.items():
+            for name, state in names.items():
+                if state != _PRESENT:
+                    yield name, key, state
+
+    def _take_timers(self) -> tuple[list[str], list[str], list[str | None]]:
+        """The timers to write, as the three arrays of ``_timers_sql``; they are then as the
+        database holds them."""
+        pending = list(self._pending_timers())
+        for name, key, state in pending:
+            self._set(self._timers[key], name, None if state == _GONE else _PRESENT)
+        return (
+            [name for name, _, _ in pending],
+            [key for _, key, _ in pending],
+            [None if state == _GONE else state.decode() for _, _, state in pending],
+        )
+
     async def set_timer(self, timer: Timer) -> None:
-        if not await self._fetchval(
-            f"SELECT {self._s}.set_timer($1, $2, $3, $4, $5)",
-            timer.name,
-            timer.key,
-            timer.due_at,
-            timer.data,
-            self._mode,
-        ):
-            raise DocumentBusy((_TIMERS, timer.key))
+        names = await self._timers_of(timer.key)
+        data = orjson.dumps([timer.due_at, timer.data])
+        self._set(names, timer.name, data)
+        if b"\\u0000" in data:  # refused by PostgreSQL: fail now, in the handling's savepoint
+            await self._write_puts(timers=True)
 
     async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
-        cancelled = await self._fetchval(
-            f"SELECT {self._s}.cancel_timers($1, $2, $3)",
-            key,
-            None if names is None else list(names),
-            self._mode,
-        )
-        if cancelled < 0:
-            raise DocumentBusy((_TIMERS, key))
-        return int(cancelled)
+        timers = await self._timers_of(key)
+        gone = [
+            name
+            for name, state in timers.items()
+            if state != _GONE and (names is None or name in names)
+        ]
+        for name in gone:
+            self._set(timers, name, _GONE)
+        return len(gone)
 
     async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
         # A timer being fired by another transaction, or whose key's timers another handling
         # is setting or cancelling, is skipped rather than waited for.
+        await self._write_puts(timers=True)
         rows = await self._fetch(
             f"SELECT name, key, due_at, data FROM {self._s}.take_timers($1, $2, $3)",
             now,
