@@ -4,14 +4,20 @@ scales a Deployment of ours and names the consumers the NATS transport really ma
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import click
 import kubernetes_validate
 import pytest
 import yaml
 
+import choreograph
+from choreograph.cli import main as cli_main
 from choreograph.demo import create_app
+from choreograph.store import store_from_url
+from choreograph.transport import transport_from_url
 from choreograph.transports.nats._names import Names
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -167,3 +173,67 @@ def test_scaled_objects_name_every_consumer_the_transport_makes_and_no_other() -
         expected = {names.topic_consumer(service, t) for t in topics}
         expected.add(names.group_consumer(service))
         assert sorted(consumers) == sorted(expected)
+
+
+def containers() -> list[tuple[str, dict[str, Any]]]:
+    """(workload name, container) of every Deployment and Job that runs choreograph."""
+    return [
+        (name, container)
+        for kind in ("Deployment", "Job")
+        for name, doc in of_kind(kind).items()
+        for container in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def variables_choreograph_reads() -> set[str]:
+    """Every CHOREOGRAPH_* variable the package reads: an option's, or one named in its code."""
+    package = Path(choreograph.__file__).parent
+    named = {
+        found
+        for source in package.rglob("*.py")
+        for found in re.findall(r"\"(CHOREOGRAPH_[A-Z_]+)\"", source.read_text())
+    }
+
+    def envvars(command: click.Command) -> set[str]:
+        found = {p.envvar for p in command.params if isinstance(p.envvar, str)}
+        for sub in getattr(command, "commands", {}).values():
+            found |= envvars(sub)
+        return found
+
+    return named | envvars(cli_main)
+
+
+def test_every_setting_the_manifests_give_is_one_choreograph_reads() -> None:
+    # given the variables the ConfigMap and the containers set for choreograph
+    config = of_kind("ConfigMap")["drone-config"]["data"]
+    given = {name for name in config if name.startswith("CHOREOGRAPH_")}
+    for _, container in containers():
+        given |= {v["name"] for v in container.get("env", [])} - {"NATS_TOKEN", "POSTGRES_PASSWORD"}
+    # then each is one choreograph reads (a misspelt one would be ignored without a word)
+    unknown = given - variables_choreograph_reads()
+    assert len(given) > 5 and not unknown, unknown
+
+
+@pytest.mark.parametrize("name,container", containers(), ids=[n for n, _ in containers()])
+def test_each_container_runs_a_command_line_the_cli_accepts_with_the_manifests_settings(
+    name: str, container: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given the pod's environment: the ConfigMap, the Secret's values, the composed store URL
+    for variable, value in of_kind("ConfigMap")["drone-config"]["data"].items():
+        monkeypatch.setenv(variable, value)
+    for variable in container.get("env", []):
+        value = variable.get("value", "a-secret")
+        monkeypatch.setenv(variable["name"], value.replace("$(POSTGRES_PASSWORD)", "a-secret"))
+    # when the CLI parses the container's command line (nothing runs)
+    program, command, *args = container["args"]
+    assert program == "choreograph"
+    group = cli_main.make_context("choreograph", [command])
+    sub = cli_main.get_command(group, command)
+    assert sub is not None, command
+    params = sub.make_context(command, args, parent=group).params
+    # then every option and variable is accepted, and the bus and store URLs are ones the
+    # transports and stores take (unknown URL options are refused)
+    transport_from_url(params["transport_url"])
+    if "store_url" in params:
+        store_from_url(params["store_url"], name)
+    assert params["app_spec"] == "choreograph.demo:create_app"
