@@ -82,7 +82,7 @@ asyncio.run(main())" &
 checks+=($!)
 for pid in "${checks[@]}"; do wait "$pid" || fail "a backend extra is incomplete"; done
 
-step "[nats]: --help, the README's hello flow, and a one-line message for demo"
+step "[nats]: --help, the README's hello flow, and a one-line message for demo and console"
 bin=$(venv_with nats)
 (cd "$work" && "$bin/python" -c "from choreograph.transport import transport_from_url as t; t('nats://127.0.0.1:4222')")
 "$bin/choreograph" --help >"$work/help.txt" || fail "choreograph --help failed"
@@ -106,6 +106,11 @@ status=0
 [ "$status" -ne 0 ] || fail "choreograph demo ran without the demo extra"
 [ "$(wc -l <"$work/demo.err")" -eq 1 ] || { cat "$work/demo.err" >&2; fail "demo without the extra printed more than one line"; }
 grep -q "choreograph\[demo\]" "$work/demo.err" || { cat "$work/demo.err" >&2; fail "demo without the extra does not name it"; }
+status=0
+(cd "$work" && "$bin/choreograph" console >console.out 2>console.err) || status=$?
+[ "$status" -ne 0 ] || fail "choreograph console ran without the http extra"
+[ "$(wc -l <"$work/console.err")" -eq 1 ] || { cat "$work/console.err" >&2; fail "console without the extra printed more than one line"; }
+grep -q "choreograph\[http\]" "$work/console.err" || { cat "$work/console.err" >&2; fail "console without the extra does not name it"; }
 
 step "[demo]: choreograph demo -n 20"
 bin=$(venv_with demo)

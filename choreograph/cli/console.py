@@ -91,15 +91,17 @@ def console_command(
     stores). Binds 127.0.0.1; any other address needs a token.
     """
     from choreograph.cli.observe import parse_duration
-    from choreograph.console.settings import ConsoleSettings, demo_defaults, secret_from_env
 
     try:
-        # The console serves HTTP: without the extra, one line naming it instead of a traceback.
+        # The console serves HTTP: without the extra, one line naming it instead of a traceback
+        # (anything of choreograph.console imports its app, and so Starlette: imported after).
         create_console_app = load_backend(
             "choreograph.console.app", "create_console_app", "http", "console"
         )
         uvicorn_config = load_backend("uvicorn", "Config", "http", "console")
         uvicorn_server = load_backend("uvicorn", "Server", "http", "console")
+        from choreograph.console.settings import ConsoleSettings, demo_defaults, secret_from_env
+
         demo: dict[str, str] = {}
         if not any((db_url, app_spec, transport_url, store_url)):
             demo = demo_defaults(demo_dir / "console.json")

@@ -224,3 +224,32 @@ def test_the_cli_runs_as_a_module_too() -> None:
         [sys.executable, "-m", "choreograph", "--help"], capture_output=True, text=True, cwd=REPO
     )
     assert done.returncode == 0 and "Exit codes" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "missing", "extra"),
+    [
+        (["demo", "-n", "1"], "sqlalchemy", "demo"),
+        (["demo", "-n", "1"], "starlette", "demo"),
+        (["console"], "starlette", "http"),
+        (["console"], "uvicorn", "http"),
+    ],
+    ids=["demo-sqlalchemy", "demo-starlette", "console-starlette", "console-uvicorn"],
+)
+def test_a_command_whose_extra_is_missing_names_it_in_one_line(
+    tmp_path: Path, args: list[str], missing: str, extra: str
+) -> None:
+    # given an installation without the package the command's extra brings (blocked from import)
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "from choreograph.cli import main\n"
+        f"main({args!r}, prog_name='choreograph')\n"
+    )
+    # when the command runs
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    # then it fails with one line naming the extra to install, and no traceback
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"pip install 'choreograph[{extra}]'" in done.stderr
