@@ -26,8 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/choreograph demo --deliveries $(DELIVERIES) $(if $(TRANSPORT),--transport '$(TRANSPORT)')
 
-## test: the whole suite; broker tests skip locally when a server is down, fail under CI=true
+## test: the whole suite; broker tests skip locally when a server is down, fail under CI=true.
+## The Node.js tools' npm packages are installed first (from their lock files) when npm is there.
 test: $(STAMP)
+	@bash scripts/node-tools.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## docs: the documentation site into site/ (MkDocs), warnings as errors; nothing fetched

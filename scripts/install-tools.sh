@@ -15,10 +15,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
-for project in tools/asyncapi-validate tests/contracts/node; do
-  # npm ci again only when the lock file changed since the last install
-  if [ ! -f "$project/node_modules/.package-lock.json" ] ||
-     [ "$project/package-lock.json" -nt "$project/node_modules/.package-lock.json" ]; then
-    (cd "$project" && npm ci --no-audit --no-fund --loglevel=error)
-  fi
-done
+bash scripts/node-tools.sh

@@ -1,7 +1,8 @@
 """The Node.js projects some tests run: the official AsyncAPI parser (``tools/asyncapi-validate``)
 and the Node.js participant (``tests/contracts/node``). Their npm packages are installed from
-their lock files by ``scripts/install-tools.sh`` (which ``.ci/run`` calls), never by a test: a
-test finding them missing fails, saying what to run, locally and under ``CI=true`` alike."""
+their lock files by ``scripts/node-tools.sh`` (which ``make test`` and
+``scripts/install-tools.sh`` call), never by a test: a test finding them missing fails, saying
+what to run, locally and under ``CI=true`` alike."""
 
 from __future__ import annotations
 
@@ -23,6 +24,6 @@ def node_project(project: Path, package: str) -> str:
     if not (project / "node_modules" / package / "package.json").is_file():
         pytest.fail(
             f"{project.relative_to(ROOT)} has no node_modules/{package}: "
-            "run bash scripts/install-tools.sh (npm ci from the lock file)"
+            "run bash scripts/node-tools.sh (npm ci from the lock file; make test runs it)"
         )
     return node
