@@ -135,9 +135,12 @@ def w3_variants(cfg: Config) -> list[w3.Variant]:
             for replicas in cfg.w3_replicas if layout == "each" else (1,):
                 for io_wait in cfg.w3_io_wait_ms:
                     for locking in cfg.w3_lockings if store == "postgres" else ("",):
-                        variant = w3.Variant(layout, store, replicas, io_wait, locking)
-                        if variant not in variants:
-                            variants.append(variant)
+                        for lanes in cfg.w3_lanes:
+                            variant = w3.Variant(
+                                layout, store, replicas, io_wait, locking, lanes=lanes
+                            )
+                            if variant not in variants:
+                                variants.append(variant)
     return variants
 
 
@@ -256,6 +259,7 @@ def w3_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "w3_replicas": replicas,
         "w3_io_wait_ms": _listed(args.io_wait, float),
         "w3_lockings": _listed(args.locking, str),
+        "w3_lanes": _listed(args.lanes, int),
         "w3_deliveries": args.deliveries,
         "w3_rate": args.rate,
     }
@@ -310,6 +314,9 @@ def main() -> None:
         "--locking",
         default=None,
         help="PostgreSQL store locking options, e.g. ',service' (empty: the store's default)",
+    )
+    w3_group.add_argument(
+        "--lanes", default=None, help="batches in flight per service process, e.g. 2,8 (0: default)"
     )
     w3_group.add_argument("--deliveries", type=int, default=None, help="deliveries per W3 run")
     w3_group.add_argument(

@@ -25,6 +25,8 @@ class Config:
     """Processes per service in the process-per-service layout."""
     w3_io_wait_ms: tuple[float, ...] = (0.0,)
     w3_lockings: tuple[str, ...] = ("",)
+    w3_lanes: tuple[int, ...] = (0,)
+    """Batches in flight per service process (0: ``choreograph run``'s default)."""
     """PostgreSQL store locking options to compare ('' is the store's default)."""
     repeat: int = 1
     quick: bool = False

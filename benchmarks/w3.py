@@ -67,6 +67,9 @@ class Variant:
     outage: str = ""
     """A service stopped during the open-loop phase ('' for none; ``each`` layout only)."""
     outage_seconds: float = 5.0
+    lanes: int = 0
+    """Batches in flight per service process (``choreograph run --concurrency``; 0: its
+    default, 2)."""
 
     def describe(self) -> str:
         where = "one process" if self.layout == "one" else "process per service"
@@ -76,6 +79,8 @@ class Variant:
         parts = [f"{who}, {where}", f"{self.store} stores"]
         if self.locking:
             parts.append(f"locking={self.locking}")
+        if self.lanes:
+            parts.append(f"{self.lanes} lanes")
         if self.io_wait_ms:
             parts.append(
                 f"io wait {self.io_wait_ms:g} ms"
@@ -227,6 +232,8 @@ async def run(cfg: Config, transport: str, variant: Variant, workload: str = WOR
             common = ["--app", app, "--transport", url, "--store", store, "--batch-size", "200"]
             if variant.io_wait_ms:
                 common += ["--middleware", IO_WAIT_MIDDLEWARE]
+            if variant.lanes:
+                common += ["--concurrency", str(variant.lanes)]
             services = await start_services(procs, cfg, f"w3-{transport}", common, env, variant)
             client = await procs.child(
                 "client",
