@@ -49,6 +49,10 @@ def require_nats_server() -> None:
     pytest.skip(message)
 
 
+class PortTaken(AssertionError):
+    """A node could not bind a port chosen for it: another program took it meanwhile."""
+
+
 @dataclass
 class Node:
     """One server of the cluster. Its ports and store survive a kill, so a restart rejoins."""
@@ -117,9 +121,23 @@ class NatsCluster:
         self.stop()
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start every node, then wait until JetStream has a meta leader every node knows."""
-        for name in self.nodes:
-            self.start_node(name)
+        """Start every node, then wait until JetStream has a meta leader every node knows.
+
+        A port another program took between its choice and a node's start (test runs share the
+        machine) is a fresh start of the whole cluster on new ports, up to three times: each
+        node's configuration names the others' route ports."""
+        for attempt in range(1, 4):
+            try:
+                for name in self.nodes:
+                    self.start_node(name)
+                break
+            except PortTaken:
+                if attempt == 3:
+                    raise
+                self.stop()
+                for node in self.nodes.values():
+                    node.port, node.route_port, node.monitor_port = (free_port() for _ in "abc")
+                    shutil.rmtree(node.root, ignore_errors=True)
         self.wait_ready(timeout)
 
     def start_node(self, name: str) -> None:
@@ -141,7 +159,10 @@ class NatsCluster:
 
         def listening() -> bool:
             if not node.alive():
-                raise AssertionError(f"nats-server {name} exited at start:\n{node.output()}")
+                output = node.output()
+                if "address already in use" in output:
+                    raise PortTaken(f"nats-server {name} exited at start:\n{output}")
+                raise AssertionError(f"nats-server {name} exited at start:\n{output}")
             return port_open(node.port) and port_open(node.monitor_port)
 
         wait_until(listening, 30, f"nats-server {name} to listen on {node.port}")
