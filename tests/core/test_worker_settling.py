@@ -1,0 +1,510 @@
+"""What a service's worker does after the handling: the order of its checkpoints, how many
+messages it holds, how it settles a poison message and a dead letter the bus refuses, and what a
+stop finishes, hands back and keeps for the next start. On the memory bus and a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from choreograph import (
+    App,
+    Context,
+    Event,
+    Middleware,
+    PermanentFailure,
+    RetryPolicy,
+    Runtime,
+    Service,
+    VirtualClock,
+    WorkerSettings,
+)
+from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_envelope
+from choreograph.errors import TransportError
+from choreograph.middleware import Checkpoint
+from choreograph.runtime.outbox import stage
+from choreograph.runtime.worker import POISON_ATTEMPTS
+from choreograph.service import CORRELATION
+from choreograph.store import store_from_url
+from choreograph.transport import Delivery, Failure, Message
+from choreograph.transports.memory import MemorySubscription, MemoryTransport
+from tests.support.quiet import wait_until_quiet
+
+#: Like the Harness: receives wake on a publish or on virtual time, never on a real-time poll.
+VIRTUAL = WorkerSettings(
+    concurrency=1, batch_size=50, poll_interval=3600, housekeeping_interval=1000
+)
+
+
+class Ping(Event):
+    n: int
+
+
+class Pong(Event):
+    n: int
+
+
+def ping(n: int, event_id: str | None = None, key: str = "") -> Message:
+    envelope = Envelope(
+        id=event_id or str(uuid.uuid4()), type="Ping", source="test",
+        correlationid=key or f"c{n}", data={"n": n},
+    )  # fmt: skip
+    return Message(envelope.id, envelope.type, encode(envelope))
+
+
+async def wait_for(check: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is truthy (the timeout only guards against a hang)."""
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 - polls other tasks' state
+            await asyncio.sleep(0.01)
+
+
+class Observer(Middleware):
+    """Records what an operator's observer is told."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[str, Checkpoint]] = []
+        self.invalid: list[tuple[str, bytes, Failure]] = []
+
+    def checkpoint(self, service: str, point: Checkpoint) -> None:
+        self.points.append((service, point))
+
+    def on_invalid(self, service: str, body: bytes, failure: Failure) -> None:
+        self.invalid.append((service, body, failure))
+
+
+def worker_logs(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "choreograph.worker" and r.levelno == level
+    ]
+
+
+# checkpoints and messages in hand ----------------------------------------------------------------
+
+
+async def test_a_handling_passes_its_checkpoints_in_order_and_warns_of_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service that answers each Ping with a Pong, watched by an observer
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.on(Ping, emits=[Pong])
+    async def answer(event: Ping, ctx: Context) -> Pong:
+        return Pong(n=event.n)
+
+    observer = Observer()
+    bus = MemoryTransport()
+    await bus.declare_group("reader", ["Pong"])
+    runtime = Runtime(App("points", [pong]), transport=bus, store="memory://",
+                      middleware=[observer], settings=WorkerSettings(concurrency=1))  # fmt: skip
+
+    # when one Ping is handled
+    async with runtime:
+        await bus.publish([ping(1)])
+        await wait_for(lambda: ("pong", "settled") in observer.points)
+        await wait_until_quiet(runtime)
+
+    # then its batch was handled, committed, its Pong published, then the Ping settled; and a
+    # healthy batch makes the worker warn of nothing
+    assert observer.points == [
+        ("pong", "handled"), ("pong", "committed"), ("pong", "published"), ("pong", "settled")
+    ]  # fmt: skip
+    assert await bus.lag("reader") == 1
+    assert worker_logs(caplog, logging.WARNING) == []
+
+
+async def test_the_worker_counts_every_message_it_holds_across_its_lanes() -> None:
+    # given a service with two lanes of one message each, whose handler waits to be released
+    started: list[int] = []
+    release = asyncio.Event()
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def slow(event: Ping, ctx: Context) -> None:
+        started.append(event.n)
+        await release.wait()
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("held", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=2, batch_size=1))  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        try:
+            # when two messages are in hand at once, one in each lane (the second lane waits
+            # for the store, which the first one's transaction holds)
+            await bus.publish([ping(1), ping(2)])
+            # then the worker holds both
+            await wait_for(lambda: worker.inflight == 2)
+            assert len(started) == 1
+        finally:
+            release.set()
+        # and once they are settled, none
+        await wait_until_quiet(runtime)
+        assert worker.inflight == 0
+        assert sorted(started) == [1, 2]
+    assert await bus.lag("pong") == 0
+
+
+# a poison message ----------------------------------------------------------------------------------
+
+
+def refuse_in_inbox(path: Path, reason: str) -> None:
+    """The store itself refuses, at commit, the inbox row of any event id 'refused-...'."""
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER refused BEFORE INSERT ON inbox WHEN NEW.event_id LIKE 'refused-%' "
+        f"BEGIN SELECT RAISE(ABORT, '{reason}'); END"
+    )
+    db.commit()
+    db.close()
+
+
+async def test_a_poison_message_waits_for_the_service_retry_delay_then_is_announced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given a service retrying after 30 s, whose store refuses one event with a long reason
+    caplog.set_level(logging.INFO, logger="choreograph")
+    handled: list[int] = []
+    pong = Service("pong", retry=RetryPolicy(max_attempts=9, immediate=0, base_delay=30,
+                                             max_delay=30, jitter=0))  # fmt: skip
+
+    @pong.on(Ping)
+    async def count(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    observer = Observer()
+    runtime = Runtime(App("poison", [pong]), transport=bus, clock=clock, middleware=[observer],
+                      store=f"sqlite:///{tmp_path}/{{service}}.db", settings=VIRTUAL)  # fmt: skip
+    reason = "this store refuses the row " + "x" * 2100
+    poison = ping(99, event_id=f"refused-{uuid.uuid4()}")
+    async with runtime:
+        refuse_in_inbox(tmp_path / "pong.db", reason)
+        worker = runtime.workers["pong"]
+
+        def quiet() -> bool:
+            return not worker.inflight and not bus.busy("pong")
+
+        # when it comes in one batch with two others
+        await bus.publish([ping(0), poison, ping(1)])
+        await wait_for(lambda: handled.count(99) >= 2 and quiet())
+
+        # then the others went through; the poison failed in its batch and alone, and waits
+        # for the service's retry delay: not before 30 s
+        assert sorted(n for n in handled if n != 99) == [0, 0, 1, 1]  # in the batch, then alone
+        assert handled.count(99) == 2
+        assert await bus.lag("pong") == 1
+        await clock.advance(29)
+        await wait_for(quiet)
+        assert handled.count(99) == 2
+        assert await bus.dead_letters() == []
+
+        # when its delays pass, it is delivered again, and at its last attempt dead-lettered
+        await clock.advance(1)
+        await wait_for(lambda: handled.count(99) == 4 and quiet())
+        await clock.advance(30)
+        await wait_for(lambda: observer.invalid and quiet())
+
+    # then the dead letter and the observer say why, in a bounded text
+    [letter] = await bus.dead_letters("pong")
+    assert letter.message.id == poison.id
+    assert letter.attempts == POISON_ATTEMPTS
+    failure = letter.failure
+    assert (failure.reason, failure.error_type) == ("poison message", "IntegrityError")
+    assert failure.error == f"its store transaction fails on its own: {reason}"[:2000]
+    assert observer.invalid == [("pong", poison.body, failure)]
+    # and the operator's log says which batch broke, and which message went to the dead letters
+    warnings = worker_logs(caplog, logging.WARNING)
+    assert warnings[0].startswith(
+        "pong: a batch of 3 failed (IntegrityError: this store refuses the row xxx"
+    )
+    assert warnings[0].endswith("); handling its messages one at a time")
+    assert worker_logs(caplog, logging.ERROR) == [
+        f"pong: message {poison.id} dead-lettered: {failure.error}"
+    ]
+
+
+@pytest.mark.parametrize("lost_at", ["in its batch", "when handled alone"])
+async def test_a_store_lost_while_handling_is_what_the_worker_reports(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, lost_at: str
+) -> None:
+    # given a service whose store refuses one event, and is closed under it by the handler, in
+    # the batch's transaction or in the event's own (once the batch failed)
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+    calls: list[int] = []
+    runtime: Runtime
+
+    @pong.on(Ping)
+    async def lose_the_store(event: Ping, ctx: Context) -> None:
+        calls.append(event.n)
+        if len(calls) == (1 if lost_at == "in its batch" else 2):
+            await runtime.workers["pong"].store.close()
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("lost", [pong]), transport=bus,
+                      store=f"sqlite:///{tmp_path}/{{service}}.db",
+                      settings=WorkerSettings(concurrency=1, lease=300))  # fmt: skip
+    async with runtime:
+        refuse_in_inbox(tmp_path / "pong.db", "this store refuses the row")
+        # when the event is handled
+        await bus.publish([ping(1, event_id=f"refused-{uuid.uuid4()}")])
+        await wait_for(lambda: any(r.exc_info for r in caplog.records))
+        [failed] = [r for r in caplog.records if r.exc_info]
+
+        # then nothing is settled, and the error logged is the store's own
+        assert failed.getMessage().startswith("pong: batch failed")
+        assert failed.exc_info is not None
+        assert "closed database" in str(failed.exc_info[1])
+        assert await bus.dead_letters() == []
+        assert bus.busy("pong") == 1
+        await runtime.workers["pong"].store.open()
+
+
+# a dead letter the bus refuses ---------------------------------------------------------------------
+
+
+async def _subscribe(
+    bus: MemoryTransport, kind: type[MemorySubscription], group: str, topics: object, lease: float
+) -> MemorySubscription:
+    """Subscribe to ``bus`` as MemoryTransport.subscribe does, with a member of ``kind``."""
+    bus._check_open()
+    await bus.declare_group(group, topics)  # type: ignore[arg-type]
+    sub = kind(bus, group, frozenset(topics), lease)  # type: ignore[arg-type]
+    bus._subscriptions.add(sub)
+    return sub
+
+
+class _RefusingSubscription(MemorySubscription):
+    async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
+        if len(failure.error) > 200 or not failure.error.isascii() or len(failure.error_type) > 100:
+            raise ValueError("this bus keeps at most 200 ASCII characters of an error")
+        await super().dead_letter(delivery, failure)
+
+
+class _Refusing(MemoryTransport):
+    """A bus with a rule of its own about dead letters (as a database column has a size and a
+    character set): it refuses a failure text longer than 200 ASCII characters."""
+
+    async def subscribe(
+        self, group: str, topics: object, *, lease: float = 30.0
+    ) -> MemorySubscription:
+        return await _subscribe(self, _RefusingSubscription, group, topics, lease)
+
+
+async def test_a_dead_letter_the_bus_refuses_is_recorded_with_a_shorter_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a handler refusing an event for good with a long, non-ASCII reason, raised as an
+    # error whose type has a long name, on a bus that keeps only short ASCII failures
+    caplog.set_level(logging.INFO, logger="choreograph")
+    long_named = type("Declined" + "E" * 150, (PermanentFailure,), {})
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def refuse(event: Ping, ctx: Context) -> None:
+        raise long_named("déclinée " * 50)
+
+    bus = _Refusing()
+    runtime = Runtime(App("refusing", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1))  # fmt: skip
+    message = ping(1)
+    async with runtime:
+        # when it is dead-lettered
+        await bus.publish([message])
+        await wait_for(lambda: bus._dead)
+        await wait_until_quiet(runtime)
+
+    # then the dead letter holds the message with a bounded failure, and the log says why
+    [letter] = await bus.dead_letters("pong")
+    assert letter.message.id == message.id
+    assert letter.failure.reason == "permanent failure"
+    assert letter.failure.error_type == long_named.__name__[:100]
+    assert letter.failure.error == ("déclinée " * 50)[:200].replace("é", "?")
+    assert letter.failure.traceback == ""
+    warnings = worker_logs(caplog, logging.WARNING)
+    assert warnings == [
+        f"pong: dead letter of {message.id} refused (this bus keeps at most 200 ASCII "
+        "characters of an error); recording a shorter reason"
+    ]
+
+
+# stopping ------------------------------------------------------------------------------------------
+
+
+async def test_stop_finishes_the_batch_in_hand() -> None:
+    # given a service whose handler is halfway through a message when the runtime stops
+    entered, release = asyncio.Event(), asyncio.Event()
+    pong = Service("pong")
+
+    @pong.on(Ping, emits=[Pong])
+    async def slow(event: Ping, ctx: Context) -> Pong:
+        entered.set()
+        await release.wait()
+        await ctx.state.put("seen", str(event.n), {"n": event.n})
+        return Pong(n=event.n)
+
+    bus = MemoryTransport()
+    await bus.declare_group("reader", ["Pong"])
+    runtime = Runtime(App("stopping", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1, lease=300))  # fmt: skip
+    await runtime.start()
+    await bus.publish([ping(7)])
+    await asyncio.wait_for(entered.wait(), 30)
+    worker = runtime.workers["pong"]
+
+    # when the runtime stops, and only then the handler finishes
+    stopping = asyncio.create_task(runtime.stop())
+    await wait_for(lambda: worker._stopping.is_set())
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+
+    # then the message was handled to the end: its Pong published, the Ping settled
+    assert await bus.lag("reader") == 1
+    assert await bus.lag("pong") == 0
+    assert bus.busy("pong") == 0
+    assert await bus.dead_letters() == []
+
+
+async def test_removing_a_service_hands_back_what_waits_for_its_key(tmp_path: Path) -> None:
+    # given an ordered service that received two events of one key and handles the first
+    entered, release = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+    pong = Service("pong")
+
+    @pong.on(Ping, ordered_by=CORRELATION)
+    async def slow(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+        entered.set()
+        await release.wait()
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    runtime = Runtime(App("ordered", [pong]), transport=bus, clock=clock, settings=VIRTUAL,
+                      store=f"sqlite:///{tmp_path}/{{service}}.db")  # fmt: skip
+    async with runtime:
+        await bus.publish([ping(1, key="k"), ping(2, key="k")])
+        await asyncio.wait_for(entered.wait(), 30)
+
+        # when the service is removed while the second waits for the first
+        release.set()
+        await runtime.remove_service("pong")
+
+        # then the first was handled, and the second is back on the bus at once (not at the end
+        # of its lease), for the next member of the group
+        assert handled == [1]
+        assert bus.busy("pong") == 1
+        assert await bus.lag("pong") == 1
+        await runtime.add_service(pong)
+        await wait_for(lambda: handled == [1, 2])
+        await wait_until_quiet(runtime)
+
+
+async def test_an_ordered_key_goes_on_after_a_batch_that_did_not_commit(tmp_path: Path) -> None:
+    # given an ordered service whose store is lost during the first handling of a key's event
+    handled: list[int] = []
+    pong = Service("pong")
+    runtime: Runtime
+
+    @pong.on(Ping, ordered_by=CORRELATION)
+    async def count(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+        if len(handled) == 1:
+            await runtime.workers["pong"].store.close()
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    runtime = Runtime(App("ordered", [pong]), transport=bus, clock=clock, settings=VIRTUAL,
+                      store=f"sqlite:///{tmp_path}/{{service}}.db")  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        await bus.publish([ping(1, key="k")])
+        await wait_for(lambda: handled == [1] and not worker.inflight)
+        await worker.store.open()
+
+        # when the store is back and the event's lease runs out
+        await clock.advance(VIRTUAL.lease)
+
+        # then it comes back and is handled: its key did not stay blocked
+        await wait_for(lambda: handled == [1, 1] and not worker.inflight)
+        await wait_until_quiet(runtime)
+    assert await bus.dead_letters() == []
+
+
+class _Lost(MemoryTransport):
+    """A bus whose connection can be lost: then it refuses everything with a transport error."""
+
+    lost = False
+    refused = 0
+
+    async def publish(self, messages: object) -> None:
+        if self.lost:
+            self.refused += 1
+            raise TransportError("connection lost")
+        await super().publish(messages)  # type: ignore[arg-type]
+
+    async def subscribe(
+        self, group: str, topics: object, *, lease: float = 30.0
+    ) -> MemorySubscription:
+        return await _subscribe(self, _LostSubscription, group, topics, lease)
+
+    async def close(self) -> None:
+        if not self.lost:
+            await super().close()
+
+
+class _LostSubscription(MemorySubscription):
+    async def close(self) -> None:
+        if self._bus.lost:  # type: ignore[attr-defined]
+            raise TransportError("connection lost")
+        await super().close()
+
+
+async def test_stop_with_the_bus_lost_keeps_the_outbox_for_the_next_start(tmp_path: Path) -> None:
+    # given a service with an event in its outbox, due, whose bus connection is lost
+    pong = Service("pong")
+
+    @pong.on(Ping, emits=[Pong])
+    async def answer(event: Ping, ctx: Context) -> Pong:
+        return Pong(n=event.n)
+
+    clock = VirtualClock()
+    app = App("lost", [pong])
+    store = f"sqlite:///{tmp_path}/{{service}}.db"
+    pending = new_envelope("Pong", {"n": 5}, source="pong")
+    own = store_from_url(store, "pong")
+    await own.open()
+    async with own.transaction() as tx:  # (as left by a publish that failed 20 s ago)
+        await stage(tx, [(pending, 0.0)], limit=MAX_EVENT_BYTES, now=clock.now() - 20)
+    await own.close()
+    bus = _Lost(clock=clock)
+    bus.lost = True
+    runtime = Runtime(app, transport=bus, store=store, clock=clock, settings=VIRTUAL)
+    await runtime.start()
+    await wait_for(lambda: bus.refused == 1)  # the relay's first round; it claimed the row
+    await clock.advance(WorkerSettings().relay_lease)  # the claim lapsed
+
+    # when the runtime stops: neither the give-back nor the last relay reaches the bus
+    await runtime.stop()
+
+    # then the stop tried the relay and completed, and the event goes out after the next
+    # start, on a bus that works
+    assert bus.refused == 2
+    bus = _Lost(clock=clock)
+    await bus.declare_group("reader", ["Pong"])
+    again = Runtime(app, transport=bus, store=store, clock=clock, settings=VIRTUAL)
+    async with again:
+        reader = await bus.subscribe("reader", ["Pong"])
+        await clock.advance(VIRTUAL.housekeeping_interval)  # its next round: the claim lapsed
+        [delivery] = await asyncio.wait_for(reader.receive(10, 30), 30)
+    assert decode(delivery.message.body).id == pending.id
