@@ -18,7 +18,9 @@ from choreograph import (
     Context,
     Event,
     Middleware,
+    Parts,
     PermanentFailure,
+    RetryLater,
     RetryPolicy,
     Runtime,
     Service,
@@ -508,3 +510,198 @@ async def test_stop_with_the_bus_lost_keeps_the_outbox_for_the_next_start(tmp_pa
         await clock.advance(VIRTUAL.housekeeping_interval)  # its next round: the claim lapsed
         [delivery] = await asyncio.wait_for(reader.receive(10, 30), 30)
     assert decode(delivery.message.body).id == pending.id
+
+
+# settling each outcome -----------------------------------------------------------------------------
+
+
+class Done(Event):
+    n: int
+
+
+class Outcomes(Middleware):
+    """Records each handling's outcome kind, by event type."""
+
+    def __init__(self) -> None:
+        self.kinds: list[tuple[str, str]] = []
+
+    def on_outcome(self, ctx: Context, outcome: object) -> None:
+        self.kinds.append((ctx.envelope.type, outcome.kind))  # type: ignore[attr-defined]
+
+
+async def test_duplicates_ignored_and_late_events_are_acknowledged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service whose transactions end with Done, joining a Ping and a Pong
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.join(Ping, Pong, emits=[Done])
+    async def both(parts: Parts, ctx: Context) -> Done:
+        return Done(n=parts[Ping].n)
+
+    @pong.on(Done)
+    async def done(event: Done, ctx: Context) -> None:
+        pass
+
+    outcomes = Outcomes()
+    bus = MemoryTransport()
+    runtime = Runtime(App("kinds", [pong], terminal=[Done]), transport=bus, store="memory://",
+                      middleware=[outcomes], settings=WorkerSettings(concurrency=1))  # fmt: skip
+    first = ping(1)
+    ended = Envelope(id="done-1", type="Done", source="test", correlationid="c2", data={"n": 2})
+
+    async def handle(message: Message, kind: str) -> None:
+        await bus.publish([message])
+        await wait_for(lambda: (message.topic, kind) in outcomes.kinds[-1:])
+        await wait_for(lambda: not bus.busy("pong") and not runtime.workers["pong"].inflight)
+
+    async with runtime:
+        # when an event comes twice, a join part twice, and one after its transaction ended
+        await handle(first, "done")  # the join keeps it and waits for its Pong
+        await handle(first, "duplicate")
+        await handle(ping(1), "ignored")  # the join already has a Ping
+        await handle(Message(ended.id, ended.type, encode(ended)), "done")
+        await handle(ping(2), "late")
+
+    # then each was acknowledged: nothing is left on the bus, nothing warned
+    assert await bus.lag("pong") == 0
+    assert worker_logs(caplog, logging.WARNING) == []
+
+
+class _Unsettling(MemoryTransport):
+    """A bus whose connection drops once, when a retry is asked of it."""
+
+    dropped = 0
+
+    async def subscribe(
+        self, group: str, topics: object, *, lease: float = 30.0
+    ) -> MemorySubscription:
+        return await _subscribe(self, _UnsettlingSubscription, group, topics, lease)
+
+
+class _UnsettlingSubscription(MemorySubscription):
+    async def retry(self, delivery: Delivery, delay: float) -> None:
+        bus: _Unsettling = self._bus  # type: ignore[assignment]
+        if not bus.dropped:
+            bus.dropped += 1
+            raise TransportError("connection dropped")
+        await super().retry(delivery, delay)
+
+
+async def test_a_settlement_the_bus_drops_leaves_the_others_settled_and_the_message_comes_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service failing once on one event of a batch, on a bus that drops that retry
+    caplog.set_level(logging.INFO, logger="choreograph")
+    handled: list[int] = []
+    pong = Service("pong", retry=RetryPolicy(max_attempts=3, immediate=1))
+
+    @pong.on(Ping)
+    async def flaky(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+        if event.n == 1 and ctx.attempt == 1:
+            raise ConnectionError("unreachable")
+
+    clock = VirtualClock()
+    bus = _Unsettling(clock=clock)
+    runtime = Runtime(App("dropped", [pong]), transport=bus, store="memory://", clock=clock,
+                      settings=VIRTUAL)  # fmt: skip
+    failing = ping(1)
+    async with runtime:
+        worker = runtime.workers["pong"]
+        # when the batch is settled
+        await bus.publish([ping(0), failing, ping(2)])
+        await wait_for(lambda: bus.dropped and not worker.inflight)
+
+        # then the others were acknowledged, the failing one is still leased, and the worker
+        # said which settlement failed, and backed off as from any transport error
+        assert bus.busy("pong") == 1
+        assert await bus.lag("pong") == 0
+        assert worker_logs(caplog, logging.WARNING)[:2] == [
+            f"pong: could not settle {failing.id} (retry): connection dropped",
+            "pong: transport error, retrying in 0.1s: connection dropped",
+        ]
+        # and it comes back after its lease, and is handled
+        await clock.advance(VIRTUAL.lease)
+        await wait_for(lambda: handled.count(1) == 2 and not bus.busy("pong"))
+    assert sorted(handled) == [0, 1, 1, 2]
+
+
+class _Refusing2(MemoryTransport):
+    """A bus that refuses, with a transport error, what is published on a closed topic."""
+
+    closed_topics: set[str] = set()
+
+    async def publish(self, messages: object) -> None:
+        if any(m.topic in self.closed_topics for m in messages):  # type: ignore[attr-defined]
+            raise TransportError(f"topics {sorted(self.closed_topics)} closed")
+        await super().publish(messages)  # type: ignore[arg-type]
+
+
+async def test_an_event_whose_publish_fails_after_the_commit_goes_out_with_the_relay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service answering Ping with Pong, on a bus refusing Pong for now
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.on(Ping, emits=[Pong])
+    async def answer(event: Ping, ctx: Context) -> Pong:
+        return Pong(n=event.n)
+
+    clock = VirtualClock()
+    bus = _Refusing2(clock=clock)
+    bus.closed_topics = {"Pong"}
+    await bus.declare_group("reader", ["Pong"])
+    runtime = Runtime(App("relayed", [pong]), transport=bus, store="memory://", clock=clock,
+                      settings=VIRTUAL)  # fmt: skip
+    async with runtime:
+        # when a Ping is handled
+        await bus.publish([ping(3)])
+        await wait_for(lambda: worker_logs(caplog, logging.WARNING))
+
+        # then the Ping was settled, the worker said the publish failed
+        assert worker_logs(caplog, logging.WARNING) == [
+            "pong: publish failed, the outbox relay will retry: topics ['Pong'] closed"
+        ]
+        await wait_for(lambda: not bus.busy("pong"))
+        assert await bus.lag("reader") == 0
+        # and once the bus takes Pong again, the relay publishes it
+        bus.closed_topics = set()
+        await clock.advance(VIRTUAL.housekeeping_interval)
+        await wait_for(lambda: bus.busy("reader") == 1)
+
+
+async def test_a_short_retry_of_an_ordered_event_stays_in_the_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given an ordered service asking for one event to be retried in 2 s, within its lease
+    caplog.set_level(logging.INFO, logger="choreograph")
+    handled: list[tuple[int, int]] = []
+    pong = Service("pong")
+
+    @pong.on(Ping, ordered_by=CORRELATION)
+    async def later(event: Ping, ctx: Context) -> None:
+        handled.append((event.n, ctx.attempt))
+        if ctx.attempt == 1:
+            raise RetryLater("not yet", delay=2)
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    runtime = Runtime(App("kept", [pong]), transport=bus, store="memory://", clock=clock,
+                      settings=VIRTUAL)  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        # when it fails once
+        await bus.publish([ping(4, key="k")])
+        await wait_for(lambda: handled and worker.inflight == 1)
+
+        # then it is kept, unsettled, not sent back through the bus
+        assert bus.busy("pong") == 1
+        assert await bus.lag("pong") == 0
+        # and handled again, as its second attempt, once its delay passed; then acknowledged
+        await clock.advance(2)
+        await wait_for(lambda: len(handled) == 2 and not bus.busy("pong"))
+    assert handled == [(4, 1), (4, 2)]
+    assert worker_logs(caplog, logging.WARNING) == []
