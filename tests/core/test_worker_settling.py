@@ -705,3 +705,94 @@ async def test_a_short_retry_of_an_ordered_event_stays_in_the_worker(
         await wait_for(lambda: len(handled) == 2 and not bus.busy("pong"))
     assert handled == [(4, 1), (4, 2)]
     assert worker_logs(caplog, logging.WARNING) == []
+
+
+# what a worker is started with ---------------------------------------------------------------------
+
+
+class Big(Event):
+    text: str
+
+
+async def test_a_service_keeps_within_its_bus_message_size(tmp_path: Path) -> None:
+    # given a bus taking messages of at most 4 KiB, and a handler emitting a bigger event
+    pong = Service("pong")
+
+    @pong.on(Ping, emits=[Big])
+    async def answer(event: Ping, ctx: Context) -> Big:
+        return Big(text="x" * 5000)
+
+    bus = MemoryTransport()
+    bus.max_message_bytes = 4096
+    runtime = Runtime(App("small", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1))  # fmt: skip
+    message = ping(1)
+    async with runtime:
+        # when a Ping is handled
+        await bus.publish([message])
+        await wait_for(lambda: bus._dead)
+        await wait_until_quiet(runtime)
+
+    # then its handling failed on the bus' own limit: the Ping is dead-lettered, nothing emitted
+    [letter] = await bus.dead_letters()
+    assert (letter.group, letter.message.id) == ("pong", message.id)
+    assert "4096" in letter.failure.error
+
+
+async def test_a_received_message_stays_reserved_for_the_worker_lease() -> None:
+    # given a service with a lease of 300 s, halfway through a message
+    entered, release = asyncio.Event(), asyncio.Event()
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def slow(event: Ping, ctx: Context) -> None:
+        entered.set()
+        await release.wait()
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    settings = WorkerSettings(concurrency=1, lease=300, poll_interval=3600,
+                              housekeeping_interval=1000)  # fmt: skip
+    runtime = Runtime(App("leased", [pong]), transport=bus, store="memory://", clock=clock,
+                      settings=settings)  # fmt: skip
+    async with runtime:
+        await bus.publish([ping(1)])
+        await asyncio.wait_for(entered.wait(), 30)
+        try:
+            # when 60 s pass
+            await clock.advance(60)
+            # then another member of the group gets nothing: the message is still reserved
+            other = await bus.subscribe("pong", ["Ping"])
+            assert await other.receive(10, 0) == []
+            await other.close()
+        finally:
+            release.set()
+        await wait_until_quiet(runtime)
+
+
+async def test_an_ordered_service_holds_at_most_twice_its_lanes_batches() -> None:
+    # given an ordered service with two lanes of one message, whose first event of a key waits
+    entered, release = asyncio.Event(), asyncio.Event()
+    pong = Service("pong")
+
+    @pong.on(Ping, ordered_by=CORRELATION)
+    async def slow(event: Ping, ctx: Context) -> None:
+        entered.set()
+        await release.wait()
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("capacity", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=2, batch_size=1))  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        try:
+            # when ten events of that key arrive
+            await bus.publish([ping(n, key="k") for n in range(10)])
+            await asyncio.wait_for(entered.wait(), 30)
+            # then the worker takes one in hand and four more waiting (2 lanes x 1 x 2), and
+            # leaves the rest on the bus for the group's other members
+            await wait_for(lambda: worker.inflight == 5)
+            assert await bus.lag("pong") == 5
+        finally:
+            release.set()
+        await wait_until_quiet(runtime)
