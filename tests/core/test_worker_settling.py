@@ -8,7 +8,7 @@ import asyncio
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
@@ -89,7 +89,7 @@ def worker_logs(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     ]
 
 
-# checkpoints and messages in hand ----------------------------------------------------------------
+# checkpoints and messages in hand --------------------------------------------------------------
 
 
 async def test_a_handling_passes_its_checkpoints_in_order_and_warns_of_nothing(
@@ -156,7 +156,7 @@ async def test_the_worker_counts_every_message_it_holds_across_its_lanes() -> No
     assert await bus.lag("pong") == 0
 
 
-# a poison message ----------------------------------------------------------------------------------
+# a poison message ---------------------------------------------------------------------
 
 
 def refuse_in_inbox(path: Path, reason: str) -> None:
@@ -273,16 +273,20 @@ async def test_a_store_lost_while_handling_is_what_the_worker_reports(
         await runtime.workers["pong"].store.open()
 
 
-# a dead letter the bus refuses ---------------------------------------------------------------------
+# a dead letter the bus refuses -----------------------------------------------------------------
 
 
 async def _subscribe(
-    bus: MemoryTransport, kind: type[MemorySubscription], group: str, topics: object, lease: float
+    bus: MemoryTransport,
+    kind: type[MemorySubscription],
+    group: str,
+    topics: Collection[str],
+    lease: float,
 ) -> MemorySubscription:
     """Subscribe to ``bus`` as MemoryTransport.subscribe does, with a member of ``kind``."""
     bus._check_open()
-    await bus.declare_group(group, topics)  # type: ignore[arg-type]
-    sub = kind(bus, group, frozenset(topics), lease)  # type: ignore[arg-type]
+    await bus.declare_group(group, topics)
+    sub = kind(bus, group, frozenset(topics), lease)
     bus._subscriptions.add(sub)
     return sub
 
@@ -299,7 +303,7 @@ class _Refusing(MemoryTransport):
     character set): it refuses a failure text longer than 200 ASCII characters."""
 
     async def subscribe(
-        self, group: str, topics: object, *, lease: float = 30.0
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
     ) -> MemorySubscription:
         return await _subscribe(self, _RefusingSubscription, group, topics, lease)
 
@@ -341,7 +345,7 @@ async def test_a_dead_letter_the_bus_refuses_is_recorded_with_a_shorter_reason(
     ]
 
 
-# stopping ------------------------------------------------------------------------------------------
+# stopping ---------------------------------------------------------------------
 
 
 async def test_stop_finishes_the_batch_in_hand() -> None:
@@ -456,7 +460,7 @@ class _Lost(MemoryTransport):
         await super().publish(messages)  # type: ignore[arg-type]
 
     async def subscribe(
-        self, group: str, topics: object, *, lease: float = 30.0
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
     ) -> MemorySubscription:
         return await _subscribe(self, _LostSubscription, group, topics, lease)
 
@@ -512,7 +516,7 @@ async def test_stop_with_the_bus_lost_keeps_the_outbox_for_the_next_start(tmp_pa
     assert decode(delivery.message.body).id == pending.id
 
 
-# settling each outcome -----------------------------------------------------------------------------
+# settling each outcome ---------------------------------------------------------------------
 
 
 class Done(Event):
@@ -575,7 +579,7 @@ class _Unsettling(MemoryTransport):
     dropped = 0
 
     async def subscribe(
-        self, group: str, topics: object, *, lease: float = 30.0
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
     ) -> MemorySubscription:
         return await _subscribe(self, _UnsettlingSubscription, group, topics, lease)
 
@@ -704,10 +708,10 @@ async def test_a_short_retry_of_an_ordered_event_stays_in_the_worker(
         await clock.advance(2)
         await wait_for(lambda: len(handled) == 2 and not bus.busy("pong"))
     assert handled == [(4, 1), (4, 2)]
-    assert worker_logs(caplog, logging.WARNING) == []
+    assert worker_logs(caplog, logging.WARNING) == worker_logs(caplog, logging.ERROR) == []
 
 
-# what a worker is started with ---------------------------------------------------------------------
+# what a worker is started with -----------------------------------------------------------------
 
 
 class Big(Event):
@@ -796,3 +800,81 @@ async def test_an_ordered_service_holds_at_most_twice_its_lanes_batches() -> Non
         finally:
             release.set()
         await wait_until_quiet(runtime)
+
+
+class _Failing(MemoryTransport):
+    """A bus whose receives fail with the errors in ``errors``, one per receive (None: works)."""
+
+    errors: list[Exception | None] = []
+
+    async def subscribe(
+        self, group: str, topics: Collection[str], *, lease: float = 30.0
+    ) -> MemorySubscription:
+        return await _subscribe(self, _FailingSubscription, group, topics, lease)
+
+
+class _FailingSubscription(MemorySubscription):
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        errors = self._bus.errors  # type: ignore[attr-defined]
+        error = errors.pop(0) if errors else None
+        if error is not None:
+            raise error
+        return await super().receive(max_messages, timeout)
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            TransportError("connection lost"),
+            "pong: transport error, retrying in {}s: connection lost",
+        ),
+        (RuntimeError("a bug"), "pong: batch failed, retrying in {}s"),
+    ],
+)
+async def test_a_lane_backs_off_on_failures_and_starts_over_after_a_success(
+    caplog: pytest.LogCaptureFixture, error: Exception, said: str
+) -> None:
+    # given a service whose bus fails three receives in a row, works once, then fails again
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def count(event: Ping, ctx: Context) -> None:
+        pass
+
+    bus = _Failing()
+    bus.errors = [error, error, error, None, error]
+    runtime = Runtime(App("backoff", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1, poll_interval=0.05))  # fmt: skip
+    # when it runs until every failure happened
+    async with runtime:
+        await wait_for(
+            lambda: (
+                not bus.errors
+                and len(worker_logs(caplog, logging.WARNING) + worker_logs(caplog, logging.ERROR))
+                == 4
+            )
+        )
+    # then it waited longer after each failure, and started over after the success
+    logged = worker_logs(caplog, logging.WARNING) + worker_logs(caplog, logging.ERROR)
+    assert logged == [said.format(s) for s in ("0.1", "0.2", "0.4", "0.1")]
+
+
+async def test_stopping_an_idle_worker_reports_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # given a service waiting for messages in a long receive
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def count(event: Ping, ctx: Context) -> None:
+        pass
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("idle", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=2, poll_interval=3600))  # fmt: skip
+    await runtime.start()
+    # when it stops
+    await asyncio.wait_for(runtime.stop(), 30)
+    # then its receives were cancelled quietly
+    assert worker_logs(caplog, logging.WARNING) == worker_logs(caplog, logging.ERROR) == []
