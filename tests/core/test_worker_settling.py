@@ -12,6 +12,8 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 import pytest
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from choreograph import (
     App,
@@ -878,3 +880,38 @@ async def test_stopping_an_idle_worker_reports_nothing(caplog: pytest.LogCapture
     await asyncio.wait_for(runtime.stop(), 30)
     # then its receives were cancelled quietly
     assert worker_logs(caplog, logging.WARNING) == worker_logs(caplog, logging.ERROR) == []
+
+
+class _Tables(DeclarativeBase):
+    pass
+
+
+class _Row(_Tables):
+    __tablename__ = "pings"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+async def test_a_service_own_tables_are_created_when_it_starts(tmp_path: Path) -> None:
+    # given a service keeping each Ping in a table of its own (SQLAlchemy), on a new database
+    pong = Service("pong", tables=_Tables.metadata)
+
+    @pong.on(Ping)
+    async def keep(event: Ping, ctx: Context) -> None:
+        ctx.session.add(_Row(id=str(event.n)))
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("tables", [pong]), transport=bus,
+                      store=f"sqlite:///{tmp_path}/{{service}}.db",
+                      settings=WorkerSettings(concurrency=1))  # fmt: skip
+    # when it starts and handles a Ping
+    async with runtime:
+        await bus.publish([ping(6)])
+        await wait_until_quiet(runtime)
+    # then its table was there for the handler's row
+    assert await bus.dead_letters() == []
+    db = sqlite3.connect(tmp_path / "pong.db")
+    try:
+        assert db.execute("SELECT id FROM pings").fetchall() == [("6",)]
+    finally:
+        db.close()
