@@ -5,11 +5,13 @@ stop finishes, hands back and keeps for the next start. On the memory bus and a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import String
@@ -35,7 +37,7 @@ from choreograph.middleware import Checkpoint
 from choreograph.runtime.outbox import stage
 from choreograph.runtime.worker import POISON_ATTEMPTS
 from choreograph.service import CORRELATION
-from choreograph.store import store_from_url
+from choreograph.store import DocumentBusy, StoreTx, store_from_url
 from choreograph.transport import Delivery, Failure, Message
 from choreograph.transports.memory import MemorySubscription, MemoryTransport
 from tests.support.quiet import wait_until_quiet
@@ -915,3 +917,102 @@ async def test_a_service_own_tables_are_created_when_it_starts(tmp_path: Path) -
         assert db.execute("SELECT id FROM pings").fetchall() == [("6",)]
     finally:
         db.close()
+
+
+# documents another transaction holds --------------------------------------------------------------
+
+
+class _HeldTx:
+    """A transaction of a store with per-document locks (as PostgreSQL's row locks): in a
+    ``locks="raise"`` transaction, touching a document another transaction holds raises
+    :class:`DocumentBusy`."""
+
+    def __init__(self, tx: StoreTx, held: set[tuple[str, str]]) -> None:
+        self._tx, self._held = tx, held
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        if (kind, key) in self._held:
+            raise DocumentBusy((kind, key))
+        return await self._tx.get(kind, key)
+
+
+class _Locks:
+    """Gives a running worker's SQLite store per-document locks held by the test: a transaction
+    taking a lock first waits until the test releases it, as it would wait for another holder."""
+
+    def __init__(self, store: Any, held: set[tuple[str, str]]) -> None:
+        self.held = held
+        self.firsts: list[list[tuple[str, str]]] = []
+        self._released = asyncio.Event()
+        self._transaction = store.transaction
+        store.transaction = self.transaction
+
+    def release(self, lock: tuple[str, str]) -> None:
+        self.held.discard(lock)
+        self._released.set()
+        self._released = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, *, locks: str = "wait", lock_first: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[Any]:
+        if locks == "raise":
+            self.firsts.append(list(lock_first))
+        for lock in lock_first:
+            while lock in self.held:
+                await self._released.wait()
+        async with self._transaction(locks=locks, lock_first=lock_first) as tx:
+            yield _HeldTx(tx, self.held) if locks == "raise" else tx
+
+
+async def test_a_message_finding_its_documents_busy_waits_for_them_without_holding_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service counting Pings per key, one of whose keys another transaction holds, and
+    # then, once released, a second one
+    caplog.set_level(logging.INFO, logger="choreograph")
+    attempts: dict[int, list[int]] = {}
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def count(event: Ping, ctx: Context) -> None:
+        attempts.setdefault(event.n, []).append(ctx.attempt)
+        for kind in ("first", "second"):
+            doc = await ctx.state.get(kind, ctx.correlation_id) or {"n": 0}
+            await ctx.state.put(kind, ctx.correlation_id, {"n": doc["n"] + 1})
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("held", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1, lease=300))  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        locks = _Locks(worker.store, {("first", "c1"), ("second", "c1")})
+
+        async def counted(kind: str, key: str) -> int | None:
+            async with runtime.unit_of_work("pong") as uow:
+                doc = await uow.state.get(kind, key)
+            return None if doc is None else int(doc["n"])
+
+        # when a batch holds a Ping of that key between two others
+        await bus.publish([ping(0), ping(1), ping(2)])
+
+        # then the others commit while it waits for what is busy, first the one, then both
+        await wait_for(lambda: len(locks.firsts) == 2)
+        assert await counted("first", "c0") == await counted("first", "c2") == 1
+        assert await counted("first", "c1") is None
+        locks.release(("first", "c1"))
+        await wait_for(lambda: len(locks.firsts) == 3)
+        assert await counted("first", "c1") is None
+        locks.release(("second", "c1"))
+        await wait_until_quiet(runtime)
+        assert locks.firsts == [[], [("first", "c1")], [("first", "c1"), ("second", "c1")]]
+        # and it is handled once, as its first attempt: handing back spends none
+        assert await counted("first", "c1") == await counted("second", "c1") == 1
+
+    assert attempts[1][-1] == 1
+    assert await bus.lag("pong") == 0
+    assert await bus.dead_letters() == []
+    assert worker_logs(caplog, logging.WARNING) == worker_logs(caplog, logging.ERROR) == []
