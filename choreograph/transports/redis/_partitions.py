@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,11 @@ from typing import TYPE_CHECKING, Any
 from choreograph.errors import ChoreographError
 from choreograph.transport import Delivery, Failure
 from choreograph.transports.redis._records import decode_entry, decode_frames
-from choreograph.transports.redis._subscription import RedisSubscription
+from choreograph.transports.redis._subscription import (
+    _ACK_CHUNK,
+    _REAP_IDLE_MS,
+    RedisSubscription,
+)
 
 if TYPE_CHECKING:
     from choreograph.transports.redis._transport import RedisTransport
@@ -166,7 +171,7 @@ class PartitionedSubscription(RedisSubscription):
                 "housekeep",
                 [stream, bus._delayed_key, bus._delayed_counts_key],
                 [bus._prefix, self.group, self._consumer, self._lease_ms, max(1, want),
-                 600_000],
+                 _REAP_IDLE_MS],
                 "receive",
             )  # fmt: skip
             wait = int(wait_us)
@@ -186,8 +191,8 @@ class PartitionedSubscription(RedisSubscription):
             by_partition.setdefault(p, []).append(eid)
         for p, eids in by_partition.items():
             stream = self.partition_stream(p)
-            for start in range(0, len(eids), 4000):
-                chunk = eids[start : start + 4000]
+            for start in range(0, len(eids), _ACK_CHUNK):
+                chunk = eids[start : start + _ACK_CHUNK]
                 await self._bus._script("ack", [stream], [self.group, *chunk], "ack")
         held = self._held
         for d in deliveries:
@@ -196,7 +201,7 @@ class PartitionedSubscription(RedisSubscription):
     async def retry(self, delivery: Delivery, delay: float) -> None:
         bus = self._bus
         p, eid = delivery.handle
-        delay_us = max(0, int(delay * 1_000_000 + 0.999999))
+        delay_us = max(0, math.ceil(delay * 1_000_000))
         await bus._script(
             "retry",
             [self.partition_stream(p), bus._delayed_key, bus._delayed_counts_key],
