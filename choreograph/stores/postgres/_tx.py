@@ -241,10 +241,15 @@ class _PostgresTx(StoreTx):
         """Set (``data``) or drop (None) the buffered put of ``doc``, journaled for savepoints."""
         self._set(self._puts, doc, data)
 
-    def _take_puts(self) -> tuple[list[str], list[str], list[str]]:
-        """The buffered puts not written yet, as the three arrays of ``_puts_sql``. Documents
-        leave the buffer; an end stays, marked written, so that it is still known."""
-        taken = {doc: data for doc, data in self._puts.items() if not data.startswith(_WRITTEN)}
+    def _take_puts(self, *, ends: bool = True) -> tuple[list[str], list[str], list[str]]:
+        """The buffered puts not written yet (the ends of transactions only with ``ends``), as
+        the three arrays of ``_puts_sql``. Documents leave the buffer; an end stays, marked
+        written, so that it is still known."""
+        taken = {
+            doc: data
+            for doc, data in self._puts.items()
+            if not data.startswith(_WRITTEN) and (ends or doc[0] != _ENDED)
+        }
         if self._frames:
             self._journal += [(self._puts, doc, data) for doc, data in taken.items()]
         for doc, data in taken.items():
@@ -254,19 +259,23 @@ class _PostgresTx(StoreTx):
                 del self._puts[doc]
         return [k for k, _ in taken], [kk for _, kk in taken], [d.decode() for d in taken.values()]
 
-    def _unwritten(self, *, timers: bool = True) -> bool:
-        return any(not data.startswith(_WRITTEN) for data in self._puts.values()) or (
-            timers and any(self._pending_timers())
-        )
+    def _unwritten(self, *, everything: bool = True) -> bool:
+        if any(
+            not data.startswith(_WRITTEN) and (everything or doc[0] != _ENDED)
+            for doc, data in self._puts.items()
+        ):
+            return True
+        return everything and any(self._pending_timers())
 
-    async def _write_puts(self, *, timers: bool = False) -> None:
-        """Write the buffered puts now (before a statement that reads documents), and the
-        timers too with ``timers``."""
-        if not self._unwritten(timers=timers):
+    async def _write_puts(self, *, everything: bool = False) -> None:
+        """Write the buffered documents now (before a statement that may read them); with
+        ``everything``, the ends of transactions and the timers too (else they wait for the
+        commit: only the store reads them)."""
+        if not self._unwritten(everything=everything):
             return
         await self._sync()
         s = self._s
-        if timers:
+        if everything:
             await asyncpg.Connection.execute(
                 self._raw,
                 f"WITH {_puts_sql(s, '$1', '$2', '$3')}, {_timers_sql(s, '$4', '$5', '$6')} "
@@ -276,14 +285,16 @@ class _PostgresTx(StoreTx):
             )
         else:
             await asyncpg.Connection.execute(
-                self._raw, f"WITH {_puts_sql(s, '$1', '$2', '$3')} SELECT 1", *self._take_puts()
+                self._raw,
+                f"WITH {_puts_sql(s, '$1', '$2', '$3')} SELECT 1",
+                *self._take_puts(ends=False),
             )
 
     async def _before_user_statement(self) -> None:
-        """A handler's own statement on ``ctx.connection`` sees its savepoint, its puts and its
-        timers."""
+        """A handler's own statement on ``ctx.connection`` sees its savepoint and its
+        documents."""
         await self._sync()
-        await self._write_puts(timers=True)
+        await self._write_puts()
 
     @property
     def connection(self) -> Any:
@@ -589,7 +600,7 @@ class _PostgresTx(StoreTx):
         data = orjson.dumps([timer.due_at, timer.data])
         self._set(names, timer.name, data)
         if b"\\u0000" in data:  # refused by PostgreSQL: fail now, in the handling's savepoint
-            await self._write_puts(timers=True)
+            await self._write_puts(everything=True)
 
     async def cancel_timers(self, key: str, names: Sequence[str] | None = None) -> int:
         timers = await self._timers_of(key)
@@ -605,7 +616,7 @@ class _PostgresTx(StoreTx):
     async def take_due_timers(self, now: float, limit: int) -> list[Timer]:
         # A timer being fired by another transaction, or whose key's timers another handling
         # is setting or cancelling, is skipped rather than waited for.
-        await self._write_puts(timers=True)
+        await self._write_puts(everything=True)
         rows = await self._fetch(
             f"SELECT name, key, due_at, data FROM {self._s}.take_timers($1, $2, $3)",
             now,
