@@ -342,6 +342,17 @@ async def test_a_failed_savepoint_takes_back_its_timers_the_others_stay(store: S
     ]
 
 
+async def test_a_timer_taken_in_a_transaction_is_no_longer_there_to_cancel(store: Store) -> None:
+    async with store.transaction() as tx:
+        await tx.set_timer(timer("deadline:a", "k1", NOW - 1))
+        await tx.set_timer(timer("deadline:b", "k1", NOW + 10))
+    async with store.transaction() as tx:
+        assert await tx.cancel_timers("k1", ["deadline:zzz"]) == 0  # the key's timers are known
+        assert [t.name for t in await tx.take_due_timers(NOW, 10)] == ["deadline:a"]
+        assert await tx.cancel_timers("k1") == 1
+    assert await store.list_timers() == []
+
+
 async def test_take_due_timers_removes_and_returns_due_ones_earliest_first(store: Store) -> None:
     async with store.transaction() as tx:
         await tx.set_timer(timer("t", "late", NOW + 10))

@@ -623,4 +623,8 @@ class _PostgresTx(StoreTx):
             limit,
             self._mode,
         )
-        return sorted((_timer(row) for row in rows), key=lambda t: t.due_at)
+        taken = [_timer(row) for row in rows]
+        for timer in taken:  # gone from the database: gone from what this transaction knows
+            if timer.key in self._timers:
+                self._set(self._timers[timer.key], timer.name, None)
+        return sorted(taken, key=lambda t: t.due_at)
