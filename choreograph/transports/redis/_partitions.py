@@ -20,13 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from choreograph.errors import ChoreographError
-from choreograph.transport import Delivery, Failure
+from choreograph.transport import Delivery
 from choreograph.transports.redis._records import decode_entry, decode_frames
 from choreograph.transports.redis._subscription import (
     _ACK_CHUNK,
@@ -198,33 +197,9 @@ class PartitionedSubscription(RedisSubscription):
         for d in deliveries:
             held.pop(d.handle, None)
 
-    async def retry(self, delivery: Delivery, delay: float) -> None:
-        bus = self._bus
-        p, eid = delivery.handle
-        delay_us = max(0, math.ceil(delay * 1_000_000))
-        await bus._script(
-            "retry",
-            [self.partition_stream(p), bus._delayed_key, bus._delayed_counts_key],
-            [self.group, self._consumer, eid, delivery.attempt + 1, delay_us, str(p)],
-            "retry",
-        )
-        self._held.pop(delivery.handle, None)
-        if delay_us:
-            due = time.monotonic() + delay_us / 1e6
-            self._next_due = due if self._next_due is None else min(self._next_due, due)
-        await bus._wait_replicas("retry")
-
-    async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
-        bus = self._bus
-        p, eid = delivery.handle
-        args = [self.group, self._consumer, eid, delivery.attempt]
-        args += [failure.reason, failure.error_type, failure.error, repr(time.time())]
-        args += [failure.traceback, str(p)]
-        await bus._script(
-            "dead_letter", [self.partition_stream(p), bus._dlq(self.group)], args, "dead_letter"
-        )
-        self._held.pop(delivery.handle, None)
-        await bus._wait_replicas("dead_letter")
+    def _place(self, delivery: Delivery) -> tuple[str, str, list[str]]:
+        partition, entry = delivery.handle
+        return self.partition_stream(partition), entry, [str(partition)]
 
     async def _give_back(self, deliveries: Collection[Delivery]) -> None:
         """Let the partitions go at once. What this member held unsettled stays in its place in

@@ -139,13 +139,19 @@ class RedisSubscription(Subscription):
         for handle in handles:
             held.pop(handle, None)
 
+    def _place(self, delivery: Delivery) -> tuple[str, str, list[str]]:
+        """Where ``delivery`` is: its stream, its entry id there, and what the settling scripts
+        need besides (a partitioned group adds its partition)."""
+        return self._stream, delivery.handle, []
+
     async def retry(self, delivery: Delivery, delay: float) -> None:
         bus = self._bus
+        stream, entry, extra = self._place(delivery)
         delay_us = max(0, math.ceil(delay * 1_000_000))
         await bus._script(
             "retry",
-            [self._stream, bus._delayed_key, bus._delayed_counts_key],
-            [self.group, self._consumer, delivery.handle, delivery.attempt + 1, delay_us],
+            [stream, bus._delayed_key, bus._delayed_counts_key],
+            [self.group, self._consumer, entry, delivery.attempt + 1, delay_us, *extra],
             "retry",
         )
         self._held.pop(delivery.handle, None)
@@ -156,10 +162,11 @@ class RedisSubscription(Subscription):
 
     async def dead_letter(self, delivery: Delivery, failure: Failure) -> None:
         bus = self._bus
-        args = [self.group, self._consumer, delivery.handle, delivery.attempt]
+        stream, entry, extra = self._place(delivery)
+        args = [self.group, self._consumer, entry, delivery.attempt]
         args += [failure.reason, failure.error_type, failure.error, repr(time.time())]
-        args.append(failure.traceback)
-        await bus._script("dead_letter", [self._stream, bus._dlq(self.group)], args, "dead_letter")
+        args += [failure.traceback, *extra]
+        await bus._script("dead_letter", [stream, bus._dlq(self.group)], args, "dead_letter")
         self._held.pop(delivery.handle, None)
         await bus._wait_replicas("dead_letter")
 
