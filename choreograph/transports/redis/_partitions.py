@@ -197,7 +197,7 @@ class PartitionedSubscription(RedisSubscription):
         for d in deliveries:
             held.pop(d.handle, None)
 
-    def _place(self, delivery: Delivery) -> tuple[str, str, list[str]]:
+    def _place(self, delivery: Delivery) -> tuple[str, bytes, list[str]]:
         partition, entry = delivery.handle
         return self.partition_stream(partition), entry, [str(partition)]
 

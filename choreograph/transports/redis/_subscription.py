@@ -139,7 +139,7 @@ class RedisSubscription(Subscription):
         for handle in handles:
             held.pop(handle, None)
 
-    def _place(self, delivery: Delivery) -> tuple[str, str, list[str]]:
+    def _place(self, delivery: Delivery) -> tuple[str, bytes, list[str]]:
         """Where ``delivery`` is: its stream, its entry id there, and what the settling scripts
         need besides (a partitioned group adds its partition)."""
         return self._stream, delivery.handle, []
