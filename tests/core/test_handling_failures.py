@@ -6,7 +6,9 @@ single handlings on a memory store."""
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -20,11 +22,13 @@ from choreograph import (
     JoinTimedOut,
     Parts,
     PermanentFailure,
+    RetryPolicy,
     Service,
 )
 from choreograph.clock import VirtualClock
 from choreograph.envelope import encode, new_envelope
 from choreograph.events import MAX_ANNOUNCEMENT_DEPTH
+from choreograph.middleware import Middleware, Next
 from choreograph.runtime.handling import Handling
 from choreograph.store import DocumentBusy, OutboxRow, StoreTx, store_from_url
 from choreograph.testing import Harness
@@ -226,3 +230,201 @@ async def test_handling_one_message_raises_what_it_found_busy() -> None:
 
     # then it raises what it found busy, for the caller to take first
     assert busy.value.lock == ("account", "o1")
+
+
+# retry policies and what a failure says -----------------------------------------------------------
+
+
+class Paid(Event):
+    order_id: str
+
+
+class Shipped(Event):
+    order_id: str
+
+
+class Stray(Event):
+    pass
+
+
+class Started(Event):
+    pass
+
+
+def payment_app(behaviour: str) -> App:
+    """A payment handler with a policy of its own (2 attempts), in a service that would try 5
+    times with growing delays."""
+    payment = Service("payment", retry=RetryPolicy(max_attempts=5, immediate=0, base_delay=3.0,
+                                                   jitter=0.0))  # fmt: skip
+
+    own = RetryPolicy(max_attempts=2, immediate=0, base_delay=1.0, jitter=0.0)
+
+    @payment.on(Order, emits=[Paid, Shipped], retry=own)
+    async def charge(event: Order, ctx: Context) -> Stray | None:
+        if behaviour == "raises":
+            raise ValueError("é\ud800\x00" + "x" * 3000)
+        if behaviour == "later":
+            ctx.emit_later(Stray(), 5)
+        if behaviour == "returns":
+            return Stray()
+        return None
+
+    @payment.on(Paid)
+    async def record(event: Paid, ctx: Context) -> Stray:
+        return Stray()
+
+    return App("shop", [payment])
+
+
+async def test_a_handlers_own_retry_policy_decides_over_the_services() -> None:
+    async with Harness(payment_app("raises")) as h:
+        # when the handler fails on its first and on its second attempt
+        first = await h.call("payment", Order(order_id="o1"))
+        second = await h.call("payment", Order(order_id="o1"), attempt=2)
+
+    # then its own policy retries the first after its own delay, and gives up on the second
+    assert (first.outcome, second.outcome) == ("retry", "dead_letter")
+    assert first.failure is not None
+    assert first.failure.reason == "handler error"
+    assert second.failure is not None
+    assert second.failure.reason == "attempts exhausted"
+
+
+async def test_what_a_failure_says_is_bounded_readable_text_with_its_traceback() -> None:
+    async with Harness(payment_app("raises")) as h:
+        # when the handler fails with a long error holding an unpaired surrogate and a NUL
+        result = await h.call("payment", Order(order_id="o1"))
+
+    # then the failure keeps its first 2000 characters, as valid UTF-8 without NUL, and the
+    # traceback as Python prints it
+    assert result.failure is not None
+    assert result.failure.error_type == "ValueError"
+    assert result.failure.error == "é?\\0" + "x" * 1997
+    assert result.failure.traceback.startswith("Traceback (most recent call last):\n  File ")
+    assert "\n    raise ValueError(" in result.failure.traceback
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "declared"),
+    [("later", "Paid, Shipped"), ("returns", "Paid, Shipped")],
+)
+async def test_emitting_an_undeclared_event_names_the_handler_and_what_it_declares(
+    behaviour: str, declared: str
+) -> None:
+    async with Harness(payment_app(behaviour)) as h:
+        # when the handler emits (at once or later) an event it does not declare
+        result = await h.call("payment", Order(order_id="o1"))
+
+    # then it fails for good, saying which handler emitted what, and what it declares
+    assert result.outcome == "dead_letter"
+    assert result.later == []
+    assert result.failure is not None
+    assert result.failure.error == (
+        f"charge emitted Stray, which its declaration does not list in emits ({declared})"
+    )
+
+
+async def test_a_handler_that_declares_no_emission_says_it_may_emit_nothing() -> None:
+    async with Harness(payment_app("")) as h:
+        result = await h.call("payment", Paid(order_id="o1"))
+
+    assert result.failure is not None
+    assert result.failure.error == (
+        "record emitted Stray, which its declaration does not list in emits (nothing)"
+    )
+
+
+class Throttled(Middleware):
+    """Middleware that refuses the first handling it sees (a rate limiter, say)."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    async def around_handle(self, ctx: Context, call_next: Next) -> list[Event]:
+        if not self.refused:
+            self.refused += 1
+            raise ConnectionError("limiter unreachable")
+        return await call_next()
+
+
+async def test_a_handling_with_no_handler_of_its_own_is_retried_with_the_services_policy() -> None:
+    # given a service that only starts a deadline on Started, whose middleware fails once
+    watch = Service("watch", retry=RetryPolicy(max_attempts=3, immediate=0, base_delay=3.0,
+                                               jitter=0.0))  # fmt: skip
+
+    @watch.deadline(starts_on=Started, expect=[Paid], within=60)
+    async def unpaid(expired: DeadlineExpired, ctx: Context) -> None:
+        return None
+
+    async with Harness(App("watching", [watch]), middleware=[Throttled()]) as h:
+        # when it handles Started, then again
+        first = await h.call("watch", Started())
+        second = await h.call("watch", Started(), attempt=2)
+
+    # then the first is retried after the service's delay, the second sets the deadline
+    assert (first.outcome, first.timers) == ("retry", [])
+    assert first.failure is not None
+    assert (first.failure.reason, first.failure.error) == ("handler error", "limiter unreachable")
+    assert second.outcome == "done"
+    assert [t.name for t in second.timers] == ["deadline:unpaid"]
+
+
+async def test_a_handlers_retry_jitter_comes_from_the_handlings_random_source() -> None:
+    # given a handling whose random source is seeded, of a handler that fails, retried with
+    # jitter
+    payment = Service("payment", retry=RetryPolicy(max_attempts=5, immediate=0, base_delay=8.0,
+                                                   jitter=0.5))  # fmt: skip
+
+    @payment.on(Order)
+    async def charge(event: Order, ctx: Context) -> None:
+        raise ConnectionError("unreachable")
+
+    handling = Handling(App("shop", [payment]), payment, VirtualClock(), rng=random.Random(7))
+    store = store_from_url("memory://", "payment")
+    await store.open()
+    try:
+        # when it fails twice
+        delays = []
+        for attempt in (1, 2):
+            async with store.transaction() as tx:
+                _, outcome = await handling.handle(tx, replace(order("o1"), attempt=attempt))
+            assert outcome.kind == "retry"
+            delays.append(outcome.delay)
+    finally:
+        await store.close()
+
+    # then both delays are those the seeded source gives, in turn
+    same = random.Random(7)
+    assert delays == [payment.retry.delay(1, same), payment.retry.delay(2, same)]
+    assert delays[0] != 8.0
+
+
+async def test_a_message_that_cannot_be_read_is_dead_lettered_without_a_traceback() -> None:
+    # given an Order whose data lacks its one field
+    payment = Service("payment")
+
+    @payment.on(Order)
+    async def charge(event: Order, ctx: Context) -> None:
+        return None
+
+    envelope = new_envelope("Order", {}, source="shop", correlation_id="tx")
+    handling = Handling(App("shop", [payment]), payment, VirtualClock())
+    store = store_from_url("memory://", "payment")
+    await store.open()
+    try:
+        # when it is handled
+        async with store.transaction() as tx:
+            _, outcome = await handling.handle(
+                tx, Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
+            )
+    finally:
+        await store.close()
+
+    # then it is dead-lettered for what it is, with no traceback (the reason says it all)
+    assert outcome.kind == "dead_letter"
+    assert outcome.failure is not None
+    assert (outcome.failure.reason, outcome.failure.error_type) == (
+        "schema violation",
+        "SchemaViolation",
+    )
+    assert outcome.failure.traceback == ""
