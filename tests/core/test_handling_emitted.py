@@ -45,6 +45,7 @@ async def test_an_event_emitted_by_a_handling_carries_its_cause_trace_and_partit
     assert (debited.source, debited.correlationid, debited.causationid) == ("ledger", "tx-1", "r1")
     assert (debited.traceparent, debited.tracestate) == (TRACEPARENT, "vendor=1")
     assert debited.extensions == {"partitionkey": "acct-7"}
+    assert debited.dataschema == Debited.dataschema()
     assert debited.data == {"account_id": "acct-7", "amount": 5}
 
 
@@ -63,6 +64,7 @@ async def test_an_event_emitted_from_outside_a_handling_starts_or_joins_a_transa
     assert debited.type == "Debited"
     assert (debited.source, debited.correlationid, debited.causationid) == ("ledger", "tx-2", None)
     assert debited.extensions == {"partitionkey": "acct-8"}
+    assert debited.dataschema == alone.dataschema == Debited.dataschema()
     # and the second starts a transaction named after its own id
     assert (alone.type, alone.source, alone.correlationid) == ("Debited", "ledger", alone.id)
     assert alone.extensions == {"partitionkey": "acct-9"}
