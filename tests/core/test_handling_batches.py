@@ -1,0 +1,154 @@
+"""What the handlings of one batch share: the inbox (a message twice in a batch is handled once),
+the ends of transactions (an end in the batch makes the rest of its transaction late), and a
+transaction's end that another transaction holds (its messages are handed back, the others
+handled). Straight on the handling, in transactions of a memory store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+import pytest
+
+from choreograph import App, Context, Event, Service
+from choreograph.clock import VirtualClock
+from choreograph.envelope import encode, new_envelope
+from choreograph.runtime.handling import Handling
+from choreograph.store import DocumentBusy, Store, StoreTx, store_from_url
+from choreograph.transport import Delivery, Message
+
+
+class Step(Event):
+    n: int
+
+
+class Done(Event):
+    pass
+
+
+class Closing(Event):
+    pass
+
+
+def delivery(event: Event, correlation_id: str, event_id: str = "") -> Delivery:
+    envelope = new_envelope(event.event_type, event.to_data(), source="t",
+                            correlation_id=correlation_id)  # fmt: skip
+    if event_id:
+        envelope = envelope.evolve(id=event_id)
+    return Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
+
+
+def steps_app(ran: list[tuple[str, str]]) -> tuple[App, Service]:
+    """A service noting each Step it runs, ending its transaction on Closing (it emits Done)."""
+    steps = Service("steps")
+
+    @steps.on(Step)
+    async def step(event: Step, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, f"step {event.n}"))
+
+    @steps.on(Closing, emits=[Done])
+    async def close(event: Closing, ctx: Context) -> Done:
+        ran.append((ctx.correlation_id, "close"))
+        return Done()
+
+    @steps.on(Done)
+    async def done(event: Done, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, "done"))
+
+    app = App("stepping", [steps], terminal=[Done])
+    return app, steps
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Store]:
+    store = store_from_url("memory://", "steps")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_an_end_in_a_batch_makes_the_rest_of_its_transaction_late(store: Store) -> None:
+    # given a batch in which transaction a ends (a terminal event arrives), transaction b ends
+    # (its handler emits a terminal event), each followed by a step; and a step of c
+    ran: list[tuple[str, str]] = []
+    app, steps = steps_app(ran)
+    handling = Handling(app, steps, VirtualClock())
+    batch = [delivery(Done(), "a"), delivery(Step(n=1), "a"), delivery(Closing(), "b"),
+             delivery(Step(n=2), "b"), delivery(Step(n=3), "c")]  # fmt: skip
+
+    # when it is handled
+    async with store.transaction() as tx:
+        handled, handed_back = await handling.handle_batch(tx, batch)
+
+    # then the steps after each end are late, saying with what it ended; the others ran
+    outcomes = [(outcome.kind, outcome.note) for _, _, outcome in handled]
+    assert outcomes == [
+        ("done", ""),
+        ("late", "the transaction already ended with Done"),
+        ("done", ""),
+        ("late", "the transaction already ended with Done"),
+        ("done", ""),
+    ]
+    assert ran == [("a", "done"), ("b", "close"), ("c", "step 3")]
+    assert handed_back == []
+    # and the store knows both ends after the commit
+    async with store.transaction() as tx:
+        assert await tx.ended_transactions(["a", "b", "c"]) == {"a": "Done", "b": "Done"}
+
+
+async def test_a_message_twice_in_one_batch_is_handled_once(store: Store) -> None:
+    ran: list[tuple[str, str]] = []
+    app, steps = steps_app(ran)
+    handling = Handling(app, steps, VirtualClock())
+    twice = delivery(Step(n=1), "a", event_id="e1")
+
+    # when a batch holds one message twice
+    async with store.transaction() as tx:
+        handled, _ = await handling.handle_batch(tx, [twice, twice])
+
+    # then the second is a duplicate
+    assert [outcome.kind for _, _, outcome in handled] == ["done", "duplicate"]
+    assert ran == [("a", "step 1")]
+
+
+class _EndHeldTx:
+    """A ``locks="raise"`` transaction in which another transaction holds the ends of some
+    transactions (as PostgreSQL's row locks would)."""
+
+    def __init__(self, tx: StoreTx, held: set[str]) -> None:
+        self._tx, self._held = tx, held
+        self.asked: list[set[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
+
+    async def ended_transactions(self, correlation_ids: Collection[str]) -> dict[str, str]:
+        self.asked.append(set(correlation_ids))
+        for correlation_id in sorted(correlation_ids):
+            if correlation_id in self._held:
+                raise DocumentBusy(("ended", correlation_id))
+        return await self._tx.ended_transactions(correlation_ids)
+
+
+async def test_messages_whose_transactions_end_is_busy_are_handed_back(store: Store) -> None:
+    # given a batch of steps of three transactions, another transaction holding the ends of two
+    ran: list[tuple[str, str]] = []
+    app, steps = steps_app(ran)
+    handling = Handling(app, steps, VirtualClock())
+    batch = [delivery(Step(n=1), "a"), delivery(Step(n=2), "b"), delivery(Step(n=3), "a"),
+             delivery(Step(n=4), "c"), delivery(Step(n=5), "d")]  # fmt: skip
+
+    # when it is handled
+    async with store.transaction() as tx:
+        held = _EndHeldTx(tx, {"a", "c"})
+        handled, handed_back = await handling.handle_batch(held, batch)  # type: ignore[arg-type]
+
+    # then the messages of those two are handed back with what they wait for, in order, the
+    # others handled; the ends were asked for again without each busy one
+    assert [(d, lock) for d, lock in handed_back] == [
+        (batch[0], ("ended", "a")), (batch[2], ("ended", "a")), (batch[3], ("ended", "c"))
+    ]  # fmt: skip
+    assert [(d, outcome.kind) for d, _, outcome in handled] == [(batch[1], "done"),
+                                                                (batch[4], "done")]  # fmt: skip
+    assert ran == [("b", "step 2"), ("d", "step 5")]
+    assert held.asked == [{"a", "b", "c", "d"}, {"b", "c", "d"}, {"b", "d"}]
