@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from pydantic import field_validator
 
 from choreograph import (
     App,
@@ -428,3 +429,47 @@ async def test_a_message_that_cannot_be_read_is_dead_lettered_without_a_tracebac
         "SchemaViolation",
     )
     assert outcome.failure.traceback == ""
+
+
+class Odd(Event):
+    value: str
+
+    @field_validator("value")
+    @classmethod
+    def _checked(cls, value: str) -> str:
+        raise RuntimeError("cannot check " + value)
+
+
+async def test_data_that_fails_to_validate_otherwise_is_a_bounded_schema_violation() -> None:
+    # given an event type whose validation itself breaks (not a validation error)
+    reader = Service("reader")
+
+    @reader.on(Odd)
+    async def read(event: Odd, ctx: Context) -> None:
+        return None
+
+    envelope = new_envelope("Odd", {"value": "v" * 1000}, source="t", correlation_id="tx")
+    handling = Handling(App("odd", [reader]), reader, VirtualClock())
+    store = store_from_url("memory://", "reader")
+    await store.open()
+    try:
+        # when such an event is handled
+        async with store.transaction() as tx:
+            _, outcome = await handling.handle(
+                tx, Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
+            )
+    finally:
+        await store.close()
+
+    # then it is never retried: a schema violation naming the type and (the start of) what broke
+    assert outcome.kind == "dead_letter"
+    assert outcome.failure is not None
+    assert (outcome.failure.reason, outcome.failure.error_type) == (
+        "schema violation",
+        "SchemaViolation",
+    )
+    broke = repr(RuntimeError("cannot check " + "v" * 1000))[:500]
+    assert outcome.failure.error == f"Odd: cannot validate: {broke}"
+    (announced,) = outcome.emitted
+    assert announced.type == HandlerFailed.event_type
+    assert announced.data["handler"] == "read"

@@ -265,3 +265,58 @@ async def test_a_part_kept_before_its_type_was_upgraded_is_read_through_its_upca
         [Packed(key="old", grams=2000)],
         [Packed(key="new", grams=500)],
     ]
+
+
+# a join started by an event of its own ------------------------------------------------------------
+
+
+class Opened(Event):
+    key: str
+
+
+def opened_app() -> App:
+    """A join whose timeout starts when Opened arrives."""
+    merger = Service("merger")
+
+    @merger.join(Left, Right, key="key", within=10, starts_on=Opened, emits=[Combined])
+    async def pair(parts: Parts, ctx: Context) -> Combined:
+        return Combined(key=parts.key, total=parts[Left].value + parts[Right].value)
+
+    return App("opening", [merger])
+
+
+async def test_a_join_started_by_its_own_event_times_from_that_event_once() -> None:
+    async with Harness(opened_app()) as h:
+        # when the event starting the join arrives
+        opened = await h.call("merger", Opened(key="k"))
+        # and again, then its first part
+        again = await h.call("merger", Opened(key="k"), state=opened.state)
+        left = await h.call("merger", Left(key="k", value=1), state=again.state)
+
+    # then the join is kept open with no part, its timeout running from then, once
+    assert opened.stored("_join:pair", "k") == {"status": "open", "parts": {}, "timer": True}
+    assert opened.timers == [PendingTimer("join:pair", "k", 10.0)]
+    assert again.stored("_join:pair", "k") == opened.stored("_join:pair", "k")
+    assert again.timers == left.timers == []
+    assert left.stored("_join:pair", "k") == {
+        "status": "open", "parts": {"Left": kept(left.envelope)}, "timer": True
+    }  # fmt: skip
+
+
+async def test_a_join_started_by_its_own_event_times_out_counting_from_it() -> None:
+    async with Harness(opened_app()) as h:
+        # given a join started at 0 s whose first part arrives at 5 s
+        await h.publish(Opened(key="k"), correlation_id="tx")
+        await h.advance(5)
+        await h.publish(Left(key="k", value=1), correlation_id="tx")
+        await h.settle()
+
+        # when 9.5 s have passed since the start, then 10.5 s
+        await h.advance(4.5)
+        before = list(h.published("choreograph.JoinTimedOut"))
+        await h.advance(1)
+        timed_out = await h.wait_for("choreograph.JoinTimedOut")
+
+    # then it times out at 10 s, missing its Right part
+    assert before == []
+    assert timed_out.data["missing"] == ["Right"]
