@@ -152,3 +152,35 @@ async def test_messages_whose_transactions_end_is_busy_are_handed_back(store: St
                                                                 (batch[4], "done")]  # fmt: skip
     assert ran == [("b", "step 2"), ("d", "step 5")]
     assert held.asked == [{"a", "b", "c", "d"}, {"b", "c", "d"}, {"b", "d"}]
+
+
+async def test_a_service_that_only_emits_the_end_knows_its_transaction_ended(store: Store) -> None:
+    # given a service that ends transactions (it emits Done) but never receives Done
+    ran: list[tuple[str, str]] = []
+    closer = Service("closer")
+
+    @closer.on(Closing, emits=[Done])
+    async def close(event: Closing, ctx: Context) -> Done:
+        ran.append((ctx.correlation_id, "close"))
+        return Done()
+
+    @closer.on(Step)
+    async def step(event: Step, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, f"step {event.n}"))
+
+    app = App("closing", [closer], terminal=[Done])
+    handling = Handling(app, closer, VirtualClock())
+
+    # when it ends a transaction, then a step of it arrives in the same batch and in a later one
+    async with store.transaction() as tx:
+        first, _ = await handling.handle_batch(tx, [delivery(Closing(), "a"),
+                                                    delivery(Step(n=1), "a")])  # fmt: skip
+    async with store.transaction() as tx:
+        later, _ = await handling.handle_batch(tx, [delivery(Step(n=2), "a"),
+                                                    delivery(Step(n=3), "b")])  # fmt: skip
+
+    # then both steps of it are late; the other transaction's step ran
+    assert [o.kind for _, _, o in first] + [o.kind for _, _, o in later] == [
+        "done", "late", "late", "done"
+    ]  # fmt: skip
+    assert ran == [("a", "close"), ("b", "step 3")]
