@@ -184,3 +184,35 @@ async def test_a_service_that_only_emits_the_end_knows_its_transaction_ended(sto
         "done", "late", "late", "done"
     ]  # fmt: skip
     assert ran == [("a", "close"), ("b", "step 3")]
+
+
+async def test_a_batch_asks_for_the_ends_it_may_be_late_for_or_makes(store: Store) -> None:
+    # given a service that audits every Step even after the end, and learns of ends
+    ran: list[tuple[str, str]] = []
+    audit = Service("audit")
+
+    @audit.on(Step, after_end=True)
+    async def keep(event: Step, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, "kept"))
+
+    @audit.on(Closing)
+    async def closing(event: Closing, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, "closing"))
+
+    @audit.on(Done)
+    async def done(event: Done, ctx: Context) -> None:
+        ran.append((ctx.correlation_id, "done"))
+
+    app = App("auditing", [audit], terminal=[Done])
+    handling = Handling(app, audit, VirtualClock())
+
+    # when a batch holds a step (handled even after the end), a Closing and the end of another
+    async with store.transaction() as tx:
+        asking = _EndHeldTx(tx, set())
+        batch = [delivery(Step(n=1), "a"), delivery(Closing(), "b"), delivery(Done(), "c")]
+        handled, _ = await handling.handle_batch(asking, batch)  # type: ignore[arg-type]
+
+    # then it asks once for the ends of the transactions the Closing may be late for and the
+    # Done ends (which a store with locks then holds until the commit), not the step's
+    assert asking.asked == [{"b", "c"}]
+    assert [outcome.kind for _, _, outcome in handled] == ["done", "done", "done"]
