@@ -274,13 +274,26 @@ class Opened(Event):
     key: str
 
 
+class Up(Event):
+    pass
+
+
+class Down(Event):
+    pass
+
+
 def opened_app() -> App:
-    """A join whose timeout starts when Opened arrives."""
+    """Two joins whose timeouts start when Opened arrives: one on a key field, one on the
+    transaction."""
     merger = Service("merger")
 
     @merger.join(Left, Right, key="key", within=10, starts_on=Opened, emits=[Combined])
     async def pair(parts: Parts, ctx: Context) -> Combined:
         return Combined(key=parts.key, total=parts[Left].value + parts[Right].value)
+
+    @merger.join(Up, Down, within=20, starts_on=Opened)
+    async def trip(parts: Parts, ctx: Context) -> None:
+        return None
 
     return App("opening", [merger])
 
@@ -288,14 +301,16 @@ def opened_app() -> App:
 async def test_a_join_started_by_its_own_event_times_from_that_event_once() -> None:
     async with Harness(opened_app()) as h:
         # when the event starting the join arrives
-        opened = await h.call("merger", Opened(key="k"))
+        opened = await h.call("merger", Opened(key="k"), correlation_id="tx")
         # and again, then its first part
-        again = await h.call("merger", Opened(key="k"), state=opened.state)
+        again = await h.call("merger", Opened(key="k"), state=opened.state, correlation_id="tx")
         left = await h.call("merger", Left(key="k", value=1), state=again.state)
 
     # then the join is kept open with no part, its timeout running from then, once
     assert opened.stored("_join:pair", "k") == {"status": "open", "parts": {}, "timer": True}
-    assert opened.timers == [PendingTimer("join:pair", "k", 10.0)]
+    assert opened.stored("_join:trip", "tx") == {"status": "open", "parts": {}, "timer": True}
+    assert opened.timers == [PendingTimer("join:pair", "k", 10.0),
+                             PendingTimer("join:trip", "tx", 20.0)]  # fmt: skip
     assert again.stored("_join:pair", "k") == opened.stored("_join:pair", "k")
     assert again.timers == left.timers == []
     assert left.stored("_join:pair", "k") == {

@@ -388,6 +388,21 @@ async def test_a_timer_emitting_an_undeclared_event_gives_up_naming_itself() -> 
         )
 
 
+async def test_a_deadline_whose_function_emits_nothing_is_done() -> None:
+    watch = Service("watch")
+
+    @watch.deadline(starts_on=Started, expect=[Confirmed], within=10)
+    async def overdue(expired: DeadlineExpired, ctx: Context) -> None:
+        return None
+
+    async with Harness(App("quiet", [watch])) as h:
+        # when a deadline whose function returns nothing expires
+        result = await h.expire("watch", "overdue")
+
+    # then its handling is done (it ran), not ignored
+    assert (result.outcome, result.note, result.emitted) == ("done", "", [])
+
+
 async def test_a_join_timing_out_with_no_part_kept_is_recorded_as_expired() -> None:
     async with Harness(pair_app()) as h:
         # when a join's timeout expires and it holds no part (they were never kept)
