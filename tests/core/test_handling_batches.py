@@ -30,6 +30,10 @@ class Closing(Event):
     pass
 
 
+class Failed(Event):
+    pass
+
+
 def delivery(event: Event, correlation_id: str, event_id: str = "") -> Delivery:
     envelope = new_envelope(event.event_type, event.to_data(), source="t",
                             correlation_id=correlation_id)  # fmt: skip
@@ -216,3 +220,26 @@ async def test_a_batch_asks_for_the_ends_it_may_be_late_for_or_makes(store: Stor
     # Done ends (which a store with locks then holds until the commit), not the step's
     assert asking.asked == [{"b", "c"}]
     assert [outcome.kind for _, _, outcome in handled] == ["done", "done", "done"]
+
+
+async def test_an_end_emitted_by_a_handler_running_after_ends_is_known(store: Store) -> None:
+    # given a service whose compensation of a failed step ends the transaction (emits Done)
+    ran: list[tuple[str, str]] = []
+    _, steps = steps_app(ran)
+
+    @steps.compensate(Failed, undoes="step", emits=[Done])
+    async def undo(event: Failed, ctx: Context) -> Done:
+        ran.append((ctx.correlation_id, "undo"))
+        return Done()
+
+    handling = Handling(App("undoing", [steps], terminal=[Done]), steps, VirtualClock())
+
+    # when a batch holds only that failure, and a step of its transaction comes later
+    async with store.transaction() as tx:
+        first, _ = await handling.handle_batch(tx, [delivery(Failed(), "a")])
+    async with store.transaction() as tx:
+        later, _ = await handling.handle_batch(tx, [delivery(Step(n=1), "a")])
+
+    # then the compensation ran and ended the transaction: the step is late
+    assert [o.kind for _, _, o in first + later] == ["done", "late"]
+    assert ran == [("a", "undo")]
