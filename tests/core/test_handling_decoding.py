@@ -158,12 +158,13 @@ class _Charge(_Tables):
 async def test_a_handlings_session_is_discarded_after_it(store: Store) -> None:
     # given a handler writing a row of its own table through its session
     service = Service("payment", tables=_Tables.metadata)
-    sessions: list[TransactionSession] = []
+    sessions: list[tuple[TransactionSession, _Charge]] = []
 
     @service.on(Order)
     async def charge(event: Order, ctx: Context) -> None:
-        sessions.append(ctx.session)
-        ctx.session.add(_Charge(id=event.order_id))
+        row = _Charge(id=event.order_id)
+        ctx.session.add(row)
+        sessions.append((ctx.session, row))
 
     handling = Handling(App("shop", [service]), service, VirtualClock())
     async with store.transaction() as tx:
@@ -172,9 +173,10 @@ async def test_a_handlings_session_is_discarded_after_it(store: Store) -> None:
     # when it handles an order
     outcome = await handle(handling, store, message("Order", {"order_id": "o1"}))
 
-    # then the row was written, and the session let go of it: it holds nothing after the handling
+    # then the row was written, and the session let go of it and of its connection
     assert outcome.kind == "done"
     async with store.transaction() as tx:
         assert [tuple(row) for row in tx.connection.execute("SELECT id FROM charges")] == [("o1",)]
-    (session,) = sessions
-    assert list(session) == []
+    ((session, row),) = sessions
+    assert row not in session
+    assert not session.in_transaction()
