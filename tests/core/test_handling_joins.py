@@ -335,3 +335,18 @@ async def test_a_join_started_by_its_own_event_times_out_counting_from_it() -> N
     # then it times out at 10 s, missing its Right part
     assert before == []
     assert timed_out.data["missing"] == ["Right"]
+
+
+async def test_a_join_on_the_transaction_keeps_its_parts_under_the_transactions_id() -> None:
+    async with Harness(opened_app()) as h:
+        # when both parts of a join keyed by nothing arrive in transaction tx
+        up = await h.call("merger", Up(), correlation_id="tx")
+        down = await h.call("merger", Down(), state=up.state, correlation_id="tx")
+
+    # then it kept the first under the transaction's id, and completed with the second
+    assert up.stored("_join:trip", "tx") == {
+        "status": "open", "parts": {"Up": kept(up.envelope)}, "timer": True
+    }  # fmt: skip
+    done = down.stored("_join:trip", "tx")
+    assert done is not None
+    assert done["status"] == "done"
