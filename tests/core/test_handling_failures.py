@@ -27,9 +27,9 @@ from choreograph import (
     Service,
 )
 from choreograph.clock import VirtualClock
-from choreograph.envelope import encode, new_envelope
+from choreograph.envelope import Envelope, encode, new_envelope
 from choreograph.events import MAX_ANNOUNCEMENT_DEPTH
-from choreograph.middleware import Middleware, Next
+from choreograph.middleware import Middleware, Next, Outcome
 from choreograph.runtime.handling import Handling
 from choreograph.store import DocumentBusy, OutboxRow, StoreTx, store_from_url
 from choreograph.testing import Harness
@@ -79,6 +79,20 @@ def failing_app() -> App:
         await ctx.state.put("announced", key, {"n": doc["n"] + 1})
 
     return App("failing", [a, b, listener])
+
+
+async def handled_alone(service: Service, envelope: Envelope) -> Outcome:
+    """The outcome of one envelope handled alone by ``service``, on a memory store."""
+    handling = Handling(App("app", [service]), service, VirtualClock())
+    store = store_from_url("memory://", service.name)
+    await store.open()
+    try:
+        async with store.transaction() as tx:
+            message = Message(envelope.id, envelope.type, encode(envelope))
+            _, outcome = await handling.handle(tx, Delivery(message, 1))
+    finally:
+        await store.close()
+    return outcome
 
 
 async def test_each_failure_is_announced_once_under_an_id_of_its_own() -> None:
@@ -409,17 +423,9 @@ async def test_a_message_that_cannot_be_read_is_dead_lettered_without_a_tracebac
         return None
 
     envelope = new_envelope("Order", {}, source="shop", correlation_id="tx")
-    handling = Handling(App("shop", [payment]), payment, VirtualClock())
-    store = store_from_url("memory://", "payment")
-    await store.open()
-    try:
-        # when it is handled
-        async with store.transaction() as tx:
-            _, outcome = await handling.handle(
-                tx, Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
-            )
-    finally:
-        await store.close()
+
+    # when it is handled
+    outcome = await handled_alone(payment, envelope)
 
     # then it is dead-lettered for what it is, with no traceback (the reason says it all)
     assert outcome.kind == "dead_letter"
@@ -449,17 +455,9 @@ async def test_data_that_fails_to_validate_otherwise_is_a_bounded_schema_violati
         return None
 
     envelope = new_envelope("Odd", {"value": "v" * 1000}, source="t", correlation_id="tx")
-    handling = Handling(App("odd", [reader]), reader, VirtualClock())
-    store = store_from_url("memory://", "reader")
-    await store.open()
-    try:
-        # when such an event is handled
-        async with store.transaction() as tx:
-            _, outcome = await handling.handle(
-                tx, Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
-            )
-    finally:
-        await store.close()
+
+    # when such an event is handled
+    outcome = await handled_alone(reader, envelope)
 
     # then it is never retried: a schema violation naming the type and (the start of) what broke
     assert outcome.kind == "dead_letter"
