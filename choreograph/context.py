@@ -64,7 +64,8 @@ def connection_of(state: State) -> Any:
 
 
 def session_of(state: State) -> TransactionSession:
-    """The SQLAlchemy session on the store transaction, opened on first use."""
+    """The SQLAlchemy session on the store transaction, taken on first use (the one its
+    connection keeps from an earlier handling, else a new one)."""
     if state._session is None:
         state._session = _open_session()(state._tx)
     return state._session
@@ -73,7 +74,7 @@ def session_of(state: State) -> TransactionSession:
 @functools.cache
 def _open_session() -> Callable[[StoreTx], TransactionSession]:
     opener: Callable[[StoreTx], TransactionSession] = load_backend(
-        "choreograph.orm", "open_session", "sqlalchemy", "SQLAlchemy session (ctx.session)"
+        "choreograph.orm", "handling_session", "sqlalchemy", "SQLAlchemy session (ctx.session)"
     )
     return opener
 
@@ -84,11 +85,13 @@ async def flush_session(state: State) -> None:
         await state._session._flush_changes()
 
 
-async def release_session(state: State) -> None:
-    """Discard the session, if one was opened (no SQL; the store ends the transaction)."""
+async def release_session(state: State, *, succeeded: bool = False) -> None:
+    """End the handling's use of its session, if it took one (no SQL; the store ends the
+    transaction): once it ``succeeded``, the session is cleared and kept for the next handling
+    on the same connection; else discarded, with whatever it held."""
     session, state._session = state._session, None
     if session is not None:
-        await session._release()
+        await session._end_handling(succeeded=succeeded)
 
 
 @dataclass(frozen=True, slots=True)

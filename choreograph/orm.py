@@ -4,7 +4,8 @@ A handler's ``ctx.session`` (and a unit of work's ``uow.session``) is an ``Async
 statements run on the store transaction's own connection, inside the message's savepoint: the
 service's tables, its inbox, outbox and timers commit or roll back together. The runtime flushes
 the session at the end of the handler (inside the savepoint, so a failed flush fails that
-message alone) and discards it; the store transaction commits later, for the whole batch.
+message alone) and clears it (see :func:`handling_session`); the store transaction commits later,
+for the whole batch.
 
 The session never controls the transaction: its engine's dialect turns the driver's commit,
 rollback and close into no-ops, and :class:`TransactionSession` refuses ``commit``, ``rollback``
@@ -74,6 +75,8 @@ class TransactionSession(AsyncSession):
     ``begin_nested``), but never commit, roll back or close it yourself."""
 
     sync_session_class = _RefusingSession
+    _home: Any = None
+    """The store connection this session is kept on between handlings (``handling_session``)."""
 
     async def commit(self) -> None:
         raise ConfigurationError(f"session.commit() is not allowed: {_NOT_YOURS}")
@@ -92,6 +95,25 @@ class TransactionSession(AsyncSession):
     async def _release(self) -> None:
         """Discard the session (no SQL: the dialect's rollback is a no-op)."""
         await super().close()
+
+    async def _end_handling(self, *, succeeded: bool) -> None:
+        """The handling that used this session ended: after a success, clear it and keep it on
+        its connection for the next handling there; else (or if a handler left it inside a
+        ``begin_nested`` block or with unflushed changes) discard it."""
+        home = self._home
+        if (
+            succeeded
+            and home is not None
+            and home.orm_session is None
+            and not self.in_nested_transaction()
+            and not (self.new or self.dirty or self.deleted)
+        ):
+            self.expunge_all()  # nothing loaded here is seen by the next handling
+            self.sync_session.autoflush = True
+            self.info.clear()
+            home.orm_session = self
+            return
+        await self._release()
 
 
 class _NoTransactionControl:
@@ -322,5 +344,21 @@ async def create_tables(tx: StoreTx, metadata: MetaData) -> None:
 
 
 def open_session(tx: StoreTx) -> TransactionSession:
-    """A session on ``tx``'s connection (see the module's doc)."""
+    """A session on ``tx``'s connection (see the module's doc), of its own."""
     return TransactionSession(_engine_for(tx.connection), expire_on_commit=False)
+
+
+def handling_session(tx: StoreTx) -> TransactionSession:
+    """The session of a handling (``ctx.session``) on ``tx``'s connection: the one the
+    connection keeps from an earlier handling that succeeded (cleared: an empty identity map,
+    nothing pending), else a new one. Setting up a session and its connection costs more CPU than
+    a handler's statement; a store connection lives for many transactions, so each keeps one.
+    End its use with ``_end_handling``."""
+    connection = tx.connection.unproxied()
+    session: TransactionSession | None = connection.orm_session
+    if session is None:
+        session = TransactionSession(_engine_for(connection), expire_on_commit=False)
+        session._home = connection
+    else:
+        connection.orm_session = None  # in use: no one else gets it until it ends
+    return session

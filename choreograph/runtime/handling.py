@@ -277,6 +277,7 @@ class Handling:
         notes: list[str] = []
         emitted: list[Envelope] = []
         ready: list[Message] = []
+        succeeded = False
         try:
             async with tx.savepoint():
                 if ended is None:
@@ -287,11 +288,12 @@ class Handling:
                         await flush_session(ctx.state)  # the handler's rows, in its savepoint
                     emitted, ready = await self._emit(tx, ctx, events, route.allowed)
                 await tx.remember(envelope.id, self.clock.now())
+            succeeded = True
         except Exception as exc:
             return ctx, await self._failed(tx, ctx, route.handler or route.join, exc)
         finally:
             if ctx.state._session is not None:
-                await release_session(ctx.state)
+                await release_session(ctx.state, succeeded=succeeded)
         batch.seen.add(envelope.id)
         if ended is not None:
             # Late: the transaction ended here first. Starting work now could never be undone
@@ -434,7 +436,7 @@ class Handling:
                 )
                 return ctx, Outcome("retry", delay=delay, failure=_failure(exc))
             return ctx, await self._give_up(tx, ctx, None, exc, spec_name=name)
-        await release_session(ctx.state)
+        await release_session(ctx.state, succeeded=True)
         if notes and not emitted:
             return ctx, Outcome("ignored", note="; ".join(notes))
         return ctx, Outcome("done", emitted=emitted, ready=ready)

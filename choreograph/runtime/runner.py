@@ -188,11 +188,13 @@ class Runtime:
         ready: list[Message] = []
         async with worker.store.transaction() as tx:
             uow = UnitOfWork(State(tx), correlation_id or "")
+            succeeded = False
             try:
                 yield uow
                 await flush_session(uow.state)
+                succeeded = True
             finally:
-                await release_session(uow.state)
+                await release_session(uow.state, succeeded=succeeded)
             ready = await self._outbox(worker, tx, uow)
         await worker._publish(ready)
 

@@ -63,6 +63,8 @@ class StoreConnection(sqlite3.Connection):
 
     orm_engine: Any = None
     """The SQLAlchemy engine on this connection, once a session was asked for (choreograph.orm)."""
+    orm_session: Any = None
+    """The session a handling that succeeded left here, cleared, for the next (choreograph.orm)."""
 
     def unproxied(self) -> StoreConnection:
         return self

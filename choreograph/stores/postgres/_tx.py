@@ -39,6 +39,8 @@ class StoreConnection(asyncpg.Connection):  # type: ignore[misc]
     _before: Callable[[], Awaitable[None]] | None = None
     orm_engine: Any = None
     """The SQLAlchemy engine on this connection, once a session was asked for (choreograph.orm)."""
+    orm_session: Any = None
+    """The session a handling that succeeded left here, cleared, for the next (choreograph.orm)."""
 
     def unproxied(self) -> StoreConnection:
         """This connection itself, not the pool's proxy of it (which dies when it is released)."""
