@@ -6,7 +6,9 @@ drone-scheduler (no transient errors, no rejections) each handle N ``DeliveryReq
 100 drones is never exhausted). Prints the process CPU time per handling (requests and
 completions together) of each service, the run's whole runtime included (bus, store, commit),
 then the same for a service whose handlers touch no table (``plain``), so the tables' share is
-the difference.
+the difference, and for one whose handlers get and put a document of the delivery
+(``documents``, like ingestion's). Each delivery's events carry its id as their correlation id,
+as the demo's do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from choreograph import App, Context, Event, Middleware, Runtime, Service, WorkerSettings
+from choreograph import App, Context, Middleware, Runtime, Service, WorkerSettings
 from choreograph.demo import drone_scheduler, package
 from choreograph.demo.events import (
     DeliveryCompleted,
@@ -49,6 +51,24 @@ def _plain(knobs: Knobs) -> Service:
     return plain
 
 
+def _documents(knobs: Knobs) -> Service:
+    documents = Service("documents")
+
+    async def track(ctx: Context, delivery_id: str, status: str) -> None:
+        doc = await ctx.state.get("delivery", delivery_id) or {}
+        await ctx.state.put("delivery", delivery_id, {**doc, "status": status})
+
+    @documents.on(DeliveryRequested)
+    async def requested(event: DeliveryRequested, ctx: Context) -> None:
+        await track(ctx, event.delivery_id, "requested")
+
+    @documents.on(DeliveryCompleted)
+    async def completed(event: DeliveryCompleted, ctx: Context) -> None:
+        await track(ctx, event.delivery_id, "completed")
+
+    return documents
+
+
 class _Counter(Middleware):
     def __init__(self) -> None:
         self.handled = 0
@@ -66,22 +86,24 @@ class _Counter(Middleware):
             await asyncio.wait_for(self.changed.wait(), 30)
 
 
-async def _publish(transport: MemoryTransport, events: list[Event]) -> None:
+async def _publish(
+    transport: MemoryTransport, events: list[DeliveryRequested | DeliveryCompleted]
+) -> None:
     messages = []
     for event in events:
         event_id = new_id()
         data = event.model_dump(mode="json")
-        envelope = Envelope(event_id, event.event_type, "tables-cost", event_id, data)
+        envelope = Envelope(event_id, event.event_type, "tables-cost", event.delivery_id, data)
         messages.append(Message(event_id, event.event_type, encode(envelope)))
     await transport.publish(messages)
 
 
-def _events(start: int) -> tuple[list[Event], list[Event]]:
+def _events(run: str, start: int) -> tuple[list[DeliveryRequested], list[DeliveryCompleted]]:
     here = Location(latitude=1.0, longitude=2.0)
-    requests: list[Event] = []
-    completions: list[Event] = []
+    requests: list[DeliveryRequested] = []
+    completions: list[DeliveryCompleted] = []
     for n in range(start, start + WAVE):
-        d = f"d-{n}"
+        d = f"d-{run}-{n}"  # (a store kept from an earlier run knows its deliveries ended)
         info = PackageInfo(package_id=f"p-{n}", size="small", weight_kg=2.0)
         requests.append(
             DeliveryRequested(delivery_id=d, owner_id="o", pickup=here, dropoff=here, package=info)
@@ -104,10 +126,11 @@ async def _run(build: Callable[[Knobs], Service], n: int, store: str) -> float:
     )
     await transport.connect()
     await declare_groups(transport, app)
+    run = new_id()[:8]
     async with runtime:
         cpu = 0.0
         for wave in range(n // WAVE):
-            requests, completions = _events(wave * WAVE)
+            requests, completions = _events(run, wave * WAVE)
             t0 = time.process_time()
             await _publish(transport, requests)
             await counter.reach((2 * wave + 1) * WAVE)
@@ -128,7 +151,12 @@ def main() -> None:
         "directory); e.g. postgresql://127.0.0.1/test?schema=tables_cost_{service}",
     )
     args = parser.parse_args()
-    builds = {"package": package.build, "drone-scheduler": drone_scheduler.build, "plain": _plain}
+    builds = {
+        "package": package.build,
+        "drone-scheduler": drone_scheduler.build,
+        "plain": _plain,
+        "documents": _documents,
+    }
     results: dict[str, list[float]] = {name: [] for name in builds}
     for _ in range(args.rounds):
         for name, build in builds.items():

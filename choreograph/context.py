@@ -24,13 +24,15 @@ class State:
     inbox record and the emitted events, or not at all.
     """
 
-    __slots__ = ("_session", "_tx")
+    __slots__ = ("_read", "_session", "_tx")
 
     def __init__(self, tx: StoreTx) -> None:
         self._tx = tx
         self._session: TransactionSession | None = None
+        self._read: list[tuple[str, str]] = []  # what get asked for (the runtime reads ahead)
 
     async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        self._read.append((kind, key))
         return await self._tx.get(kind, key)
 
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:

@@ -108,7 +108,8 @@ class TransactionSession(AsyncSession):
             and not self.in_nested_transaction()
             and not (self.new or self.dirty or self.deleted)
         ):
-            self.expunge_all()  # nothing loaded here is seen by the next handling
+            if len(self.identity_map):  # (a handler that ran Core statements loaded nothing)
+                self.expunge_all()  # nothing loaded here is seen by the next handling
             self.sync_session.autoflush = True
             self.info.clear()
             home.orm_session = self

@@ -109,6 +109,15 @@ class StoreTx(ABC):
         drone) while other replicas reserve others. Never use it to list what must all be seen.
         """
 
+    async def read_ahead(self, docs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Read ``docs`` now, for handlings of this transaction about to ``get`` them: a store
+        whose every read is a round trip (PostgreSQL) reads and locks them all in one statement,
+        each as ``get`` would, and the first ``get`` of one afterwards returns what was read
+        (unless the transaction put or deleted it since). Returns the documents another
+        transaction holds (``locks="raise"``), which were not read. By default nothing is read
+        ahead: ``get`` is as cheap."""
+        return set()
+
     @abstractmethod
     async def count(self, kind: str, where: dict[str, Any] | None = None) -> int:
         """How many documents match ``where`` now (locks nothing: it may change before the

@@ -126,6 +126,7 @@ Handled = tuple[Delivery, Context | None, Outcome]
 """A delivery, the context it was handled in (None when it could not be read) and its outcome."""
 # in place of a decoded delivery that waits for what another transaction holds
 _HANDED_BACK = Outcome("ignored", note="handed back")
+_MOST_READ_AHEAD = 4  # kinds of documents read ahead per event type
 
 
 @dataclass(slots=True)
@@ -139,7 +140,9 @@ class _Batch:
 
 
 class Handling:
-    """The handling logic of one service (stateless between calls; safe to share by lanes)."""
+    """The handling logic of one service (safe to share by lanes). What it keeps between calls
+    is a hint only: which kinds of documents each event type's handling read under its
+    correlation id, read ahead for the next batches."""
 
     def __init__(
         self,
@@ -166,6 +169,8 @@ class Handling:
         )
         self._terminal_types = frozenset(cls.event_type for cls in app.terminal)
         self._rng = rng or random.Random()
+        # event type -> kinds of documents its handlings got under their correlation id
+        self._reads: dict[str, frozenset[str]] = {}
 
     # messages ------------------------------------------------------------------------------------
 
@@ -214,6 +219,7 @@ class Handling:
                         if isinstance(item, tuple) and item[0].correlationid == busy.lock[1]:
                             handed_back.append((deliveries[index], busy.lock))
                             decoded[index] = _HANDED_BACK
+        await self._read_ahead(tx, deliveries, decoded, seen, ended, handed_back)
         batch = _Batch(tx, seen, ended)
         handled: list[Handled] = []
         for delivery, item in zip(deliveries, decoded, strict=True):
@@ -227,6 +233,48 @@ class Handling:
             elif item is not _HANDED_BACK:
                 handled.append((delivery, None, item))
         return handled, handed_back
+
+    async def _read_ahead(
+        self,
+        tx: StoreTx,
+        deliveries: Sequence[Delivery],
+        decoded: list[tuple[Envelope, Route, int] | Outcome],
+        seen: set[str],
+        ended: dict[str, str],
+        handed_back: list[tuple[Delivery, tuple[str, str]]],
+    ) -> None:
+        """Read, in one go, the documents the batch's handlings will likely get: those of the
+        kinds their event type's handlings got under their correlation id before (a join's
+        state, a service's record of the transaction). A message whose document another
+        transaction holds is handed back, as its ``get`` would have it."""
+        if not self._reads:
+            return
+        wanted: dict[tuple[str, str], list[int]] = {}
+        for index, item in enumerate(decoded):
+            if not isinstance(item, tuple) or item[0].id in seen:
+                continue
+            envelope, route = item[0], item[1]
+            if self._learns_end and not route.after_end and envelope.correlationid in ended:
+                continue  # late: nothing runs
+            for kind in self._reads.get(envelope.type, ()):
+                wanted.setdefault((kind, envelope.correlationid), []).append(index)
+        if not wanted:
+            return
+        for doc in sorted(await tx.read_ahead(list(wanted))):
+            for index in wanted[doc]:
+                if decoded[index] is not _HANDED_BACK:
+                    handed_back.append((deliveries[index], doc))
+                    decoded[index] = _HANDED_BACK
+
+    def _learn_reads(self, ctx: Context) -> None:
+        """Remember which kinds this handling got under its correlation id (at most a few)."""
+        key = ctx.correlation_id
+        kinds = {kind for kind, read in ctx.state._read if read == key}
+        known = self._reads.get(ctx.envelope.type, frozenset())
+        if kinds and not kinds <= known and len(known) < _MOST_READ_AHEAD:
+            self._reads[ctx.envelope.type] = known | frozenset(
+                sorted(kinds - known)[: _MOST_READ_AHEAD - len(known)]
+            )
 
     def _decode(self, delivery: Delivery) -> tuple[Envelope, Route, int] | Outcome:
         body = delivery.message.body
@@ -295,6 +343,8 @@ class Handling:
             if ctx.state._session is not None:
                 await release_session(ctx.state, succeeded=succeeded)
         batch.seen.add(envelope.id)
+        if ctx.state._read:
+            self._learn_reads(ctx)
         if ended is not None:
             # Late: the transaction ended here first. Starting work now could never be undone
             # (its compensation already ran), so nothing runs; the outcome says so.

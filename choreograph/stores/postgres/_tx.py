@@ -129,6 +129,8 @@ class _PostgresTx(StoreTx):
         self._held: set[tuple[str, str]] = set()
         self._puts: dict[tuple[str, str], bytes] = {}
         self._ends: dict[str, str | None] = {}  # ends looked up (and locked) by this transaction
+        # Documents read ahead (held), each until its first get, or a put or delete of it.
+        self._ahead: dict[tuple[str, str], dict[str, Any] | None] = {}
         # The timers of the keys this transaction locked: key -> name -> state (see _PRESENT).
         self._timers: dict[str, dict[str, bytes]] = {}
         # (dict, key, value before) of each change of _puts and _timers since the outermost
@@ -308,6 +310,8 @@ class _PostgresTx(StoreTx):
         buffered = self._puts.get((kind, key))
         if buffered is not None:
             return cast("dict[str, Any]", orjson.loads(buffered))
+        if (kind, key) in self._ahead:  # (once: the handler may change the dict it gets)
+            return self._ahead.pop((kind, key))
         if not self._mode:
             doc = await self._read_val(
                 f"SELECT doc FROM {self._s}.state WHERE kind = $1 AND key = $2", kind, key
@@ -321,7 +325,43 @@ class _PostgresTx(StoreTx):
         self._hold((kind, key))
         return cast("dict[str, Any] | None", row["got"])
 
+    async def read_ahead(self, docs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+        # In one order (a "wait" transaction waits in it), outside any savepoint, like get.
+        wanted = sorted(
+            doc
+            for doc in set(docs)
+            if doc not in self._puts and doc not in self._ahead and doc[0] != _ENDED
+        )
+        if not wanted:
+            return set()
+        kinds, keys = [kind for kind, _ in wanted], [key for _, key in wanted]
+        if not self._mode:
+            rows = await self._read(
+                f"SELECT u.k, u.kk, true, s.doc FROM unnest($1::text[], $2::text[]) AS u(k, kk) "
+                f"LEFT JOIN {self._s}.state AS s ON s.kind = u.k AND s.key = u.kk",
+                kinds,
+                keys,
+            )
+        else:
+            rows = await self._read(
+                "SELECT u.k, u.kk, g.ok, g.got FROM unnest($1::text[], $2::text[]) "
+                f"WITH ORDINALITY AS u(k, kk, i), LATERAL {self._s}.get_doc(u.k, u.kk, $3) AS g "
+                "ORDER BY u.i",
+                kinds,
+                keys,
+                self._mode,
+            )
+        busy: set[tuple[str, str]] = set()
+        for kind, key, ok, doc in rows:
+            if ok:
+                self._hold((kind, key))
+                self._ahead[(kind, key)] = doc
+            else:
+                busy.add((kind, key))
+        return busy
+
     async def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        self._ahead.pop((kind, key), None)
         data = orjson.dumps(doc)
         if b"\\u0000" not in data:
             # Locked (taken now if need be, outside the handling's savepoint, like a read), the
@@ -354,6 +394,7 @@ class _PostgresTx(StoreTx):
             raise DocumentBusy((kind, key))
 
     async def delete(self, kind: str, key: str) -> bool:
+        self._ahead.pop((kind, key), None)
         buffered = (kind, key) in self._puts
         self._buffer((kind, key), None)
         if not self._mode:
