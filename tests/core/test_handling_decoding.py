@@ -155,7 +155,9 @@ class _Charge(_Tables):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
-async def test_a_handlings_session_is_discarded_after_it(store: Store) -> None:
+async def test_a_handlings_session_is_cleared_after_it_and_kept_for_the_next(
+    store: Store,
+) -> None:
     # given a handler writing a row of its own table through its session
     service = Service("payment", tables=_Tables.metadata)
     sessions: list[tuple[TransactionSession, _Charge]] = []
@@ -173,10 +175,14 @@ async def test_a_handlings_session_is_discarded_after_it(store: Store) -> None:
     # when it handles an order
     outcome = await handle(handling, store, message("Order", {"order_id": "o1"}))
 
-    # then the row was written, and the session let go of it and of its connection
+    # then the row was written, and the session let go of it (nothing loaded or pending is left)
     assert outcome.kind == "done"
     async with store.transaction() as tx:
         assert [tuple(row) for row in tx.connection.execute("SELECT id FROM charges")] == [("o1",)]
     ((session, row),) = sessions
     assert row not in session
-    assert not session.in_transaction()
+    assert not session.identity_map and not session.new
+    # and the next handling on the store's connection gets that session back, empty
+    assert (await handle(handling, store, message("Order", {"order_id": "o2"}))).kind == "done"
+    assert sessions[1][0] is session
+    assert row not in session
