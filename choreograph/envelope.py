@@ -204,14 +204,15 @@ def partition_key(body: bytes) -> str | None:
     extension (CloudEvents Partitioning) when it has one, else its ``correlationid``; None for a
     body that is not a JSON object with either. Cheap for the usual event, which has no
     ``partitionkey``: its correlation id is read where it stands when no ``{`` precedes it (so it
-    is an attribute of the event, not a field of a nested object); any other body is parsed."""
+    is an attribute of the event, not a field of a nested object) and it is there once (JSON
+    keeps the last of two); any other body is parsed."""
     if _PARTITION_KEY not in body and body[:1] == b"{":
         at = body.find(_CORRELATION_ID)
         if at > 0 and body.find(b"{", 1, at) < 0:
             start = at + len(_CORRELATION_ID)
             stop = body.find(b'"', start)
             value = body[start:stop]
-            if stop > start and b"\\" not in value:
+            if stop > start and b"\\" not in value and body.find(_CORRELATION_ID, stop) < 0:
                 return value.decode("utf-8", "replace")
     try:
         doc = orjson.loads(body)

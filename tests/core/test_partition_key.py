@@ -38,6 +38,46 @@ def test_the_correlation_id_is_the_key_unless_a_partitionkey_is_given() -> None:
     assert partition_key(b'["a list"]') is None
 
 
+def event(**attributes: object) -> bytes:
+    return orjson.dumps(
+        {"specversion": "1.0", "id": "e1", "type": "T", "source": "s", **attributes}
+    )
+
+
+def test_the_key_read_where_it_stands_is_the_one_the_event_decodes_with() -> None:
+    # a correlationid of a nested object before the event's own is not the event's
+    nested = event(data={"correlationid": "no"}, correlationid="tx-1")
+    assert nested.index(b'"correlationid":"no"') < nested.index(b'"correlationid":"tx-1"')
+    assert partition_key(nested) == "tx-1"
+    # written twice, JSON keeps the last: so do the key and the decoded event
+    twice = event(correlationid="a")[:-1] + b',"correlationid":"b"}'
+    assert partition_key(twice) == decode(twice).correlationid == "b"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        event(),  # no correlationid at all
+        event(correlationid=""),
+        event(correlationid=5),
+        event(partitionkey="", correlationid=""),
+        b'{{"correlationid":"k"}}',  # not JSON
+        b'["correlationid":"k"]',  # not JSON, nor an object
+    ],
+)
+def test_no_key_from_an_empty_or_unreadable_one(body: bytes) -> None:
+    assert partition_key(body) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"correlationid":"\xff"}', b'{"id":"\xc3","correlationid":"\xe2\x82"}', b"\xff", b""],
+)
+def test_any_body_gives_a_key_or_none_never_an_error(body: bytes) -> None:
+    # publish calls it on whatever it is given: a body that is not UTF-8 is no reason to fail
+    assert partition_key(body) in (None, "\ufffd")
+
+
 def test_an_event_type_names_the_field_that_partitions_it() -> None:
     assert Debited(account_id="acct-7", amount=1).envelope_extensions() == {
         "partitionkey": "acct-7"

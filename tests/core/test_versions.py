@@ -126,14 +126,28 @@ def test_a_dataschema_not_written_so_is_refused(dataschema: str, says: str) -> N
 
 @pytest.mark.parametrize(
     "content_type",
-    ["application/json", "application/json; charset=utf-8", 'Application/JSON;charset="UTF-8"'],
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        'Application/JSON;charset="UTF-8"',
+        "application/json; charset=utf8",
+        "application/json; charset=utf-8; profile=x",  # the type is what comes before the first ';'
+    ],
 )
 def test_json_content_types_with_parameters_are_accepted(content_type: str) -> None:
     assert decode(envelope(datacontenttype=content_type)).type == "Shipment"
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/json; charset=latin-1", "application/jsonx"]
+    "content_type",
+    [
+        "text/plain",
+        "application/json; charset=latin-1",
+        "application/jsonx",
+        "application/json;profile=x;charset=latin-1",  # every parameter counts, not the first
+        "application/json; charset=latin-1=utf-8",  # the value is all after the first '='
+        "application/json; charset=utf-8X",  # only quotes are taken off the value
+    ],
 )
 def test_other_content_types_are_refused(content_type: str) -> None:
     with pytest.raises(MalformedEnvelope, match="unsupported datacontenttype"):
