@@ -4,7 +4,10 @@ interval; what it cannot know of (another process's timers) is found by the poll
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+
+import pytest
 
 from choreograph import (
     App,
@@ -67,8 +70,9 @@ async def _received(subscription: Subscription) -> list[Delivery]:
 
 
 async def test_a_timer_and_a_delayed_event_of_this_process_are_taken_up_when_due(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="choreograph")
     clock = VirtualClock()
     bus = MemoryTransport(clock=clock)
     store = f"sqlite:///{tmp_path}/{{service}}.db"
@@ -93,6 +97,9 @@ async def test_a_timer_and_a_delayed_event_of_this_process_are_taken_up_when_due
         (failed,) = await _received(seen)
         assert decode(failed.message.body).type == "Failed"
         assert await runtime.worker("watcher").store.list_timers() == []
+
+    # and no pass of the housekeeping failed on the way
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_a_timer_another_process_set_fires_by_the_next_poll(tmp_path: Path) -> None:
