@@ -162,3 +162,15 @@ async def test_an_end_recorded_after_a_lookup_stays_known_after_reads_and_savepo
         assert await tx.ended_transactions(["c1", "c2"]) == {"c1": "DeliveryFailed"}
     async with store.transaction() as tx:
         assert await tx.ended_transactions(["c1", "c2"]) == {"c1": "DeliveryFailed"}
+
+
+async def test_a_field_named_with_underscores_and_digits_can_be_queried(store: Store) -> None:
+    # given documents with a field whose name is an identifier with '_' and a digit
+    async with store.transaction() as tx:
+        await tx.put("drone", "a", {"home_base_2": "north"})
+        await tx.put("drone", "b", {"home_base_2": "south"})
+
+    # then find and count filter on it
+    async with store.transaction() as tx:
+        assert [key for key, _ in await tx.find("drone", {"home_base_2": "north"})] == ["a"]
+        assert await tx.count("drone", {"home_base_2": "south"}) == 1
