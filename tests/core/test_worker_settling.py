@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from choreograph import (
     App,
+    ConfigurationError,
     Context,
     Event,
     Middleware,
@@ -921,6 +924,28 @@ async def test_a_service_own_tables_are_created_when_it_starts(tmp_path: Path) -
         assert db.execute("SELECT id FROM pings").fetchall() == [("6",)]
     finally:
         db.close()
+
+
+async def test_a_service_with_tables_names_the_extra_it_needs_when_sqlalchemy_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given a service with tables of its own, in a process where SQLAlchemy cannot be imported
+    pong = Service("pong", tables=_Tables.metadata)
+
+    @pong.on(Ping)
+    async def keep(event: Ping, ctx: Context) -> None:
+        pass
+
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    monkeypatch.delitem(sys.modules, "choreograph.orm", raising=False)
+    runtime = Runtime(App("tables", [pong]), transport=MemoryTransport(),
+                      store=f"sqlite:///{tmp_path}/{{service}}.db",
+                      settings=WorkerSettings(concurrency=1))  # fmt: skip
+    # when it starts, then it says what needs which extra
+    needs = "the tables of pong needs an extra: pip install 'choreograph[sqlalchemy]' ("
+    with pytest.raises(ConfigurationError, match=f"^{re.escape(needs)}"):
+        async with runtime:
+            pass
 
 
 # documents another transaction holds --------------------------------------------------------------
