@@ -4,12 +4,15 @@ the exact words of each refusal (the mutation run of docs/testing.md found these
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime
 
 import orjson
 import pytest
 
+from choreograph import envelope as envelope_module
 from choreograph.envelope import (
+    MAX_ID_CHARS,
     Envelope,
     check_event_type,
     decode,
@@ -167,3 +170,66 @@ def test_the_fast_path_reads_what_the_full_path_reads() -> None:
     external = raw(time="2026-01-01T00:00:00Z", ext="kept")
     assert decode(external).extensions == {"ext": "kept"}
     assert decode(external).correlationid == "e1"
+
+
+def unseen_type() -> str:
+    """An event type no decode has met yet: its first decode takes the full path, which checks
+    each attribute (a type met before takes the fast path)."""
+    return f"T{uuid.uuid4().hex}"
+
+
+def test_the_full_path_reads_every_attribute() -> None:
+    envelope = make(
+        type=unseen_type(), subject="s", causationid="c0", traceparent="00-ab-cd-01",
+        tracestate="k=v", dataschema="urn:x", extensions={"ext": 1},
+    )  # fmt: skip
+    assert decode(encode(envelope)) == envelope  # the full path, then
+    assert decode(encode(envelope)) == envelope  # the fast path
+
+
+def test_new_envelope_carries_its_dataschema_and_extensions() -> None:
+    envelope = new_envelope(
+        "Thing", {}, source="cli", dataschema="urn:choreograph:Thing:v2",
+        extensions={"partitionkey": "k"},
+    )  # fmt: skip
+    assert envelope.dataschema == "urn:choreograph:Thing:v2"
+    assert envelope.extensions == {"partitionkey": "k"}
+    assert decode(encode(envelope)) == envelope
+
+
+@pytest.mark.parametrize("character", ["\x7f", "\x85", "\x9f"])
+@pytest.mark.parametrize("name", ["subject", "correlationid", "tracestate"])
+def test_a_raw_delete_or_c1_control_character_is_refused(character: str, name: str) -> None:
+    # JSON writes DEL and C1 controls unescaped: the body holds them raw, and no backslash
+    body = raw(type=unseen_type(), **{name: f"a{character}b"})
+    assert b"\\" not in body
+    with pytest.raises(MalformedEnvelope, match=f"^attribute '{name}' contains a control"):
+        decode(body)
+
+
+@pytest.mark.parametrize("name", ["id", "correlationid", "causationid"])
+def test_an_id_of_512_characters_is_accepted_and_one_longer_refused(name: str) -> None:
+    longest = "i" * MAX_ID_CHARS
+    assert getattr(decode(raw(type=unseen_type(), **{name: longest})), name) == longest
+    with pytest.raises(
+        MalformedEnvelope, match=f"^attribute '{name}' is 513 characters; at most 512$"
+    ):
+        decode(raw(type=unseen_type(), **{name: longest + "i"}))
+
+
+def test_a_refused_content_type_is_quoted_up_to_200_characters() -> None:
+    content_type = "text/" + "x" * 300
+    with pytest.raises(MalformedEnvelope) as refused:
+        decode(raw(datacontenttype=content_type))
+    assert str(refused.value) == f"unsupported datacontenttype {content_type[:200]!r}"
+
+
+def test_the_types_met_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # given an empty memory of checked types, bounded to 3 (10,000 in use)
+    met: set[str] = set()
+    monkeypatch.setattr(envelope_module, "_GOOD_TYPES", met)
+    monkeypatch.setattr(envelope_module, "_GOOD_TYPES_MAX", 3)
+    # when five types are decoded, then the first three are remembered, and no more
+    for name in ("A", "B", "C", "D", "E"):
+        assert decode(raw(type=name)).type == name
+    assert met == {"A", "B", "C"}
