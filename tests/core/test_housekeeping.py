@@ -19,9 +19,9 @@ from choreograph import (
     VirtualClock,
     WorkerSettings,
 )
-from choreograph.envelope import decode
+from choreograph.envelope import decode, encode, new_envelope
 from choreograph.store import Timer, store_from_url
-from choreograph.transport import Delivery, Subscription
+from choreograph.transport import Delivery, Message, Subscription
 from choreograph.transports.memory import MemoryTransport
 
 # The store is polled once an hour: anything that happens sooner was woken by this process.
@@ -123,3 +123,33 @@ async def test_a_timer_another_process_set_fires_by_the_next_poll(tmp_path: Path
         await clock.advance(11)
         (failed,) = await _received(failures)
         assert decode(failed.message.body).correlationid == "tx"
+
+
+async def test_an_event_delayed_in_a_batch_after_an_unreadable_message_goes_when_due(
+    tmp_path: Path,
+) -> None:
+    # given a worker taking whole batches in one lane, polling its store once an hour
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    settings = WorkerSettings(concurrency=1, poll_interval=3600, housekeeping_interval=3600)
+    await bus.connect()
+    seen = await bus.subscribe("observer", ["Reminded"])
+    async with Runtime(
+        watcher_app(), transport=bus, store=f"sqlite:///{tmp_path}/{{service}}.db",
+        clock=clock, settings=settings,
+    ) as runtime:  # fmt: skip
+        # when one batch holds a message that is no event, then one delaying a Reminded by 5 s
+        started = new_envelope("Started", {"key": "b"}, source="test")
+        await bus.publish([
+            Message("junk", "Started", b"not an event"),
+            Message(started.id, started.type, encode(started)),
+        ])  # fmt: skip
+        for _ in range(300):  # handled: the junk dead-lettered, the Started's timer set
+            if await bus.dead_letters("watcher") and not bus.busy("watcher"):
+                break
+            await asyncio.sleep(0.01)
+        assert await runtime.worker("watcher").store.list_timers() != []
+        # then the Reminded goes out when due, not at the next poll of the store
+        await clock.advance(6)
+        (reminded,) = await _received(seen)
+        assert decode(reminded.message.body).type == "Reminded"
