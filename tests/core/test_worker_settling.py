@@ -38,7 +38,7 @@ from choreograph.envelope import MAX_EVENT_BYTES, Envelope, decode, encode, new_
 from choreograph.errors import TransportError
 from choreograph.middleware import Checkpoint
 from choreograph.runtime.outbox import FAST_PATH_CLAIM, stage
-from choreograph.runtime.worker import POISON_ATTEMPTS
+from choreograph.runtime.worker import HAND_BACKS, POISON_ATTEMPTS
 from choreograph.service import CORRELATION
 from choreograph.store import DocumentBusy, StoreTx, store_from_url
 from choreograph.transport import Delivery, Failure, Message
@@ -1047,3 +1047,55 @@ async def test_a_message_finding_its_documents_busy_waits_for_them_without_holdi
     assert await bus.lag("pong") == 0
     assert await bus.dead_letters() == []
     assert worker_logs(caplog, logging.WARNING) == worker_logs(caplog, logging.ERROR) == []
+
+
+class _Contended:
+    """Gives a running worker's SQLite store a document another transaction takes again each
+    time: every try of a ``locks="raise"`` transaction finds the next document of the handler's
+    busy (the one after those it took first)."""
+
+    def __init__(self, store: Any) -> None:
+        self.tries = 0
+        self._transaction = store.transaction
+        store.transaction = self.transaction
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, *, locks: str = "wait", lock_first: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[Any]:
+        async with self._transaction(locks=locks, lock_first=lock_first) as tx:
+            if locks != "raise":
+                yield tx
+                return
+            self.tries += 1
+            yield _HeldTx(tx, {("doc", str(len(lock_first)))})
+
+
+async def test_a_message_handed_back_again_and_again_is_left_for_its_lease_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a service reading many documents, each try finding the next one busy
+    caplog.set_level(logging.INFO, logger="choreograph")
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def read(event: Ping, ctx: Context) -> None:
+        for n in range(HAND_BACKS + 1):
+            await ctx.state.get("doc", str(n))
+
+    bus = MemoryTransport()
+    runtime = Runtime(App("contended", [pong]), transport=bus, store="memory://",
+                      settings=WorkerSettings(concurrency=1, lease=300))  # fmt: skip
+    async with runtime:
+        contended = _Contended(runtime.workers["pong"].store)
+        # when a Ping comes
+        await bus.publish([ping(1)])
+        await wait_for(lambda: worker_logs(caplog, logging.WARNING))
+        # then the worker handed it back as many times as it may, then said it left it
+        assert contended.tries == HAND_BACKS
+        assert worker_logs(caplog, logging.WARNING) == [
+            "pong: 1 messages still wait for busy documents; they come back after their lease"
+        ]
+        # unsettled: it is still leased, and comes back after its lease
+        assert bus.busy("pong") == 1
+        assert await bus.lag("pong") == 0
