@@ -1099,3 +1099,67 @@ async def test_a_message_handed_back_again_and_again_is_left_for_its_lease_with_
         # unsettled: it is still leased, and comes back after its lease
         assert bus.busy("pong") == 1
         assert await bus.lag("pong") == 0
+
+
+class _LosesOneCommit:
+    """Gives a running worker's store a commit that fails once, when ``fail`` is set: the
+    transaction is rolled back and its error raised, as a lost connection would. Counts the
+    handling transactions asked for (``asked``), before they wait for the store."""
+
+    def __init__(self, store: Any) -> None:
+        self.fail = False
+        self.asked = 0
+        self._transaction = store.transaction
+        store.transaction = self.transaction
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, **options: Any) -> AsyncIterator[Any]:
+        self.asked += options.get("locks") == "raise"
+        async with self._transaction(**options) as tx:
+            yield tx
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("the commit was lost")
+
+
+async def test_events_another_lane_published_are_forgotten_after_a_failed_transaction() -> None:
+    # given a service of two lanes on a store of one writer at a time, answering Ping 1 with a
+    # Pong and handling Ping 0 once that Pong is out, each when told
+    pong = Service("pong")
+    entered, answer_now, pong_out = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    @pong.on(Ping, emits=[Pong])
+    async def answer(event: Ping, ctx: Context) -> Pong | None:
+        if event.n == 0:
+            await pong_out.wait()
+            return None
+        entered.set()
+        await answer_now.wait()
+        return Pong(n=1)
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    await bus.declare_group("reader", ["Pong"])
+    runtime = Runtime(App("forgotten", [pong]), transport=bus, store="memory://", clock=clock,
+                      settings=WorkerSettings(concurrency=2, batch_size=1, poll_interval=3600,
+                                              housekeeping_interval=1000))  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        commits = _LosesOneCommit(worker.store)
+        # when a lane's transaction starts (Ping 0) while the other's (Ping 1) holds the store,
+        await bus.publish([ping(1)])
+        await asyncio.wait_for(entered.wait(), 30)
+        await bus.publish([ping(0)])
+        await wait_for(lambda: commits.asked == 2)
+        # the other commits and publishes its Pong during it, and then it fails
+        answer_now.set()
+        await wait_for(lambda: bus.busy("reader") == 1)
+        commits.fail = True
+        pong_out.set()
+        await wait_until_quiet(runtime)
+        assert not commits.fail  # it did fail
+
+        # then the Pong published is forgotten all the same: the relay has nothing to send again
+        # once the worker's claim on it runs out
+        later = clock.now() + FAST_PATH_CLAIM
+        assert await worker.store.claim_outbox(later, 10, 1.0) == []
