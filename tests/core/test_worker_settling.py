@@ -1163,3 +1163,66 @@ async def test_events_another_lane_published_are_forgotten_after_a_failed_transa
         # once the worker's claim on it runs out
         later = clock.now() + FAST_PATH_CLAIM
         assert await worker.store.claim_outbox(later, 10, 1.0) == []
+
+
+class _Lost:
+    """Gives a running worker's store an outage while ``down`` is set: a transaction fails as
+    it begins or commits, as with a lost connection."""
+
+    def __init__(self, store: Any) -> None:
+        self.down = False
+        self._transaction = store.transaction
+        store.transaction = self.transaction
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, **options: Any) -> AsyncIterator[Any]:
+        if self.down:
+            raise RuntimeError("the store is gone")
+        async with self._transaction(**options) as tx:
+            yield tx
+            if self.down:
+                raise RuntimeError("the store is gone")
+
+
+async def test_a_key_waits_for_its_event_whose_batch_did_not_commit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given an ordered service, on a virtual clock
+    caplog.set_level(logging.INFO, logger="choreograph")
+    handled: list[int] = []
+    entered, go = asyncio.Event(), asyncio.Event()
+    pong = Service("pong")
+
+    @pong.on(Ping, ordered_by=CORRELATION)
+    async def record(event: Ping, ctx: Context) -> None:
+        handled.append(event.n)
+        if event.n == 1 and ctx.attempt == 1:
+            entered.set()
+            await go.wait()
+
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    settings = WorkerSettings(concurrency=1, batch_size=1, lease=60, poll_interval=3600,
+                              housekeeping_interval=1000)  # fmt: skip
+    runtime = Runtime(App("uncommitted", [pong]), transport=bus, clock=clock, settings=settings,
+                      store="memory://")  # fmt: skip
+    async with runtime:
+        worker = runtime.workers["pong"]
+        store = _Lost(worker.store)
+        # when the store is lost while the first event of a key is handled: nothing commits
+        await bus.publish([ping(1, key="k")])
+        await asyncio.wait_for(entered.wait(), 30)
+        await clock.advance(1)
+        store.down = True
+        go.set()
+        await wait_for(lambda: worker_logs(caplog, logging.ERROR))
+        store.down = False
+        # and the next event of that key arrives before the first comes back after its lease
+        await bus.publish([ping(2, key="k")])
+        await wait_for(lambda: worker.inflight == 1 or len(handled) > 1)
+        assert handled == [1]
+        await clock.advance(settings.lease - 1)
+        await wait_for(lambda: len(handled) == 3)
+
+    # then the next event waited for the first: their key's order holds
+    assert handled == [1, 1, 2]
