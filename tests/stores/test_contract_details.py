@@ -174,3 +174,21 @@ async def test_a_field_named_with_underscores_and_digits_can_be_queried(store: S
     async with store.transaction() as tx:
         assert [key for key, _ in await tx.find("drone", {"home_base_2": "north"})] == ["a"]
         assert await tx.count("drone", {"home_base_2": "south"}) == 1
+
+
+async def test_batched_lookups_find_every_one_of_more_ids_than_one_statement_takes(
+    store: Store,
+) -> None:
+    # given 1,201 events remembered and as many transactions ended (a store may ask for them in
+    # chunks: this is more than two of the SQLite store's 500)
+    ids = [f"e{n:04}" for n in range(1201)]
+    async with store.transaction() as tx:
+        for event_id in ids:
+            await tx.remember(event_id, NOW)
+            await tx.end_transaction(f"c-{event_id}", "Delivered", NOW)
+
+    # then one lookup of all of them, and one more, finds each
+    async with store.transaction() as tx:
+        assert await tx.seen_many([*ids, "never"]) == set(ids)
+        ended = await tx.ended_transactions([f"c-{event_id}" for event_id in [*ids, "never"]])
+        assert ended == {f"c-{event_id}": "Delivered" for event_id in ids}
