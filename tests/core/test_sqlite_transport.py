@@ -246,6 +246,19 @@ async def test_a_replacement_body_at_the_limit_is_replayed_and_over_it_refused(
         assert [d.id for d in await bus.dead_letters()] == [first.id]
 
 
+async def test_dead_letters_lists_at_most_100_unless_asked_for_more(tmp_path: Path) -> None:
+    async with SqliteTransport.from_url(f"sqlite:///{tmp_path}/bus.db") as bus:
+        # given 101 dead letters of one group
+        sub = await bus.subscribe("g", ["t"])
+        await bus.publish([Message(f"m{n:03}", "t", b"x") for n in range(101)])
+        for delivery in await sub.receive(101, 5):
+            await sub.dead_letter(delivery, FAILURE)
+
+        # then a listing gives the first 100 unless asked for more
+        assert len(await bus.dead_letters()) == len(await bus.dead_letters("g")) == 100
+        assert len(await bus.dead_letters(limit=1000)) == 101
+
+
 @pytest.mark.parametrize("key", ["9" * 18, "9" * 19, "1" * 20, "-1", "\uff11\uff12"])
 async def test_dead_letter_ids_of_any_shape_are_just_unknown(tmp_path: Path, key: str) -> None:
     async with SqliteTransport.from_url(f"sqlite:///{tmp_path}/bus.db") as bus:
