@@ -152,6 +152,16 @@ def test_an_invalid_event_type_is_refused_with_the_rule() -> None:
         {"specversion": "0.3"},
         {"datacontenttype": "text/xml"},
         {"correlationid": "a\u0001b"},
+        # each string attribute of another type
+        {"correlationid": 5},
+        {"source": 5},
+        {"time": 5},
+        {"subject": 5},
+        {"tracestate": 5},
+        {"dataschema": 5},
+        # a raw DEL or C1 control character (JSON does not escape them)
+        {"subject": "a\u007fb"},
+        {"subject": "a\u0085b"},
     ],
 )
 def test_the_fast_path_for_a_known_type_refuses_what_the_full_path_refuses(
@@ -161,6 +171,12 @@ def test_the_fast_path_for_a_known_type_refuses_what_the_full_path_refuses(
     assert decode(raw(**good)).type == "T"  # "T" is now a known, checked type
     with pytest.raises(MalformedEnvelope):
         decode(raw(**{**good, **attributes}))
+
+
+def test_a_type_that_is_no_event_type_is_refused_whatever_the_rest_of_the_event() -> None:
+    good = {"time": "2026-01-01T00:00:00Z", "correlationid": "c1", "data": {}}
+    with pytest.raises(MalformedEnvelope, match=r"^invalid event type 'no spaces'"):
+        decode(raw(type="no spaces", **good))
 
 
 def test_the_fast_path_reads_what_the_full_path_reads() -> None:
