@@ -102,7 +102,12 @@ def envelope(**attributes: Any) -> bytes:
 
 @pytest.mark.parametrize(
     ("dataschema", "version"),
-    [(None, 1), ("urn:choreograph:Shipment:v1", 1), ("urn:choreograph:Shipment:v12", 12)],
+    [
+        (None, 1),
+        ("urn:choreograph:Shipment:v1", 1),
+        ("urn:choreograph:Shipment:v12", 12),
+        ("urn:choreograph:Shipment:v999999", 999_999),
+    ],
 )
 def test_the_version_is_read_from_dataschema(dataschema: str | None, version: int) -> None:
     extra = {} if dataschema is None else {"dataschema": dataschema}
@@ -117,11 +122,27 @@ def test_the_version_is_read_from_dataschema(dataschema: str | None, version: in
         ("urn:choreograph:Shipment:v²", "is not of the form"),
         ("urn:choreograph:Parcel:v2", "names another type"),
         ("urn:choreograph:Shipment:v0", "versions start at 1"),
+        ("urn:choreograph:Shipment:v1000000", "versions start at 1"),
+        ("urn:choreograph:Shipment:v1:v2", "names another type"),  # the version is the last
     ],
 )
 def test_a_dataschema_not_written_so_is_refused(dataschema: str, says: str) -> None:
     with pytest.raises(MalformedEnvelope, match=says):
         schema_version(decode(envelope(dataschema=dataschema)))
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("urn:choreograph:Shipment:" + "x" * 300, " is not of the form"),
+        ("urn:choreograph:" + "P" * 300 + ":v2", " names another type than Shipment"),
+        ("urn:choreograph:Shipment:v" + "0" * 300, ": versions start at 1"),
+    ],
+)
+def test_a_refused_dataschema_is_quoted_up_to_200_characters(uri: str, says: str) -> None:
+    with pytest.raises(MalformedEnvelope) as refused:
+        schema_version(decode(envelope(dataschema=uri)))
+    assert str(refused.value).startswith(f"dataschema {uri[:200]!r}{says}")
 
 
 @pytest.mark.parametrize(
