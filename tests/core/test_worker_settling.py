@@ -1226,3 +1226,27 @@ async def test_a_key_waits_for_its_event_whose_batch_did_not_commit(
 
     # then the next event waited for the first: their key's order holds
     assert handled == [1, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"concurrency": 0}, "concurrency and batch_size must be at least 1"),
+        ({"batch_size": 0}, "concurrency and batch_size must be at least 1"),
+        ({"lease": 0}, "lease and intervals must be positive seconds"),
+        ({"poll_interval": 0}, "lease and intervals must be positive seconds"),
+        ({"housekeeping_interval": 0}, "lease and intervals must be positive seconds"),
+    ],
+)
+def test_worker_settings_out_of_range_are_refused_saying_which(
+    setting: dict[str, float], says: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{says}$"):
+        WorkerSettings(**setting)  # type: ignore[arg-type]
+
+
+def test_the_smallest_worker_settings_are_accepted() -> None:
+    smallest = WorkerSettings(
+        concurrency=1, batch_size=1, lease=0.5, poll_interval=0.5, housekeeping_interval=0.5
+    )
+    assert (smallest.concurrency, smallest.batch_size, smallest.lease) == (1, 1, 0.5)
