@@ -1165,7 +1165,7 @@ async def test_events_another_lane_published_are_forgotten_after_a_failed_transa
         assert await worker.store.claim_outbox(later, 10, 1.0) == []
 
 
-class _Lost:
+class _StoreLost:
     """Gives a running worker's store an outage while ``down`` is set: a transaction fails as
     it begins or commits, as with a lost connection."""
 
@@ -1208,7 +1208,7 @@ async def test_a_key_waits_for_its_event_whose_batch_did_not_commit(
                       store="memory://")  # fmt: skip
     async with runtime:
         worker = runtime.workers["pong"]
-        store = _Lost(worker.store)
+        store = _StoreLost(worker.store)
         # when the store is lost while the first event of a key is handled: nothing commits
         await bus.publish([ping(1, key="k")])
         await asyncio.wait_for(entered.wait(), 30)
