@@ -153,3 +153,47 @@ async def test_an_event_delayed_in_a_batch_after_an_unreadable_message_goes_when
         await clock.advance(6)
         (reminded,) = await _received(seen)
         assert decode(reminded.message.body).type == "Reminded"
+
+
+async def test_a_failed_pass_is_reported_and_the_next_one_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given a worker whose store fails once when asked for its next timer
+    caplog.set_level(logging.WARNING, logger="choreograph")
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    await bus.connect()
+    failures = await bus.subscribe("observer", ["Failed"])
+    settings = WorkerSettings(poll_interval=3600, housekeeping_interval=10)
+    async with Runtime(
+        watcher_app(), transport=bus, store=f"sqlite:///{tmp_path}/{{service}}.db",
+        clock=clock, settings=settings,
+    ) as runtime:  # fmt: skip
+        store = runtime.worker("watcher").store
+        asked = store.next_timer_due
+        broken = [RuntimeError("the store is gone")]
+
+        async def next_timer_due() -> float | None:
+            if broken:
+                raise broken.pop()
+            return await asked()
+
+        store.next_timer_due = next_timer_due  # type: ignore[method-assign]
+        # when a pass runs into it
+        await clock.advance(11)
+        for _ in range(300):
+            if not broken and caplog.records:
+                break
+            await asyncio.sleep(0.01)
+        # then the worker says so, and the next passes fire a timer set since
+        assert [r.getMessage() for r in caplog.records] == [
+            "watcher: housekeeping failed, will retry: the store is gone"
+        ]
+        await runtime.publish(Started(key="a"), source="test", correlation_id="tx")
+        for _ in range(300):  # handled: the timer is set
+            if await store.list_timers():
+                break
+            await asyncio.sleep(0.01)
+        await clock.advance(31)
+        (failed,) = await _received(failures)
+        assert decode(failed.message.body).correlationid == "tx"
