@@ -14,6 +14,7 @@ from choreograph import (
     Context,
     DeadlineExpired,
     Event,
+    Middleware,
     Runtime,
     Service,
     VirtualClock,
@@ -197,3 +198,63 @@ async def test_a_failed_pass_is_reported_and_the_next_one_works(
         await clock.advance(31)
         (failed,) = await _received(failures)
         assert decode(failed.message.body).correlationid == "tx"
+
+
+class _Observed(Middleware):
+    """Records the transaction of each outcome its observers are told of."""
+
+    def __init__(self) -> None:
+        self.correlations: list[str] = []
+
+    def on_outcome(self, ctx: Context, outcome: object) -> None:
+        self.correlations.append(ctx.correlation_id)
+
+
+async def test_the_second_of_two_timers_and_of_two_delayed_events_goes_when_due(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # given two transactions started 2 s apart, each delaying a Reminded by 5 s and expecting
+    # a Confirmed within 30 s; the store polled once an hour
+    caplog.set_level(logging.WARNING, logger="choreograph")
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    await bus.connect()
+    seen = await bus.subscribe("observer", ["Failed", "Reminded"])
+    observed = _Observed()
+    async with Runtime(
+        watcher_app(), transport=bus, store=f"sqlite:///{tmp_path}/{{service}}.db",
+        clock=clock, settings=HOURLY, middleware=[observed],
+    ) as runtime:  # fmt: skip
+        store = runtime.worker("watcher").store
+
+        async def start(key: str, timers: int) -> None:
+            await runtime.publish(Started(key=key), source="test", correlation_id=f"tx-{key}")
+            for _ in range(300):  # handled: its timer is set
+                if len(await store.list_timers()) == timers:
+                    return
+                await asyncio.sleep(0.01)
+
+        async def next_event() -> tuple[str, str]:
+            (got,) = await _received(seen)
+            await seen.ack([got])
+            envelope = decode(got.message.body)
+            return envelope.type, envelope.correlationid
+
+        await start("a", 1)
+        await clock.advance(2)
+        await start("b", 2)
+        # when the clock reaches each one's due time, then each goes out, the second too
+        await clock.advance(4)
+        assert await next_event() == ("Reminded", "tx-a")
+        await clock.advance(2)
+        assert await next_event() == ("Reminded", "tx-b")
+        await clock.advance(23)
+        assert await next_event() == ("Failed", "tx-a")
+        await clock.advance(2)
+        assert await next_event() == ("Failed", "tx-b")
+
+    # and the observers were told of each deadline's outcome, in its transaction, and no pass
+    # failed on the way
+    assert observed.correlations[:2] == ["tx-a", "tx-b"]  # their Started
+    assert sorted(set(observed.correlations[2:])) == ["tx-a", "tx-b"]  # their deadlines
+    assert [r.getMessage() for r in caplog.records] == []
