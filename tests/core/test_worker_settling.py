@@ -23,6 +23,7 @@ from choreograph import (
     App,
     ConfigurationError,
     Context,
+    DeadlineExpired,
     Event,
     Middleware,
     Parts,
@@ -1056,6 +1057,7 @@ class _Contended:
 
     def __init__(self, store: Any) -> None:
         self.tries = 0
+        self.longest = 0  # the most locks a try was to take first
         self._transaction = store.transaction
         store.transaction = self.transaction
 
@@ -1068,6 +1070,7 @@ class _Contended:
                 yield tx
                 return
             self.tries += 1
+            self.longest = max(self.longest, len(lock_first))
             yield _HeldTx(tx, {("doc", str(len(lock_first)))})
 
 
@@ -1250,3 +1253,73 @@ def test_the_smallest_worker_settings_are_accepted() -> None:
         concurrency=1, batch_size=1, lease=0.5, poll_interval=0.5, housekeeping_interval=0.5
     )
     assert (smallest.concurrency, smallest.batch_size, smallest.lease) == (1, 1, 0.5)
+
+
+# timers finding their documents busy ------------------------------------------------------------
+
+
+def _deadline_app(reads: int) -> App:
+    """A service expecting a Pong within 10 s of each Ping; its deadline reads ``reads``
+    documents of its transaction."""
+    pong = Service("pong")
+
+    @pong.on(Ping)
+    async def started(event: Ping, ctx: Context) -> None:
+        pass
+
+    @pong.deadline(starts_on=Ping, expect=[Pong], within=10, emits=[Done])
+    async def late(expired: DeadlineExpired, ctx: Context) -> Done:
+        for n in range(reads):
+            await ctx.state.get("doc", str(n))
+        return Done(n=0)
+
+    return App("deadlines", [pong], terminal=[Done])
+
+
+async def _timer_set(runtime: Runtime) -> None:
+    store = runtime.workers["pong"].store
+    for _ in range(3000):
+        if await store.list_timers():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no timer was set")
+
+
+async def test_a_timer_finding_a_document_busy_fires_once_it_is_released() -> None:
+    # given a deadline set, whose document another transaction holds
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    await bus.declare_group("reader", ["Done"])
+    runtime = Runtime(_deadline_app(1), transport=bus, store="memory://", clock=clock,
+                      settings=VIRTUAL)  # fmt: skip
+    async with runtime:
+        await bus.publish([ping(1)])
+        await _timer_set(runtime)
+        locks = _Locks(runtime.workers["pong"].store, {("doc", "0")})
+        # when it falls due
+        await clock.advance(11)
+        # then its transaction is rolled back, and the next one waits for the document first
+        await wait_for(lambda: len(locks.firsts) == 2)
+        assert locks.firsts == [[], [("doc", "0")]]
+        assert bus.busy("reader") == 0
+        # and once the document is released, the deadline fires
+        locks.release(("doc", "0"))
+        await wait_for(lambda: bus.busy("reader") == 1)
+        assert await runtime.workers["pong"].store.list_timers() == []
+
+
+async def test_a_timer_finding_a_new_document_busy_every_time_is_left_to_a_next_pass() -> None:
+    # given a deadline reading many documents, each try finding the next one busy
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    runtime = Runtime(_deadline_app(HAND_BACKS + 2), transport=bus, store="memory://",
+                      clock=clock, settings=VIRTUAL)  # fmt: skip
+    async with runtime:
+        await bus.publish([ping(1)])
+        await _timer_set(runtime)
+        contended = _Contended(runtime.workers["pong"].store)
+        # when it falls due, then each pass tries again, waiting first for up to HAND_BACKS
+        # documents found busy before, and then leaves the timer for a next pass
+        await clock.advance(11)
+        await wait_for(lambda: contended.longest == HAND_BACKS)
+        assert len(await runtime.workers["pong"].store.list_timers()) == 1
