@@ -258,3 +258,45 @@ async def test_the_second_of_two_timers_and_of_two_delayed_events_goes_when_due(
     assert observed.correlations[:2] == ["tx-a", "tx-b"]  # their Started
     assert sorted(set(observed.correlations[2:])) == ["tx-a", "tx-b"]  # their deadlines
     assert [r.getMessage() for r in caplog.records] == []
+
+
+async def test_the_inbox_forgets_the_events_older_than_its_horizon_and_keeps_the_others(
+    tmp_path: Path,
+) -> None:
+    # given a worker remembering handled events for 2000 s, pruning once an hour at most
+    clock = VirtualClock()
+    bus = MemoryTransport(clock=clock)
+    settings = WorkerSettings(poll_interval=3600, housekeeping_interval=1000, inbox_horizon=2000)
+    async with Runtime(
+        watcher_app(), transport=bus, store=f"sqlite:///{tmp_path}/{{service}}.db",
+        clock=clock, settings=settings,
+    ) as runtime:  # fmt: skip
+        store = runtime.worker("watcher").store
+
+        async def seen(event_id: str) -> bool:
+            async with store.transaction() as tx:
+                return await tx.seen(event_id)
+
+        async def handled(key: str) -> str:
+            envelope = new_envelope("Started", {"key": key}, source="test")
+            await bus.publish([Message(envelope.id, envelope.type, encode(envelope))])
+            for _ in range(300):
+                if await seen(envelope.id):
+                    return envelope.id
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{key} was not handled")
+
+        # when one event is handled now and another 3000 s later, and the clock moves on past
+        # the next prune (an hour after the first, at start), 1100 s after the second event
+        old = await handled("old")
+        await clock.advance(3000)
+        recent = await handled("recent")
+        await clock.advance(1100)
+        for _ in range(300):
+            if not await seen(old):
+                break
+            await asyncio.sleep(0.01)
+
+        # then the older one is forgotten (a duplicate of it would run again), the other kept
+        assert not await seen(old)
+        assert await seen(recent)
