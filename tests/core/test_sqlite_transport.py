@@ -66,6 +66,12 @@ def test_defaults_and_every_option_from_the_url() -> None:
             "busy_timeout, min_poll_interval, namespace, poll_interval, synchronous "
             "(the file is the URL's path)",
         ),
+        (
+            "sqlite:///bus.db?url",
+            "unknown option 'url' in transport URL sqlite:///bus.db?url; known: "
+            "busy_timeout, min_poll_interval, namespace, poll_interval, synchronous "
+            "(the file is the URL's path)",
+        ),
         ("sqlite:///bus.db?busy_timeout", "option 'busy_timeout' expects float, got ''"),
         ("sqlite:///bus.db?busy_timeout=-1", "busy_timeout must be >= 0 seconds, got -1.0"),
         (
@@ -244,6 +250,12 @@ async def test_a_replacement_body_at_the_limit_is_replayed_and_over_it_refused(
         [back] = await sub.receive(1, 5)
         assert back.message.body == b"z" * 100
         assert [d.id for d in await bus.dead_letters()] == [first.id]
+
+
+async def test_closing_a_bus_never_connected_does_nothing(tmp_path: Path) -> None:
+    bus = SqliteTransport.from_url(f"sqlite:///{tmp_path}/bus.db")
+    await bus.close()
+    assert not (tmp_path / "bus.db").exists()
 
 
 async def test_dead_letters_lists_at_most_100_unless_asked_for_more(tmp_path: Path) -> None:
