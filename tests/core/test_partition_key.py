@@ -54,6 +54,15 @@ def test_the_key_read_where_it_stands_is_the_one_the_event_decodes_with() -> Non
     assert partition_key(twice) == decode(twice).correlationid == "b"
 
 
+def test_the_key_read_where_it_stands_ends_at_its_closing_quote() -> None:
+    # an escaped correlation id (the event has no other) is read in full
+    escaped = new_envelope("T", {}, source="s", correlation_id='a"b\\c')
+    assert partition_key(encode(escaped)) == 'a"b\\c'
+    # and one that is not, wherever it stands in the body
+    for length in range(1, 200):
+        assert partition_key(event(id="x" * length, correlationid="k", n="~")) == "k", length
+
+
 @pytest.mark.parametrize(
     "body",
     [
