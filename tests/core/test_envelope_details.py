@@ -249,3 +249,8 @@ def test_the_types_met_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPa
     for name in ("A", "B", "C", "D", "E"):
         assert decode(raw(type=name)).type == name
     assert met == {"A", "B", "C"}
+
+
+def test_data_json_cannot_hold_is_refused_naming_the_event() -> None:
+    with pytest.raises(MalformedEnvelope, match=r"^event Thing cannot be encoded: \w"):
+        encode(make(data={"x": object()}))
