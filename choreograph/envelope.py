@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import uuid
+import zlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -222,6 +223,14 @@ def partition_key(body: bytes) -> str | None:
         return None
     key = doc.get("partitionkey") or doc.get("correlationid")
     return key if type(key) is str and key else None
+
+
+def partition_hash(body: bytes, fallback: str) -> int:
+    """The hash that places an encoded event in a key-partitioned group's partition (the
+    partition is this modulo the group's partitions): CRC-32 of its :func:`partition_key`, or of
+    ``fallback`` (the event id) for a body without one. Every transport partitions with it, so
+    a key lands in the same partition number everywhere."""
+    return zlib.crc32((partition_key(body) or fallback).encode())
 
 
 def decode(body: bytes, *, limit: int = MAX_EVENT_BYTES) -> Envelope:

@@ -1,9 +1,9 @@
 """Ordering across the members of a group, where a transport claims it
-(:meth:`Transport.orders_across_members`): Redis with ``partitioned=`` (key-partitioned
+(:meth:`Transport.orders_across_members`): Redis and NATS with ``partitioned=`` (key-partitioned
 consumption), RabbitMQ with ``single_active=`` (one active consumer). Members join and leave while
 the keys' events flow, one is killed with SIGKILL: one key's events are with one member at a time,
-and each key's events are received and handled in publish order. On Redis the partitions are also
-spread over the live members. The others claim nothing and are skipped."""
+and each key's events are received and handled in publish order. Where partitioned, the partitions are
+also spread over the live members. The others claim nothing and are skipped."""
 
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ from tests.conformance.test_ordering import Step, by_key, interleaved, wait_for
 
 HANG_GUARD = 120.0
 #: The URL option that makes a group ordered across its members, per transport that has one.
-OPTIONS = {"redis": "partitioned={group}&partitions=8", "amqp": "single_active={group}"}
+OPTIONS = {
+    "redis": "partitioned={group}&partitions=8",
+    "nats": "partitioned={group}&partitions=8",
+    "amqp": "single_active={group}",
+}
 #: Transports that spread a group's work over its members (RabbitMQ's is active/standby).
-SPREADS = {"redis"}
+SPREADS = {"redis", "nats"}
 
 BusFor = Callable[[str], Awaitable[Transport]]
 

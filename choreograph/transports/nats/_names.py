@@ -12,6 +12,16 @@ Every name is derived from the namespace, so systems (and tests) sharing a serve
 ``{ns}.dlq.<group>``           a group's dead letters
 =============================  =================================================================
 
+A key-partitioned group (``partitioned=``, ``docs/ordering.md``) has, besides those:
+
+=================================  =============================================================
+``{ns}.grp.<group>~<p>.<topic>``   a message of the group's partition ``p`` (moved there by the
+                                   group's router from the subjects above)
+``<group>~~<p>``                   the durable consumer of partition ``p``
+``{ns}_parts_<group>``             a stream of leases: subjects ``{ns}.parts.<group>.>``, one
+                                   message kept per subject, each removed after the lease
+=================================  =============================================================
+
 ``<topic>`` is the topic as one subject token: letters, digits, ``_`` and ``-`` stay as they are,
 every other byte of its UTF-8 becomes ``=XX`` (``choreograph.HandlerFailed`` is
 ``choreograph=2EHandlerFailed``). The mapping is injective and never produces ``.``, ``*``, ``>``
@@ -111,6 +121,29 @@ class Names:
     def group_filter(self, group: str) -> str:
         return f"{self.group_prefix}{group}.>"
 
+    def partition_subject(self, group: str, partition: int, topic: str) -> str:
+        # '~' is no group name's character: no plain group's filter matches it
+        return f"{self.group_prefix}{group}~{partition}.{topic_token(topic)}"
+
+    def partition_filter(self, group: str, partition: int) -> str:
+        return f"{self.group_prefix}{group}~{partition}.>"
+
+    @staticmethod
+    def partition_consumer(group: str, partition: int) -> str:
+        # a topic token never starts with '~' (it is escaped): no topic consumer has this name
+        return f"{group}~~{partition}"
+
+    def leases_stream(self, group: str) -> str:
+        return f"{self.namespace}_parts_{group}"
+
+    def lease_subject(self, group: str, key: str) -> str:
+        return f"{self.namespace}.parts.{group}.{key}"
+
+    @property
+    def leases_filter(self) -> str:
+        """The subjects of every partitioned group's leases in the namespace."""
+        return f"{self.namespace}.parts.>"
+
     def dlq_subject(self, group: str) -> str:
         return self.dlq_prefix + group
 
@@ -141,7 +174,8 @@ class Names:
             return known
         if subject.startswith(self.group_prefix):
             group, _, token = subject[len(self.group_prefix) :].partition(".")
-            parsed: tuple[str, str | None] = (token_topic(token), group)
+            # a partition's message (group~p) is one published to the topic, routed there
+            parsed: tuple[str, str | None] = (token_topic(token), None if "~" in group else group)
         elif subject.startswith(self.event_prefix):
             parsed = (token_topic(subject[len(self.event_prefix) :]), None)
         else:

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from choreograph.errors import ConfigurationError
-from choreograph.transport import TransportSettings
+from choreograph.transport import TransportSettings, check_group
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
@@ -87,6 +87,19 @@ class NatsSettings(TransportSettings):
     tls_key_file: str = ""
     tls_verify: bool = True
     """Verify the server certificate and host name. Turn off only for tests."""
+    partitioned: str = ""
+    """Groups (comma-separated) consumed by key partition: the group's messages are moved into
+    ``partitions`` partitions by the hash of their key (the event's ``partitionkey``, else its
+    correlation id), each partition is pulled by one member at a time, and the partitions are
+    spread over the live members, moving when members come and go (``docs/ordering.md``).
+    Publishers need no option."""
+    partitions: int = 16
+    """Partitions of each ``partitioned`` group: at most this many members work at once. Set
+    when the group is first declared partitioned; declaring it otherwise is refused."""
+
+    @property
+    def partitioned_groups(self) -> frozenset[str]:
+        return frozenset(g.strip() for g in self.partitioned.split(",") if g.strip())
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.namespace):
@@ -146,6 +159,10 @@ class NatsSettings(TransportSettings):
                 raise ConfigurationError(f"{key}: no such file {path!r}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigurationError("tls_cert_file and tls_key_file go together")
+        for group in self.partitioned_groups:
+            check_group(group)
+        if not 1 <= self.partitions <= 256:
+            raise ConfigurationError(f"partitions must be 1 to 256, got {self.partitions}")
 
     @property
     def use_tls(self) -> bool:

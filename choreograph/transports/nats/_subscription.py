@@ -126,11 +126,17 @@ class NatsSubscription(Subscription):
         self._inbox = self._client.nc.new_inbox()
         self._sub = await self._client.subscribe(self._inbox + ".*", self._on_message)
         self._client.on_reconnect.add(self._on_reconnect)
+        ack_waits = self._transport._ack_waits
         shortest = min(
-            self._transport._ack_waits.get(name, self._lease) for name in self._consumers
+            (ack_waits.get(name, self._lease) for name in self._group_consumers()),
+            default=self._lease,
         )
         if self._lease > shortest + _KEEP_MIN:
             self._keeper = asyncio.create_task(self._keep(shortest))
+
+    def _group_consumers(self) -> list[str]:
+        """The consumers this member may pull from."""
+        return list(self._consumers)
 
     async def _keep(self, ack_wait: float) -> None:
         """Extend, with in-progress acks, what this member holds, up to its own lease: the
@@ -423,11 +429,13 @@ class NatsSubscription(Subscription):
         if not give_back or not self._client.is_open:
             return
         try:
-            await self._client.send([msg.reply for msg in give_back], _NAK)
-            if self._client.connected.is_set():
-                await self._client.nc.flush(
-                    timeout=math.ceil(self._transport.settings.request_timeout)
-                )
+            await self._give_back(give_back)
         except (ne.Error, OSError, TransportError) as exc:
             # they come back when their lease runs out
             log.debug("giving back %d deliveries of %s failed: %s", len(give_back), self.group, exc)
+
+    async def _give_back(self, held: list[Msg]) -> None:
+        """Nak what this member held, for any member to receive at once."""
+        await self._client.send([msg.reply for msg in held], _NAK)
+        if self._client.connected.is_set():
+            await self._client.nc.flush(timeout=math.ceil(self._transport.settings.request_timeout))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import Collection, Sequence
 from typing import Any, Self
@@ -36,6 +37,7 @@ from choreograph.transports.nats._names import (
     parse_dead_letter_header,
     parse_headers,
 )
+from choreograph.transports.nats._partitions import PartitionedSubscription
 from choreograph.transports.nats._settings import NatsSettings
 from choreograph.transports.nats._subscription import NatsSubscription
 
@@ -46,6 +48,18 @@ _RECORD_FRAMING = 512
 """Bytes of a dead-letter record's header block besides its two values (names, separators)."""
 _NO_MESSAGE = frozenset({10037})
 """JetStream error codes meaning "no message at that sequence" (get)."""
+
+
+_PARTITIONED = "[partitioned: {}]"
+"""In the description of a partitioned group's consumers and leases stream: its partitions."""
+_PARTITIONED_RE = re.compile(r"\[partitioned: (\d+)\]")
+_LEASE_TTL = 1.5
+"""A partition lease lasts this many times the group's ack_wait (see _ensure_leases)."""
+
+
+def _partitioned(description: str) -> int:
+    found = _PARTITIONED_RE.search(description)
+    return int(found.group(1)) if found else 0
 
 
 def _window(duplicate_window: float, max_age: float) -> float:
@@ -80,6 +94,14 @@ class NatsTransport(Transport):
 
     def __repr__(self) -> str:
         return f"NatsTransport({redact(self.settings.url)!r})"
+
+    def orders_across_members(self, group: str) -> bool:
+        return group in self.settings.partitioned_groups
+
+    def _partitions(self, group: str) -> int:
+        """The partitions of ``group`` as configured here (0: not partitioned)."""
+        s = self.settings
+        return s.partitions if group in s.partitioned_groups else 0
 
     @staticmethod
     def _now() -> float:
@@ -133,7 +155,11 @@ class NatsTransport(Transport):
             raise TransportError("NATS: the transport is not connected (call connect() first)")
 
     async def delete_namespace(self) -> None:
-        for stream in (self._names.events, self._names.dlq):
+        streams = [self._names.events, self._names.dlq]
+        with contextlib.suppress(Exception):  # the partitioned groups' leases, if any
+            found = await self._client.api("STREAM.NAMES", {"subject": self._names.leases_filter})
+            streams += found.get("streams") or []
+        for stream in streams:
             with contextlib.suppress(Exception):  # absent already
                 await self._client.api(f"STREAM.DELETE.{stream}")
 
@@ -195,16 +221,27 @@ class NatsTransport(Transport):
 
     # groups -------------------------------------------------------------------------------------
 
-    def _consumer_config(self, group: str, topic: str | None, ack_wait: float) -> dict[str, Any]:
+    def _consumer_config(
+        self, group: str, topic: str | int | None, ack_wait: float
+    ) -> dict[str, Any]:
+        """The config of one of ``group``'s consumers: of a topic, of what is sent to the group
+        alone (``topic`` None), or of a partition (``topic`` its number)."""
         names, s = self._names, self.settings
         if topic is None:
             name = names.group_consumer(group)
             subject = names.group_filter(group)
             what = f"group {group}: messages sent to it alone (replays)"
+        elif isinstance(topic, int):
+            name = names.partition_consumer(group, topic)
+            subject = names.partition_filter(group, topic)
+            what = f"group {group}: partition {topic}"
         else:
             name = names.topic_consumer(group, topic)
             subject = names.topic_subject(topic)
             what = f"group {group}: topic {topic[:200]}"
+        partitions = self._partitions(group)
+        if partitions:
+            what += f" {_PARTITIONED.format(partitions)}"
         return {
             "durable_name": name,
             "description": f"choreograph {what}",
@@ -220,24 +257,71 @@ class NatsTransport(Transport):
         }
 
     async def _declare(self, group: str, topics: Collection[str], lease: float | None) -> list[str]:
-        """Create the group's consumers that are missing; with ``lease``, set their ack_wait."""
+        """Create the group's consumers that are missing; with ``lease``, set their ack_wait.
+        Returns the names of the consumers of its topics and of what is sent to it alone (for a
+        partitioned group, those its router pulls from; its partitions' consumers come after)."""
         check_group(group)
         self._check_open()
         wanted: list[str | None] = [None, *sorted(set(topics))]
+        partitions = self._partitions(group)
         names: list[str] = []
-        for topic in wanted:
+        for topic in [*wanted, *range(partitions)]:
             config = self._consumer_config(group, topic, lease or self.settings.ack_wait)
             name = config["durable_name"]
             names.append(name)
             known = self._ack_waits.get(name)
             if known is not None and (lease is None or known <= lease + 1e-6):
                 continue
-            await self._ensure_consumer(name, config, lease)
+            await self._ensure_consumer(name, config, lease, group)
         self._groups.setdefault(group, set()).update(names)
-        return names
+        if partitions:
+            await self._ensure_leases(group, max(self._ack_waits[n] for n in names))
+        return names[: len(wanted)]
+
+    async def _ensure_leases(self, group: str, ack_wait: float) -> None:
+        """The stream of ``group``'s partition leases. A lease is a message that the stream
+        removes after its ``max_age``: 1.5 times the longest ack_wait of the group's consumers,
+        so that a dead member's deliveries are due again before its partitions move."""
+        names, s = self._names, self.settings
+        stream = names.leases_stream(group)
+        ttl = int(ack_wait * _LEASE_TTL * _NANOS)
+        description = f"choreograph leases of group {group} {_PARTITIONED.format(s.partitions)}"
+        config = {
+            "name": stream,
+            "description": description,
+            "subjects": [names.lease_subject(group, ">")],
+            "retention": "limits",
+            "storage": s.storage,
+            "num_replicas": s.replicas,
+            "max_age": ttl,
+            "max_msgs_per_subject": 1,
+            "discard": "old",
+            "duplicate_window": min(ttl, _NANOS),
+        }
+        try:
+            info = await self._client.api(f"STREAM.INFO.{stream}")
+        except NotFoundError:
+            try:
+                await self._client.api(f"STREAM.CREATE.{stream}", config)
+                return
+            except APIError as exc:
+                if exc.err_code != 10058:  # created meanwhile by another member
+                    raise
+                info = await self._client.api(f"STREAM.INFO.{stream}")
+        existing = info.get("config", {})
+        if existing.get("description") != description:
+            raise ConfigurationError(
+                f"group {group!r} is partitioned on the server as {existing.get('description')!r}"
+                f", declared here with {s.partitions} partitions: give every member the same "
+                "'partitioned' and 'partitions' options"
+            )
+        if abs(int(existing.get("max_age", 0)) - ttl) > ttl // 100:
+            # the group's ack_wait changed (a shorter lease): its leases follow
+            update = {**existing, "max_age": ttl, "duplicate_window": min(ttl, _NANOS)}
+            await self._client.api(f"STREAM.UPDATE.{stream}", update)
 
     async def _ensure_consumer(
-        self, name: str, config: dict[str, Any], lease: float | None
+        self, name: str, config: dict[str, Any], lease: float | None, group: str
     ) -> None:
         stream = self._names.events
         request = {"stream_name": stream, "config": config}
@@ -247,7 +331,22 @@ class NatsTransport(Transport):
             info = await self._client.api(f"CONSUMER.DURABLE.CREATE.{stream}.{name}", request)
         else:
             current = info.get("config", {}).get("ack_wait", 0) / _NANOS
-            if lease is not None and lease < current - 1e-6:
+            found = _partitioned(info.get("config", {}).get("description", ""))
+            wanted = self._partitions(group)
+            if found != wanted and (found or not wanted or "~~" in name):
+                raise ConfigurationError(
+                    f"group {group!r} has {found} partitions on the server (0: not "
+                    f"partitioned), declared here with {wanted}: give every member the same "
+                    "'partitioned' and 'partitions' options (a group's partitions are set when "
+                    "it is first declared partitioned)"
+                )
+            if found != wanted:
+                # a plain group made partitioned (its members stopped): its consumers now feed
+                # the router, and say so, so that a plain member is refused from now on
+                config = {**config, "ack_wait": min(config["ack_wait"], int(current * _NANOS))}
+                request = {"stream_name": stream, "config": config}
+                info = await self._client.api(f"CONSUMER.DURABLE.CREATE.{stream}.{name}", request)
+            elif lease is not None and lease < current - 1e-6:
                 # ack_wait is the consumer's, shared by the group's members and applied to what
                 # they already hold: the shortest lease asked for wins (a dead member's messages
                 # come back in time; a member wanting longer keeps its own, see NatsSubscription)
@@ -265,8 +364,16 @@ class NatsTransport(Transport):
             raise ConfigurationError(f"lease must be > 0 seconds, got {lease}")
         with translated(f"declaring group {group}"):
             consumers = await self._declare(group, topics, lease)
-        sub = NatsSubscription(self, group, frozenset(topics), consumers, lease)
-        await sub.start()
+        partitions = self._partitions(group)
+        sub: NatsSubscription
+        if partitions:
+            sub = PartitionedSubscription(
+                self, group, frozenset(topics), consumers, lease, partitions
+            )
+        else:
+            sub = NatsSubscription(self, group, frozenset(topics), consumers, lease)
+        with translated(f"joining group {group}"):
+            await sub.start()
         self._subscriptions.add(sub)
         return sub
 

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -20,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from choreograph._cancel import honouring_cancel
-from choreograph.envelope import partition_key
+from choreograph.envelope import partition_hash
 from choreograph.errors import (
     ChoreographError,
     ConfigurationError,
@@ -419,8 +418,7 @@ class RedisTransport(Transport):
 def _hashes(messages: Sequence[Message]) -> bytes:
     """The hash of each message's partition key (its message id when it has none), packed."""
     pack = HASH.pack
-    crc = zlib.crc32
-    return b"".join(pack(crc((partition_key(m.body) or m.id).encode())) for m in messages)
+    return b"".join(pack(partition_hash(m.body, m.id)) for m in messages)
 
 
 def _dead_letter(group: str, eid: bytes, f: dict[bytes, bytes]) -> DeadLetter:
