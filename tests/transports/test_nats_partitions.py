@@ -271,3 +271,50 @@ async def test_a_router_crash_routes_each_message_once(make: Factory, namespace:
     assert sorted(d.message.id for d in got) == sorted(m.id for m in sent)
     assert await sub.receive(10, 1.0) == []
     assert await bus.lag(group) == 0
+
+
+async def test_a_plain_group_made_partitioned_keeps_its_backlog_then_refuses_plain_members(
+    make: Factory,
+) -> None:
+    # given a plain group with a backlog (its members stopped)
+    group = name("g")
+    plain = await make()
+    await plain.declare_group(group, ["T"])
+    backlog = [keyed("T", f"tx{i}") for i in range(3)]
+    await plain.publish(backlog)
+
+    # when a member starts with the group partitioned
+    sub = await (await make(partitioned=group, partitions=4)).subscribe(group, ["T"])
+
+    # then it receives the backlog through the partitions, and a plain member is refused
+    got = await receive(sub, 3)
+    assert sorted(d.message.id for d in got) == sorted(m.id for m in backlog)
+    assert all(partition_of(d) == partition_hash(d.message.body, "") % 4 for d in got)
+    with pytest.raises(ConfigurationError, match="4 partitions"):
+        await (await make()).subscribe(group, ["T"])
+
+
+async def test_a_foreign_message_too_big_to_route_is_dead_lettered(
+    make: Factory, namespace: str
+) -> None:
+    # given a partitioned group, and another client publishing a message over the transport's
+    # limit (under the server's) beside a good one
+    group = name("g")
+    bus = await make(partitioned=group, partitions=4)
+    sub = await bus.subscribe(group, ["T"])
+    big = b'{"x":"' + b"y" * (bus.max_message_bytes + 100) + b'"}'
+    good = keyed("T", "tx-good")
+    nc = await nats.connect(SERVER)
+    try:
+        js = nc.jetstream()
+        await js.publish(f"{namespace}.ev.T", big, headers={"Nats-Msg-Id": "big-1"})
+        await js.publish(f"{namespace}.ev.T", good.body, headers={"Nats-Msg-Id": good.id})
+    finally:
+        await nc.close()
+
+    # then the good one reaches the member, and the big one its group's dead letters by
+    # reference, instead of stopping the router
+    [got] = await receive(sub, 1)
+    assert got.message.id == good.id
+    [letter] = await bus.dead_letters(group)
+    assert letter.message.id == "big-1" and json.loads(letter.message.body)["oversized"]

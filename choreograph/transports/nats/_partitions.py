@@ -41,6 +41,7 @@ from nats.aio.msg import Msg
 
 from choreograph.envelope import partition_hash
 from choreograph.errors import ChoreographError, TransportError
+from choreograph.transport import oversized
 from choreograph.transports.nats._client import Outgoing
 from choreograph.transports.nats._errors import translated
 from choreograph.transports.nats._names import ENCODED_ID_HEADER, ID_HEADER
@@ -146,6 +147,15 @@ class _Router:
                 got = await self._sub.receive(_ROUTE_BATCH, _MAX_ROUND)
                 if not got:
                     continue
+                # in stream order: each topic's messages are in it already, and topics pulled
+                # side by side are put back in publish order as far as this batch goes
+                got.sort(key=lambda d: int(_stream_sequence(d.handle.reply)))
+                limit = self._transport.max_message_bytes
+                for delivery in [d for d in got if len(d.message.body) > limit]:
+                    # too big to route with its headers (another client's): dead-lettered by
+                    # reference, as a publish of it would have been
+                    got.remove(delivery)
+                    await self._sub.dead_letter(delivery, oversized(delivery.message, limit)[1])
                 outgoing = [self._routed(d.message.id, d.message.topic, d.handle) for d in got]
                 await self._transport._client.publish(outgoing)
                 await self._sub.ack(got)
