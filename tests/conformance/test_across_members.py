@@ -2,8 +2,8 @@
 (:meth:`Transport.orders_across_members`): Redis and NATS with ``partitioned=`` (key-partitioned
 consumption), RabbitMQ with ``single_active=`` (one active consumer). Members join and leave while
 the keys' events flow, one is killed with SIGKILL: one key's events are with one member at a time,
-and each key's events are received and handled in publish order. Where partitioned, the partitions are
-also spread over the live members. The others claim nothing and are skipped."""
+and each key's events are received and handled in publish order. Where partitioned, the
+partitions are also spread over the live members. The others claim nothing and are skipped."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from choreograph import App, ConfigurationError, Event, Runtime, Service
-from choreograph.envelope import decode, encode, new_envelope, partition_key
+from choreograph.envelope import decode, encode, new_envelope, partition_hash, partition_key
 from choreograph.transport import Delivery
 from choreograph.transports.memory import MemoryTransport
 
@@ -121,3 +121,16 @@ async def test_emitted_and_published_events_carry_their_partitionkey() -> None:
     # then Debited is partitioned by its account, Noted (no partition_key) by its transaction
     keys = {decode(d.message.body).type: partition_key(d.message.body) for d in got}
     assert keys == {"Debited": "acct-7", "Noted": "tx-1"}
+
+
+def test_the_partition_hash_is_the_crc32_of_the_key_every_transport_uses() -> None:
+    # a key lands in the same partition number on Redis (which takes this hash modulo the
+    # partitions in its publish script) and NATS (its router): fixed values, so a change of the
+    # hash cannot pass unnoticed
+    plain = new_envelope("T", {}, source="s", correlation_id="tx-1")
+    keyed = new_envelope("T", {}, source="s", correlation_id="other").evolve(
+        extensions={"partitionkey": "tx-1"}
+    )
+    assert partition_hash(encode(plain), "id") == 3993996266
+    assert partition_hash(encode(keyed), "id") == 3993996266
+    assert partition_hash(b"not json", "event-7") == 3638367617  # the event id, then

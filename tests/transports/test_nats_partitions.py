@@ -101,14 +101,6 @@ def test_partitioned_names_groups_and_partitions_are_bounded() -> None:
         transport_from_url(f"{SERVER}?partitioned=fleet&partitions=0")
 
 
-def test_the_partition_hash_is_the_one_redis_uses() -> None:
-    # a key lands in the same partition number on every transport (Redis hashes in Lua the
-    # CRC-32 this returns): fixed values, so a change of the hash cannot pass unnoticed
-    assert partition_hash(keyed("T", "tx-1").body, "id") == 3993996266
-    assert partition_hash(keyed("T", "x", partitionkey="tx-1").body, "id") == 3993996266
-    assert partition_hash(b"not json", "event-7") == 3638367617
-
-
 async def test_members_must_agree_on_a_groups_partitions(make: Factory) -> None:
     # given a group declared with 4 partitions
     group = name("g")
