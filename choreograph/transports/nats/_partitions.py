@@ -123,6 +123,27 @@ class _Leases:
             await self._client.api(f"STREAM.MSG.DELETE.{self.stream}", {"seq": seq})
 
 
+async def _give_back_in_order(sub: NatsSubscription, held: list[Msg]) -> None:
+    """Nak what a member held, oldest first; the last of each consumer with a confirmation, which
+    the server sends once it processed it (and the ones before it, in order). The member lets its
+    leases go after this, and the next holder receives these first, in their place: the server
+    redelivers naked messages in the order they were naked."""
+    held = sorted(held, key=lambda m: int(_stream_sequence(m.reply)))
+    last: dict[str, Msg] = {_consumer_of(m.reply): m for m in held}
+    rest = [m.reply for m in held if last[_consumer_of(m.reply)] is not m]
+    if rest:
+        await sub._client.send(rest, _NAK)
+    for msg in last.values():
+        await sub._client.settle_confirmed(msg.reply, _NAK, f"giving back in {sub.group}")
+
+
+class _Inputs(NatsSubscription):
+    """What the router pulls: the group's consumers publishers reach."""
+
+    async def _give_back(self, held: list[Msg]) -> None:
+        await _give_back_in_order(self, held)
+
+
 class _Router:
     """Moves the group's messages from the consumers publishers reach into its partitions, in
     the order each consumer delivers them, then acknowledges them."""
@@ -134,7 +155,7 @@ class _Router:
         self._names = transport._names
         self._group = member.group
         self._partitions = member.partition_count
-        self._sub = NatsSubscription(transport, member.group, member.topics, inputs, member.lease)
+        self._sub = _Inputs(transport, member.group, member.topics, inputs, member.lease)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -309,17 +330,7 @@ class PartitionedSubscription(NatsSubscription):
         return super()._can_pull(consumer, now) and consumer.name not in self._draining
 
     async def _give_back(self, held: list[Msg]) -> None:
-        """Nak what this member held, oldest first; the last of each partition with a
-        confirmation, which the server sends once it processed it (and the ones before it): the
-        partitions are let go after this, and their next holders receive these first."""
-        # in stream order: the server redelivers what was naked in the order it was naked
-        held = sorted(held, key=lambda m: int(_stream_sequence(m.reply)))
-        last: dict[str, Msg] = {_consumer_of(m.reply): m for m in held}
-        rest = [m.reply for m in held if last[_consumer_of(m.reply)] is not m]
-        if rest:
-            await self._client.send(rest, _NAK)
-        for msg in last.values():
-            await self._client.settle_confirmed(msg.reply, _NAK, f"giving back in {self.group}")
+        await _give_back_in_order(self, held)
 
     async def close(self) -> None:
         if self._closed:
