@@ -348,17 +348,24 @@ class Client:
 
     # JetStream API ---------------------------------------------------------------------------
 
-    async def api(self, subject: str, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def api(
+        self, subject: str, request: dict[str, Any] | None = None, *, retry: bool = True
+    ) -> dict[str, Any]:
         """One ``$JS.API`` request. An error answer raises nats-py's APIError (subclass), for the
         caller to expect or translate; anything else raises TransportError.
 
         While the server or the cluster cannot answer (see :func:`is_transient`: timeouts, no
         responders, no leader...), the request is sent again with a growing pause, each time
         logged, for up to ``api_retry_timeout``. Every request this transport makes is safe to
-        repeat (creating what exists with the same configuration is a no-op on the server)."""
+        repeat (creating what exists with the same configuration is a no-op on the server).
+        ``retry=False``: one attempt, for a request whose failure costs nothing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.api_retry_timeout
         payload = json.dumps(request).encode() if request is not None else b""
+        if not retry:
+            return await self._api_once(
+                subject, payload, loop.time() + self.settings.request_timeout
+            )
         pause = _API_FIRST_PAUSE
         for attempt in itertools.count(1):
             try:
