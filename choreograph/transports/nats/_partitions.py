@@ -187,6 +187,10 @@ class _Router:
                 # what was not acknowledged is routed again after its lease (deduplicated)
                 log.warning("routing the messages of %s failed: %s", self._group, exc)
                 await asyncio.sleep(_MAX_ROUND)
+            except Exception:
+                # never a router that holds its lease and routes nothing
+                log.exception("routing the messages of %s failed", self._group)
+                await asyncio.sleep(_MAX_ROUND)
 
     def _routed(self, event_id: str, topic: str, msg: Msg) -> Outgoing:
         partition = partition_hash(msg.data, event_id) % self._partitions
@@ -260,6 +264,8 @@ class PartitionedSubscription(NatsSubscription):
                 await self._balance()
             except ChoreographError as exc:  # the server away: the next round tries again
                 log.warning("balancing the partitions of %s failed: %s", self.group, exc)
+            except Exception:  # never a member pulling partitions whose leases it stopped renewing
+                log.exception("balancing the partitions of %s failed", self.group)
 
     async def _balance(self) -> None:
         leases = self._leases
