@@ -70,6 +70,18 @@ def _stream_sequence(reply: str) -> str:
     return tokens[5] if len(tokens) == 9 else tokens[7]
 
 
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it is done: a cancellation can be lost inside nats-py (its requests
+    wait with ``asyncio.wait_for``, which on Python 3.11 may swallow one that arrives as the
+    answer does), and the task's loop would then go on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        with contextlib.suppress(Exception):
+            task.result()
+
+
 class _Leases:
     """One member's leases in its group's leases stream, by key (``p.<n>``, ``router``,
     ``m.<member>``), with the stream sequence of the member's last message for each."""
@@ -160,13 +172,14 @@ class _Router:
         self._partitions = member.partition_count
         self._sub = _Inputs(transport, member.group, member.topics, inputs, member.lease)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         await self._sub.start()
         self._task = asyncio.create_task(self._run(), name=f"route-{self._group}")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 got = await self._sub.receive(_ROUTE_BATCH, _MAX_ROUND)
                 if not got:
@@ -203,11 +216,10 @@ class _Router:
         return subject, msg.data, headers
 
     async def close(self) -> None:
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop(task)
         await self._sub.close()
 
 
@@ -233,6 +245,7 @@ class PartitionedSubscription(NatsSubscription):
         self._router: _Router | None = None
         self._round = _MAX_ROUND
         self._balancer: asyncio.Task[None] | None = None
+        self._closing = False
         # members start looking for free partitions at different ones, so they rarely race
         self._first = zlib.crc32(self._member.encode()) % partitions
 
@@ -258,7 +271,7 @@ class PartitionedSubscription(NatsSubscription):
         self._balancer = asyncio.create_task(self._balance_loop(), name=f"balance-{self.group}")
 
     async def _balance_loop(self) -> None:
-        while not self._closed:
+        while not self._closing:
             await asyncio.sleep(self._round)
             try:
                 await self._balance()
@@ -342,13 +355,12 @@ class PartitionedSubscription(NatsSubscription):
         await _give_back_in_order(self, held)
 
     async def close(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             return
+        self._closing = True
         balancer, self._balancer = self._balancer, None
         if balancer is not None:
-            balancer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await balancer
+            await _stop(balancer)
         router, self._router = self._router, None
         if router is not None:
             await router.close()
