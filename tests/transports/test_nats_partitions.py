@@ -6,7 +6,6 @@ that disagree refused, and plain groups and foreign publishers untouched."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -15,13 +14,13 @@ import pytest
 
 from choreograph.envelope import Envelope, encode, partition_hash
 from choreograph.errors import ConfigurationError
-from choreograph.transport import Delivery, Failure, Message, Subscription, transport_from_url
+from choreograph.transport import Delivery, Failure, Message, transport_from_url
 from choreograph.transports.nats import NatsTransport
 from choreograph.transports.nats._partitions import PartitionedSubscription
 from tests.support.brokers import NATS
+from tests.support.partitions import receive, until
 
 pytestmark = pytest.mark.nats
-HANG_GUARD = 60.0
 SERVER = "nats://127.0.0.1:4222"
 
 Factory = Callable[..., Awaitable[NatsTransport]]
@@ -76,22 +75,6 @@ async def make(shared_url: str) -> AsyncIterator[Factory]:
     if opened:
         async with NatsTransport.from_url(shared_url) as cleaner:
             await cleaner.delete_namespace()
-
-
-async def until(check: Callable[[], Awaitable[object]], within: float = HANG_GUARD) -> None:
-    """Poll ``check`` until it is truthy (the time only guards against a hang)."""
-    give_up = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < give_up, "not within the hang guard"
-
-
-async def receive(sub: Subscription, count: int) -> list[Delivery]:
-    got: list[Delivery] = []
-    give_up = time.monotonic() + HANG_GUARD
-    while len(got) < count:
-        assert time.monotonic() < give_up, f"only {len(got)} of {count} received"
-        got += await sub.receive(count - len(got), 0.2)
-    return got
 
 
 def test_partitioned_names_groups_and_partitions_are_bounded() -> None:

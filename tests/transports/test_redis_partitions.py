@@ -4,7 +4,6 @@ partitions shared out and moving, retries, dead letters and lag of a partitioned
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -13,13 +12,13 @@ import redis as redis_sync
 
 from choreograph.envelope import Envelope, encode
 from choreograph.errors import ConfigurationError
-from choreograph.transport import Delivery, Failure, Message, transport_from_url
+from choreograph.transport import Failure, Message, transport_from_url
 from choreograph.transports.redis import RedisTransport
 from choreograph.transports.redis._partitions import PartitionedSubscription
 from tests.support.brokers import REDIS
+from tests.support.partitions import receive, until
 
 pytestmark = pytest.mark.redis
-HANG_GUARD = 60.0
 
 Factory = Callable[..., Awaitable[RedisTransport]]
 
@@ -63,22 +62,6 @@ async def make(shared_url: str) -> AsyncIterator[Factory]:
     yield make
     for transport in reversed(opened):
         await transport.close()
-
-
-async def until(check: Callable[[], Awaitable[object]], within: float = HANG_GUARD) -> None:
-    """Poll ``check`` until it is truthy (the time only guards against a hang)."""
-    give_up = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < give_up, "not within the hang guard"
-
-
-async def receive(sub: PartitionedSubscription, count: int) -> list[Delivery]:
-    got: list[Delivery] = []
-    give_up = time.monotonic() + HANG_GUARD
-    while len(got) < count:
-        assert time.monotonic() < give_up, f"only {len(got)} of {count} received"
-        got += await sub.receive(count - len(got), 0.2)
-    return got
 
 
 def test_partitioned_names_groups_and_partitions_are_bounded() -> None:
