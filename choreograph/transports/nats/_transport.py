@@ -197,19 +197,28 @@ class NatsTransport(Transport):
             }
         )
 
-    async def _ensure_stream(self, config: dict[str, Any]) -> None:
+    async def _existing_stream(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """The configuration of the stream ``config`` names as the server has it, or None when
+        this call created it with ``config``."""
         name = config["name"]
         try:
             info = await self._client.api(f"STREAM.INFO.{name}")
         except NotFoundError:
             try:
                 await self._client.api(f"STREAM.CREATE.{name}", config)
-                return
+                return None
             except APIError as exc:
                 if exc.err_code != 10058:  # created meanwhile by another process
                     raise TransportError(f"NATS: cannot create stream {name}: {exc}") from exc
                 info = await self._client.api(f"STREAM.INFO.{name}")
-        existing = info.get("config", {})
+        existing: dict[str, Any] = info.get("config", {})
+        return existing
+
+    async def _ensure_stream(self, config: dict[str, Any]) -> None:
+        name = config["name"]
+        existing = await self._existing_stream(config)
+        if existing is None:
+            return
         missing = set(config["subjects"]) - set(existing.get("subjects") or [])
         if missing or existing.get("retention") != config["retention"]:
             raise ConfigurationError(
@@ -298,17 +307,9 @@ class NatsTransport(Transport):
             "discard": "old",
             "duplicate_window": min(ttl, _NANOS),
         }
-        try:
-            info = await self._client.api(f"STREAM.INFO.{stream}")
-        except NotFoundError:
-            try:
-                await self._client.api(f"STREAM.CREATE.{stream}", config)
-                return
-            except APIError as exc:
-                if exc.err_code != 10058:  # created meanwhile by another member
-                    raise
-                info = await self._client.api(f"STREAM.INFO.{stream}")
-        existing = info.get("config", {})
+        existing = await self._existing_stream(config)
+        if existing is None:
+            return
         if existing.get("description") != description:
             raise ConfigurationError(
                 f"group {group!r} is partitioned on the server as {existing.get('description')!r}"
