@@ -5,7 +5,10 @@ gone, and what a terminal event cancels and closes. On the memory bus and a virt
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import text
 
 from choreograph import (
     App,
@@ -23,10 +26,11 @@ from choreograph.clock import VirtualClock
 from choreograph.context import TimerChange
 from choreograph.envelope import Envelope, encode
 from choreograph.middleware import Middleware, Next, Outcome
+from choreograph.orm import TransactionSession
 from choreograph.runtime.handling import Handling
 from choreograph.store import Timer, store_from_url
 from choreograph.testing import Harness
-from choreograph.transport import Message
+from choreograph.transport import Delivery, Message
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TRACESTATE = "vendor=handled"
@@ -403,6 +407,52 @@ async def test_a_deadline_whose_function_emits_nothing_is_done() -> None:
     assert (result.outcome, result.note, result.emitted) == ("done", "", [])
 
 
+async def test_a_deadlines_session_is_kept_for_the_next_handling_once_it_succeeded(
+    tmp_path: Path,
+) -> None:
+    # given a deadline whose function runs a statement through its session, then fails while
+    # told to, and a handler noting its session; on a SQLite store
+    watch = Service("watch")
+    sessions: list[tuple[str, TransactionSession]] = []
+    failing: list[bool] = []
+
+    @watch.on(Started)
+    async def start(event: Started, ctx: Context) -> None:
+        sessions.append(("start", ctx.session))
+
+    @watch.deadline(starts_on=Started, expect=[Confirmed], within=10)
+    async def overdue(expired: DeadlineExpired, ctx: Context) -> None:
+        sessions.append(("overdue", ctx.session))
+        assert await ctx.session.scalar(text("SELECT 1")) == 1
+        if failing[-1]:
+            raise RuntimeError("not yet")
+
+    handling = Handling(App("sessions", [watch]), watch, VirtualClock())
+    store = store_from_url(f"sqlite:///{tmp_path / 'watch.db'}", "watch")
+    timer = Timer("deadline:overdue", "tx", 0.0, {"correlationid": "tx", "causationid": "s1",
+                                                  "type": "Started"})  # fmt: skip
+    await store.open()
+    try:
+        outcomes = []
+        # when the deadline fails, a handling follows, the deadline succeeds, a handling follows
+        for fails in (True, False):
+            failing.append(fails)
+            async with store.transaction() as tx:
+                _, fired = await handling.fire(tx, timer)
+            async with store.transaction() as tx:
+                _, handled = await handling.handle(tx, Delivery(started(f"k{fails}"), 1))
+            outcomes += [fired.kind, handled.kind]
+    finally:
+        await store.close()
+
+    # then the failed deadline's session was discarded (the handling after it got a new one);
+    # that handling's session was kept for the deadline, which kept it for the next handling
+    assert outcomes == ["retry", "done", "done", "done"]
+    assert [name for name, _ in sessions] == ["overdue", "start", "overdue", "start"]
+    kept = sessions[1][1]
+    assert [session is kept for _, session in sessions] == [False, True, True, True]
+
+
 async def test_a_join_timing_out_with_no_part_kept_is_recorded_as_expired() -> None:
     async with Harness(pair_app()) as h:
         # when a join's timeout expires and it holds no part (they were never kept)
@@ -455,8 +505,9 @@ async def test_an_awaited_event_cancels_its_own_deadline_only() -> None:
 
 
 def ending_app() -> tuple[App, list[str]]:
-    """A service with a deadline and three joins (on a key field, on the transaction, on a field
-    the terminal event lacks), in an app that a Done event ends."""
+    """A service with a deadline and three joins (on a key field, on a field the terminal event
+    lacks, on the transaction: in that order, so that the one a terminal event cannot key is
+    passed over, not the last looked at), in an app that a Done event ends."""
     merger = Service("merger")
     fired: list[str] = []
 
@@ -468,13 +519,13 @@ def ending_app() -> tuple[App, list[str]]:
     async def pair(parts: Parts, ctx: Context) -> Combined:
         return Combined(key=parts.key)
 
-    @merger.join(Up, Down, within=20)
-    async def both(parts: Parts, ctx: Context) -> None:
-        fired.append("both")
-
     @merger.join(Priced, Counted, key="sku", within=20)
     async def stock(parts: Parts, ctx: Context) -> None:
         fired.append("stock")
+
+    @merger.join(Up, Down, within=20)
+    async def both(parts: Parts, ctx: Context) -> None:
+        fired.append("both")
 
     @merger.on(JoinTimedOut)
     async def timed_out(event: JoinTimedOut, ctx: Context) -> None:
