@@ -12,10 +12,9 @@ import pytest
 
 from choreograph import App, Context, Event, Service
 from choreograph.clock import VirtualClock
-from choreograph.envelope import encode, new_envelope
 from choreograph.runtime.handling import Handling
 from choreograph.store import DocumentBusy, Store, StoreTx, store_from_url
-from choreograph.transport import Delivery, Message
+from tests.support.deliveries import delivery
 
 
 class Step(Event):
@@ -32,14 +31,6 @@ class Closing(Event):
 
 class Failed(Event):
     pass
-
-
-def delivery(event: Event, correlation_id: str, event_id: str = "") -> Delivery:
-    envelope = new_envelope(event.event_type, event.to_data(), source="t",
-                            correlation_id=correlation_id)  # fmt: skip
-    if event_id:
-        envelope = envelope.evolve(id=event_id)
-    return Delivery(Message(envelope.id, envelope.type, encode(envelope)), 1)
 
 
 def steps_app(ran: list[tuple[str, str]]) -> tuple[App, Service]:

@@ -18,7 +18,7 @@ from choreograph.transport import Delivery, Failure, Message, transport_from_url
 from choreograph.transports.nats import NatsTransport
 from choreograph.transports.nats._partitions import PartitionedSubscription
 from tests.support.brokers import NATS
-from tests.support.partitions import receive, until
+from tests.support.partitions import receive, shared_out, until
 
 pytestmark = pytest.mark.nats
 SERVER = "nats://127.0.0.1:4222"
@@ -138,14 +138,6 @@ async def test_partitions_are_shared_out_and_move_when_a_member_leaves(make: Fac
         for _ in range(3)
     ]
     held = [s for s in subs if isinstance(s, PartitionedSubscription)]
-
-    async def shared_out(members: list[PartitionedSubscription], sizes: list[int]) -> bool:
-        for member in members:  # receiving is what a member does meanwhile
-            await member.receive(1, 0.05)
-        owned = [p for member in members for p in member.partitions]
-        return sorted(len(member.partitions) for member in members) == sizes and len(
-            set(owned)
-        ) == len(owned)
 
     # then they hold 3, 3 and 2 partitions, none twice, and one of them routes
     await until(lambda: shared_out(held, [2, 3, 3]))
